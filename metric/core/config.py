@@ -1,0 +1,672 @@
+"""The global config: every key, its default, its meaning and its allowed values.
+
+Each key below is preceded by a comment that says what it does and which values
+it takes; ``docs/CONFIG.md`` is generated from these comments
+(``python tools/gen_config_doc.py``). Key names follow the original pymetric
+project so its yaml files merge unchanged.
+
+Use :func:`load_cfg` (or ``metric.load_cfg``) to get a merged, validated copy:
+defaults <- yaml file (with ``_BASE_`` inheritance) <- ``KEY VALUE`` overrides.
+The merge itself checks that every key exists (with a did-you-mean hint) and
+that every value has the right type; :func:`validate` then checks allowed sets
+and ranges. All problems raise :class:`~metric.core.errors.ConfigError`.
+"""
+
+from yacs.config import CfgNode
+
+_C = CfgNode()
+cfg = _C
+
+# ---------------------------------------------------------------------------- #
+# Model
+# ---------------------------------------------------------------------------- #
+_C.MODEL = CfgNode()
+
+# Backbone family. resnet: ResNet/ResNeXt in the pycls layout (depth from MODEL.DEPTH);
+# other names are listed by `python tools/model_info.py --list` (see docs/MODEL_ZOO.md).
+_C.MODEL.TYPE = "resnet"
+
+# Backbone depth (number of layers). resnet: 18 | 34 | 50 | 101 | 152.
+_C.MODEL.DEPTH = 50
+
+# Number of training classes (legacy alias of MODEL.HEADS.NUM_CLASSES; if only one of the
+# two is changed from its default the other follows; if both are changed they must agree).
+_C.MODEL.NUM_CLASSES = 1000
+
+# Head: pooling -> embedding -> margin layer (the classifier used only for training).
+_C.MODEL.HEADS = CfgNode()
+
+# Head architecture. LinearHead: pool -> Linear(IN_FEAT, REDUCTION_DIM) [-> BN] -> margin layer.
+_C.MODEL.HEADS.NAME = "LinearHead"
+
+# Number of classes of the margin layer (labels must lie in [0, NUM_CLASSES)). Integer >= 1.
+_C.MODEL.HEADS.NUM_CLASSES = 1000
+
+# Channels of the backbone's last feature map (2048 for ResNet-50 and deeper, 512 for
+# ResNet-18/34 at width 64). 0 means: take it from the backbone. Integer >= 0.
+_C.MODEL.HEADS.IN_FEAT = 2048
+
+# Embedding (descriptor) dimension after the reduction layer. Integer >= 1.
+_C.MODEL.HEADS.REDUCTION_DIM = 512
+
+# Global pooling of the feature map: avgpool | maxpool | gempool (generalized mean, see GEM_P).
+_C.MODEL.HEADS.POOL_LAYER = "avgpool"
+
+# Initial exponent p of gempool (p=1 is average pooling, large p approaches max pooling). Float > 0.
+_C.MODEL.HEADS.GEM_P = 3.0
+
+# Whether gempool learns p during training (True) or keeps it fixed (False).
+_C.MODEL.HEADS.GEM_LEARN_P = True
+
+# Batch norm after the embedding layer (a "BN neck"). True | False.
+_C.MODEL.HEADS.BN_NECK = False
+
+# Dropout probability applied to the pooled features before the embedding layer. Float in [0, 1).
+_C.MODEL.HEADS.DROPOUT = 0.0
+
+# Margin layer producing training logits: linear | cosface | arcface | circle.
+# arcface: cos(theta + m) on the target class; cosface: cos(theta) - m; circle: the
+# classification form of Circle loss (margin m, scale s); linear: plain dot product.
+_C.MODEL.HEADS.CLS_LAYER = "linear"
+
+# Margin m of the margin layer (radians for arcface). Float >= 0.
+_C.MODEL.HEADS.MARGIN = 0.15
+
+# Logit scale s of the cosine margin layers. Float > 0.
+_C.MODEL.HEADS.SCALE = 30.0
+
+# arcface only: use the "easy margin" variant (no margin where cos(theta) < 0). True | False.
+_C.MODEL.HEADS.EASY_MARGIN = False
+
+# Losses applied to the head's outputs.
+_C.MODEL.LOSSES = CfgNode()
+
+# Loss function: cross_entropy (softmax cross entropy on the margin layer's logits).
+_C.MODEL.LOSSES.NAME = "cross_entropy"
+
+# Label smoothing of cross_entropy. Float in [0, 1).
+_C.MODEL.LOSSES.LABEL_SMOOTHING = 0.0
+
+# ---------------------------------------------------------------------------- #
+# ResNet options (pycls layout)
+# ---------------------------------------------------------------------------- #
+_C.RESNET = CfgNode()
+
+# Residual block: auto (basic for depth 18/34, bottleneck otherwise) | basic_transform |
+# bottleneck_transform.
+_C.RESNET.TRANS_FUN = "auto"
+
+# Number of groups of the 3x3 convolution (1 is ResNet, >1 is ResNeXt). Integer >= 1.
+_C.RESNET.NUM_GROUPS = 1
+
+# Width of each group in the first stage (64 for ResNet; 4 with 32 groups for ResNeXt-32x4d).
+# Integer >= 1.
+_C.RESNET.WIDTH_PER_GROUP = 64
+
+# Bottleneck only: put the stride on the 1x1 convolution (True, MSRA) or on the 3x3 (False).
+_C.RESNET.STRIDE_1X1 = True
+
+# Output channels of the stem (64 for the standard ResNet; smaller for tiny models). Integer >= 1.
+_C.RESNET.STEM_WIDTH = 64
+
+# ---------------------------------------------------------------------------- #
+# Batch norm
+# ---------------------------------------------------------------------------- #
+_C.BN = CfgNode()
+
+# Batch norm epsilon. Float > 0.
+_C.BN.EPS = 1e-5
+
+# Batch norm momentum (PyTorch convention: weight of the new batch statistics). Float in (0, 1].
+_C.BN.MOM = 0.1
+
+# Initialize the gamma of the last BN of each residual block to zero. True | False.
+_C.BN.ZERO_INIT_FINAL_GAMMA = False
+
+# Use BN.CUSTOM_WEIGHT_DECAY (instead of OPTIM.WEIGHT_DECAY) for normalization weights, all
+# biases and the GeM exponent. True | False.
+_C.BN.USE_CUSTOM_WEIGHT_DECAY = False
+
+# Weight decay for those parameters when BN.USE_CUSTOM_WEIGHT_DECAY is True (0 turns it off).
+# Float >= 0.
+_C.BN.CUSTOM_WEIGHT_DECAY = 0.0
+
+# ---------------------------------------------------------------------------- #
+# Optimizer and learning-rate schedule
+# ---------------------------------------------------------------------------- #
+_C.OPTIM = CfgNode()
+
+# Optimizer: sgd (with OPTIM.MOMENTUM, DAMPENING, NESTEROV) | adamw (with OPTIM.BETAS).
+_C.OPTIM.OPTIMIZER = "sgd"
+
+# Base learning rate. Float > 0.
+_C.OPTIM.BASE_LR = 0.1
+
+# Learning-rate policy: cos (half cosine from BASE_LR to 0 over MAX_EPOCH) | steps
+# (BASE_LR * LR_MULT ** i, i = number of entries of OPTIM.STEPS <= epoch, minus one) |
+# exp (BASE_LR * GAMMA ** epoch).
+_C.OPTIM.LR_POLICY = "cos"
+
+# Decay factor per epoch of the exp policy. Float in (0, 1].
+_C.OPTIM.GAMMA = 0.1
+
+# steps policy: epochs at which a stage starts; the first entry is normally 0, e.g. [0, 30, 60, 90].
+# List of numbers, ascending.
+_C.OPTIM.STEPS = []
+
+# steps policy: factor applied at each step. Float > 0.
+_C.OPTIM.LR_MULT = 0.1
+
+# Number of training epochs. Integer >= 1.
+_C.OPTIM.MAX_EPOCH = 200
+
+# SGD momentum. Float in [0, 1).
+_C.OPTIM.MOMENTUM = 0.9
+
+# SGD dampening. Float in [0, 1).
+_C.OPTIM.DAMPENING = 0.0
+
+# SGD Nesterov momentum (needs MOMENTUM > 0 and DAMPENING 0). True | False.
+_C.OPTIM.NESTEROV = True
+
+# L2 weight decay. Float >= 0.
+_C.OPTIM.WEIGHT_DECAY = 5e-4
+
+# AdamW (beta1, beta2). Two floats in [0, 1).
+_C.OPTIM.BETAS = [0.9, 0.999]
+
+# Linear warmup starts at BASE_LR * WARMUP_FACTOR and reaches the policy's value at
+# WARMUP_EPOCHS. Float in (0, 1].
+_C.OPTIM.WARMUP_FACTOR = 0.1
+
+# Number of warmup epochs (0 turns warmup off). Number >= 0.
+_C.OPTIM.WARMUP_EPOCHS = 0.0
+
+# When the learning rate is updated: iter (every iteration, at the fractional epoch; equal to
+# the epoch policy at every epoch start) | epoch (once per epoch, as the original project did).
+_C.OPTIM.LR_UPDATE = "iter"
+
+# ---------------------------------------------------------------------------- #
+# Training
+# ---------------------------------------------------------------------------- #
+_C.TRAIN = CfgNode()
+
+# Training data set: a folder under DATA_DIR (or an absolute path) holding the list file.
+_C.TRAIN.DATASET = ""
+
+# Training list file inside the data set folder; lines "relative/path.jpg label".
+_C.TRAIN.SPLIT = "train_list.txt"
+
+# Total mini-batch size over all processes (must be divisible by the number of processes).
+# Integer >= 1.
+_C.TRAIN.BATCH_SIZE = 128
+
+# Training crop size in pixels (square). Integer >= 8.
+_C.TRAIN.IM_SIZE = 224
+
+# Random-resized-crop area range (fraction of the image). Two floats in (0, 1], ascending.
+_C.TRAIN.CROP_SCALE = [0.25, 1.0]
+
+# Random horizontal flip during training. True | False.
+_C.TRAIN.FLIP = True
+
+# Strength of the random brightness/contrast/saturation jitter (0 turns it off). Float in [0, 1].
+_C.TRAIN.COLOR_JITTER = 0.4
+
+# Evaluate retrieval on the TEST split every this many epochs (and always after the last one);
+# 0 evaluates only at the end. Integer >= 0.
+_C.TRAIN.EVAL_PERIOD = 1
+
+# Save a checkpoint every this many epochs (and always after the last one). Integer >= 1.
+_C.TRAIN.CHECKPOINT_PERIOD = 1
+
+# Resume from the newest complete checkpoint in OUT_DIR/checkpoints if there is one. True | False.
+_C.TRAIN.AUTO_RESUME = True
+
+# Initial weights: a checkpoint or a state dict file ("" = random initialization).
+_C.TRAIN.WEIGHTS = ""
+
+# Mixed precision on CUDA: none | bf16 | fp16 (fp16 uses gradient scaling). Ignored on CPU.
+_C.TRAIN.MIXED_PRECISION = "none"
+
+# Use the channels_last memory format for the model and inputs. True | False.
+_C.TRAIN.CHANNELS_LAST = False
+
+# Clip the gradient norm to this value (0 turns clipping off). Float >= 0.
+_C.TRAIN.GRAD_CLIP = 0.0
+
+# ---------------------------------------------------------------------------- #
+# Testing (retrieval evaluation during training, and feature extraction)
+# ---------------------------------------------------------------------------- #
+_C.TEST = CfgNode()
+
+# Test data set folder under DATA_DIR (or an absolute path); "" skips evaluation.
+_C.TEST.DATASET = ""
+
+# Test list file inside the data set folder; lines "relative/path.jpg label". Retrieval is
+# evaluated among these images by label (recall@k, mAP@R).
+_C.TEST.SPLIT = "val_list.txt"
+
+# Total test batch size over all processes. Integer >= 1.
+_C.TEST.BATCH_SIZE = 200
+
+# Test images are resized so the shorter side is TEST.IM_SIZE, then center-cropped to
+# TRAIN.IM_SIZE. Integer >= 8.
+_C.TEST.IM_SIZE = 256
+
+# Weights used by the evaluation and extraction tools ("" = random initialization).
+_C.TEST.WEIGHTS = ""
+
+# ---------------------------------------------------------------------------- #
+# Data loader
+# ---------------------------------------------------------------------------- #
+_C.DATA_LOADER = CfgNode()
+
+# Data loader worker processes per training process (0 loads in the main process). Integer >= 0.
+_C.DATA_LOADER.NUM_WORKERS = 4
+
+# Pin host memory for faster copies to the GPU. True | False.
+_C.DATA_LOADER.PIN_MEMORY = True
+
+# Check at start that every image in the list files exists (reports count and first few).
+# True | False.
+_C.DATA_LOADER.CHECK_FILES = True
+
+# ---------------------------------------------------------------------------- #
+# cuDNN
+# ---------------------------------------------------------------------------- #
+_C.CUDNN = CfgNode()
+
+# Let cuDNN benchmark convolution algorithms (faster for fixed input sizes). True | False.
+_C.CUDNN.BENCHMARK = True
+
+# ---------------------------------------------------------------------------- #
+# Inference (feature extraction)
+# ---------------------------------------------------------------------------- #
+_C.INFER = CfgNode()
+
+# Number of shards the extraction input is cut into. Integer >= 1.
+_C.INFER.TOTAL_NUM = 1
+
+# Which shard to extract, 1-based (1 <= CUT_NUM <= TOTAL_NUM).
+_C.INFER.CUT_NUM = 1
+
+# ---------------------------------------------------------------------------- #
+# Misc
+# ---------------------------------------------------------------------------- #
+
+# Number of processes (one per GPU) when not launched by torchrun; >1 spawns them. Integer >= 1.
+_C.NUM_GPUS = 1
+
+# Output folder: config.yaml, stats.jsonl, log.txt, checkpoints/.
+_C.OUT_DIR = "output"
+
+# File name (inside OUT_DIR) of the merged config written at start.
+_C.CFG_DEST = "config.yaml"
+
+# Random seed for Python, numpy and torch in every process. Integer >= 0.
+_C.RNG_SEED = 1
+
+# Log training progress every this many iterations. Integer >= 1.
+_C.LOG_PERIOD = 10
+
+# Distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo.
+_C.DIST_BACKEND = "auto"
+
+# Address of the rendezvous host when NUM_GPUS > 1 spawns processes (torchrun sets its own).
+_C.HOST = "localhost"
+
+# Port of the rendezvous host when NUM_GPUS > 1 spawns processes. Integer in [1, 65535].
+_C.PORT = 10001
+
+# Root folder of the data sets; relative paths are taken from the current folder, falling
+# back to the repository root (so the default finds metric/datasets/data from anywhere).
+_C.DATA_DIR = "metric/datasets/data"
+
+_DEFAULTS = _C.clone()
+
+
+# ---------------------------------------------------------------------------- #
+# Loading, merging, validation
+# ---------------------------------------------------------------------------- #
+# The rest of this module is machinery; the keys above are the whole config.
+
+import ast  # noqa: E402
+import difflib  # noqa: E402
+import os  # noqa: E402
+
+import yaml  # noqa: E402
+
+from metric.core.errors import ConfigError  # noqa: E402
+
+# Element types of list-valued keys whose default is empty or ambiguous.
+_LIST_ELEMENT_TYPES = {
+    "OPTIM.STEPS": (int, float),
+    "OPTIM.BETAS": (float,),
+    "TRAIN.CROP_SCALE": (float,),
+}
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+
+
+def get_cfg():
+    """A fresh, unfrozen copy of the defaults."""
+    return _DEFAULTS.clone()
+
+
+def all_keys(node=None, prefix=""):
+    """Every leaf key of a config as a dotted name, in definition order."""
+    node = _DEFAULTS if node is None else node
+    keys = []
+    for k, v in node.items():
+        if isinstance(v, CfgNode):
+            keys.extend(all_keys(v, prefix + k + "."))
+        else:
+            keys.append(prefix + k)
+    return keys
+
+
+def _suggest(full_key):
+    known = all_keys()
+    hits = difflib.get_close_matches(full_key, known, n=1, cutoff=0.6)
+    if not hits:
+        leaf = full_key.rsplit(".", 1)[-1]
+        same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+        hits = same_leaf[:1] or difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
+    return f" (did you mean {hits[0]}?)" if hits else ""
+
+
+def _type_name(t):
+    return {bool: "True/False", int: "an integer", float: "a number", str: "a string"}.get(t, t.__name__)
+
+
+def _coerce_scalar(key, value, want):
+    """Return ``value`` converted to type ``want`` or raise a ConfigError."""
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif want is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(want)}")
+
+
+def _coerce(key, value, default):
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a list, e.g. {list(default) or [1]}")
+        types = _LIST_ELEMENT_TYPES.get(key)
+        if types is None and default:
+            types = (type(default[0]),)
+        if types is None:
+            return value
+        out = []
+        for item in value:
+            if type(item) in types:
+                out.append(item)
+            else:
+                out.append(_coerce_scalar(f"{key} element", item, types[-1]))
+        return out
+    return _coerce_scalar(key, value, type(default))
+
+
+def _merge_dict(node, data, prefix, source):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys at {prefix or 'top level'}, got {data!r}")
+    for k, v in data.items():
+        full = prefix + str(k)
+        if k not in node:
+            raise ConfigError(f"{source}: unknown config key {full}{_suggest(full)}")
+        default = node[k]
+        if isinstance(default, CfgNode):
+            _merge_dict(default, v, full + ".", source)
+        else:
+            node[k] = _coerce(full, v, default)
+
+
+def _read_yaml(path, seen):
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"config file {path} inherits from itself through _BASE_")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid yaml{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    bases = data.pop("_BASE_", [])
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    chain = []
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        chain.extend(_read_yaml(base_path, seen | {path}))
+    chain.append((path, data))
+    return chain
+
+
+def merge_from_file(node, path):
+    """Merge a yaml file (and the files it names in ``_BASE_``, first) into ``node``."""
+    for source, data in _read_yaml(path, frozenset()):
+        _merge_dict(node, data, "", source)
+
+
+def _parse_cli_value(text):
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def merge_from_list(node, opts):
+    """Merge ``[KEY, VALUE, KEY, VALUE, ...]`` command-line overrides into ``node``."""
+    opts = list(opts or [])
+    if opts and opts[0] == "--":
+        opts = opts[1:]
+    if len(opts) % 2:
+        raise ConfigError(f"overrides must be KEY VALUE pairs; {opts[-1]!r} has no value")
+    for key, text in zip(opts[0::2], opts[1::2]):
+        if key.startswith("-"):
+            raise ConfigError(f"unexpected option {key!r} among KEY VALUE overrides (options go before them)")
+        data = {}
+        cur = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = _parse_cli_value(text)
+        _merge_dict(node, data, "", "command line")
+
+
+def _sync_num_classes(c):
+    top, head = c.MODEL.NUM_CLASSES, c.MODEL.HEADS.NUM_CLASSES
+    d_top, d_head = _DEFAULTS.MODEL.NUM_CLASSES, _DEFAULTS.MODEL.HEADS.NUM_CLASSES
+    if top == head:
+        return
+    if head == d_head:
+        c.MODEL.HEADS.NUM_CLASSES = top
+    elif top == d_top:
+        c.MODEL.NUM_CLASSES = head
+    else:
+        raise ConfigError(
+            f"MODEL.NUM_CLASSES={top} and MODEL.HEADS.NUM_CLASSES={head} disagree; set both to the number of classes"
+        )
+
+
+def load_cfg(cfg_file=None, opts=None, validate_cfg=True):
+    """Defaults <- ``cfg_file`` <- ``opts``, validated and frozen (``metric.load_cfg``)."""
+    c = get_cfg()
+    if cfg_file:
+        merge_from_file(c, cfg_file)
+    merge_from_list(c, opts)
+    _sync_num_classes(c)
+    if validate_cfg:
+        validate(c)
+    c.freeze()
+    return c
+
+
+def dump_cfg(c, path):
+    """Write the config as yaml to ``path`` atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(c.dump())
+    os.replace(tmp, path)
+
+
+def cfg_from_yaml_str(text):
+    """Rebuild a config from the yaml stored in a checkpoint (unknown keys are errors)."""
+    c = get_cfg()
+    _merge_dict(c, yaml.safe_load(text) or {}, "", "checkpoint config")
+    return c
+
+
+# --- validation ---------------------------------------------------------------
+
+def _choices(*values):
+    return lambda v: v in values, "one of " + " | ".join(map(str, values))
+
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False):
+    def ok(v):
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            return False
+        return not (hi is not None and (v > hi or (hi_open and v == hi)))
+
+    left = "" if lo is None else ("> " if lo_open else ">= ") + str(lo)
+    right = "" if hi is None else ("< " if hi_open else "<= ") + str(hi)
+    return ok, " and ".join(s for s in (left, right) if s)
+
+
+_POS = _range(0, lo_open=True)
+_NONNEG = _range(0)
+_ONE_UP = _range(1)
+_PROB = _range(0, 1, hi_open=True)
+
+_RULES = {
+    "MODEL.HEADS.NUM_CLASSES": _ONE_UP,
+    "MODEL.NUM_CLASSES": _ONE_UP,
+    "MODEL.HEADS.IN_FEAT": _NONNEG,
+    "MODEL.HEADS.REDUCTION_DIM": _ONE_UP,
+    "MODEL.HEADS.GEM_P": _POS,
+    "MODEL.HEADS.DROPOUT": _PROB,
+    "MODEL.HEADS.MARGIN": _NONNEG,
+    "MODEL.HEADS.SCALE": _POS,
+    "MODEL.LOSSES.LABEL_SMOOTHING": _PROB,
+    "RESNET.TRANS_FUN": _choices("auto", "basic_transform", "bottleneck_transform"),
+    "RESNET.NUM_GROUPS": _ONE_UP,
+    "RESNET.WIDTH_PER_GROUP": _ONE_UP,
+    "RESNET.STEM_WIDTH": _ONE_UP,
+    "BN.EPS": _POS,
+    "BN.MOM": _range(0, 1, lo_open=True),
+    "BN.CUSTOM_WEIGHT_DECAY": _NONNEG,
+    "OPTIM.OPTIMIZER": _choices("sgd", "adamw"),
+    "OPTIM.BASE_LR": _POS,
+    "OPTIM.LR_POLICY": _choices("cos", "steps", "exp"),
+    "OPTIM.GAMMA": _range(0, 1, lo_open=True),
+    "OPTIM.LR_MULT": _POS,
+    "OPTIM.MAX_EPOCH": _ONE_UP,
+    "OPTIM.MOMENTUM": _PROB,
+    "OPTIM.DAMPENING": _PROB,
+    "OPTIM.WEIGHT_DECAY": _NONNEG,
+    "OPTIM.WARMUP_FACTOR": _range(0, 1, lo_open=True),
+    "OPTIM.WARMUP_EPOCHS": _NONNEG,
+    "OPTIM.LR_UPDATE": _choices("iter", "epoch"),
+    "TRAIN.BATCH_SIZE": _ONE_UP,
+    "TRAIN.IM_SIZE": _range(8),
+    "TRAIN.COLOR_JITTER": _range(0, 1),
+    "TRAIN.EVAL_PERIOD": _NONNEG,
+    "TRAIN.CHECKPOINT_PERIOD": _ONE_UP,
+    "TRAIN.MIXED_PRECISION": _choices("none", "bf16", "fp16"),
+    "TRAIN.GRAD_CLIP": _NONNEG,
+    "TEST.BATCH_SIZE": _ONE_UP,
+    "TEST.IM_SIZE": _range(8),
+    "DATA_LOADER.NUM_WORKERS": _NONNEG,
+    "INFER.TOTAL_NUM": _ONE_UP,
+    "INFER.CUT_NUM": _ONE_UP,
+    "NUM_GPUS": _ONE_UP,
+    "RNG_SEED": _NONNEG,
+    "LOG_PERIOD": _ONE_UP,
+    "DIST_BACKEND": _choices("auto", "nccl", "gloo"),
+    "PORT": _range(1, 65535),
+}
+
+
+def _registry_rules():
+    """Allowed names that come from the model registries (imported lazily)."""
+    from metric.modeling import registries as r
+
+    return {
+        "MODEL.TYPE": r.BACKBONES,
+        "MODEL.HEADS.NAME": r.HEADS,
+        "MODEL.HEADS.POOL_LAYER": r.POOL_LAYERS,
+        "MODEL.HEADS.CLS_LAYER": r.MARGIN_LAYERS,
+        "MODEL.LOSSES.NAME": r.LOSSES,
+    }
+
+
+def _get(c, key):
+    node = c
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _fail(key, value, allowed):
+    raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def validate(c):
+    """Check allowed sets, ranges and cross-key constraints; raise ConfigError on the first problem."""
+    for key, (ok, allowed) in _RULES.items():
+        value = _get(c, key)
+        if not ok(value):
+            _fail(key, value, allowed)
+    for key, registry in _registry_rules().items():
+        value = _get(c, key)
+        if value not in registry:
+            hint = difflib.get_close_matches(str(value), registry.names(), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            _fail(key, value, "one of " + " | ".join(registry.names()) + extra)
+    if c.MODEL.TYPE == "resnet" and c.MODEL.DEPTH not in RESNET_DEPTHS:
+        _fail("MODEL.DEPTH", c.MODEL.DEPTH, "one of " + " | ".join(map(str, RESNET_DEPTHS)) + " for MODEL.TYPE resnet")
+    if c.INFER.CUT_NUM > c.INFER.TOTAL_NUM:
+        _fail("INFER.CUT_NUM", c.INFER.CUT_NUM, f"1..INFER.TOTAL_NUM ({c.INFER.TOTAL_NUM})")
+    steps = c.OPTIM.STEPS
+    if list(steps) != sorted(steps) or any(s < 0 for s in steps):
+        _fail("OPTIM.STEPS", list(steps), "ascending epochs >= 0, e.g. [0, 30, 60, 90]")
+    if c.OPTIM.LR_POLICY == "steps" and not steps:
+        _fail("OPTIM.STEPS", [], "a non-empty list of epochs for OPTIM.LR_POLICY steps, e.g. [0, 30, 60, 90]")
+    if len(c.OPTIM.BETAS) != 2 or not all(0 <= b < 1 for b in c.OPTIM.BETAS):
+        _fail("OPTIM.BETAS", list(c.OPTIM.BETAS), "two numbers in [0, 1)")
+    lo_hi = c.TRAIN.CROP_SCALE
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+        _fail("TRAIN.CROP_SCALE", list(lo_hi), "two numbers 0 < lo <= hi <= 1")
+    if c.OPTIM.NESTEROV and c.OPTIM.OPTIMIZER == "sgd" and (c.OPTIM.MOMENTUM <= 0 or c.OPTIM.DAMPENING != 0):
+        _fail("OPTIM.NESTEROV", True, "False unless OPTIM.MOMENTUM > 0 and OPTIM.DAMPENING == 0")
+    return c

@@ -1,0 +1,88 @@
+"""Logging setup and JSON-lines statistics.
+
+Rank 0 logs INFO to stdout and to ``OUT_DIR/log.txt``; other ranks log warnings
+only. :class:`StatsWriter` appends one JSON object per line to
+``OUT_DIR/stats.jsonl`` (rank 0 only); :func:`read_stats` parses it back.
+"""
+
+import json
+import logging
+import math
+import os
+import sys
+
+_FORMAT = "[%(asctime)s %(name)s] %(message)s"
+
+# Records of this logger (the full config dump) go to log.txt only, not to the console.
+FILE_ONLY = "metric.file_only"
+
+
+def _not_file_only(record):
+    return record.name != FILE_ONLY
+
+
+def setup_logging(out_dir=None, rank=0):
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    level = logging.INFO if rank == 0 else logging.WARNING
+    root.setLevel(level)
+    fmt = logging.Formatter(_FORMAT if rank == 0 else f"[rank {rank} %(asctime)s %(name)s] %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    stream.addFilter(_not_file_only)
+    root.addHandler(stream)
+    if out_dir and rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(out_dir, "log.txt"))
+        fh.setFormatter(logging.Formatter(_FORMAT))
+        root.addHandler(fh)
+
+
+def _clean(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if hasattr(value, "item"):
+        return _clean(value.item())
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class StatsWriter:
+    """Appends JSON objects, one per line, to ``OUT_DIR/stats.jsonl`` (no-op unless ``enabled``)."""
+
+    FILE = "stats.jsonl"
+
+    def __init__(self, out_dir, enabled=True):
+        self.path = os.path.join(out_dir, self.FILE)
+        self.enabled = enabled
+
+    def write(self, kind, **stats):
+        if not self.enabled:
+            return
+        record = {"_type": kind, **_clean(stats)}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+
+
+def read_stats(path, kind=None):
+    """The records of a ``stats.jsonl`` file (optionally only those of one ``_type``)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                if kind is None or rec.get("_type") == kind:
+                    records.append(rec)
+    return records
+
+
+def format_seconds(seconds):
+    seconds = int(max(0, seconds))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"

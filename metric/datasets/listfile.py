@@ -1,0 +1,79 @@
+"""List files: one image per line, ``relative/path.jpg label`` (the original format).
+
+Paths are relative to the data set folder (absolute paths are kept as they are).
+"""
+
+import logging
+import os
+
+from metric.core.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def read_list(list_path, root=None, num_classes=None, with_labels=True, check_files=True, max_report=5):
+    """Parse a list file into ``[(abs_path, label)]`` (label ``None`` when ``with_labels`` is False
+    and the line has none).
+
+    Fails with :class:`DataError` naming file and line for a malformed line or a label outside
+    ``[0, num_classes)``; with ``check_files`` it also fails when images are missing, giving
+    their count and the first few.
+    """
+    if not os.path.isfile(list_path):
+        raise DataError(f"list file not found: {list_path}")
+    root = os.path.dirname(os.path.abspath(list_path)) if root is None else root
+    items = []
+    with open(list_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            where = f"{list_path}:{lineno}"
+            if with_labels:
+                if len(parts) != 2:
+                    raise DataError(f"{where}: expected 'relative/path.jpg label', got {line.strip()!r}")
+                try:
+                    label = int(parts[1])
+                except ValueError:
+                    raise DataError(f"{where}: label {parts[1]!r} is not an integer") from None
+                if label < 0 or (num_classes is not None and label >= num_classes):
+                    raise DataError(
+                        f"{where}: label {label} outside [0, {num_classes}) "
+                        "(set MODEL.HEADS.NUM_CLASSES to the number of classes)"
+                    )
+            else:
+                if len(parts) > 2:
+                    raise DataError(f"{where}: expected 'relative/path.jpg [label]', got {line.strip()!r}")
+                label = int(parts[1]) if len(parts) == 2 and parts[1].lstrip("-").isdigit() else None
+            items.append((os.path.join(root, parts[0]), label))
+    if not items:
+        raise DataError(f"list file {list_path} holds no images")
+    if check_files:
+        missing = [p for p, _ in items if not os.path.isfile(p)]
+        if missing:
+            first = ", ".join(missing[:max_report])
+            raise DataError(f"{len(missing)} of {len(items)} images in {list_path} are missing, e.g. {first}")
+    logger.info("read %d images from %s", len(items), list_path)
+    return items
+
+
+def resolve_data_dir(data_dir):
+    """``DATA_DIR`` as an absolute path: relative to the current folder if it exists there,
+    else relative to the repository root (the folder above the ``metric`` package)."""
+    if os.path.isabs(data_dir) or os.path.isdir(data_dir):
+        return os.path.abspath(data_dir)
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(repo_root, data_dir)
+
+
+def dataset_list_path(data_dir, dataset, split):
+    """Where the list file of ``dataset``/``split`` is, with a clear error if the folder is missing."""
+    if not dataset:
+        raise DataError("no data set given: set TRAIN.DATASET / TEST.DATASET to a folder under DATA_DIR")
+    folder = dataset if os.path.isabs(dataset) else os.path.join(resolve_data_dir(data_dir), dataset)
+    if not os.path.isdir(folder):
+        raise DataError(
+            f"data set folder not found: {folder} (DATA_DIR={data_dir!r}, dataset={dataset!r}); "
+            "for the demo run `python tools/make_demo_data.py`"
+        )
+    return os.path.join(folder, split), folder

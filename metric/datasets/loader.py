@@ -1,0 +1,75 @@
+"""Data loaders for training and evaluation, aware of the process group."""
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from metric.core.errors import ConfigError
+from metric.datasets.dataset import ListDataset
+from metric.datasets.listfile import dataset_list_path, read_list
+from metric.datasets.transforms import TestTransform, TrainTransform
+
+
+class ShardSampler(Sampler):
+    """Indices ``rank, rank + world, ...`` in order: every item exactly once over all ranks."""
+
+    def __init__(self, num_items, num_replicas=1, rank=0):
+        self.indices = list(range(rank, num_items, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def _per_process_batch(total, world_size, key):
+    if total % world_size:
+        raise ConfigError(f"{key}={total} must be divisible by the number of processes ({world_size})")
+    return total // world_size
+
+
+def _loader(dataset, batch_size, sampler, cfg, drop_last, seed):
+    workers = cfg.DATA_LOADER.NUM_WORKERS
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=cfg.DATA_LOADER.PIN_MEMORY and torch.cuda.is_available(),
+        drop_last=drop_last,
+        # A private generator: creating iterators never touches the global torch RNG.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def train_items(cfg):
+    path, folder = dataset_list_path(cfg.DATA_DIR, cfg.TRAIN.DATASET, cfg.TRAIN.SPLIT)
+    return read_list(path, folder, cfg.MODEL.HEADS.NUM_CLASSES, check_files=cfg.DATA_LOADER.CHECK_FILES)
+
+
+def test_items(cfg):
+    path, folder = dataset_list_path(cfg.DATA_DIR, cfg.TEST.DATASET, cfg.TEST.SPLIT)
+    return read_list(path, folder, None, check_files=cfg.DATA_LOADER.CHECK_FILES)
+
+
+def build_train_loader(cfg, rank=0, world_size=1, items=None):
+    """Shuffled, sharded over ranks (``sampler.set_epoch`` reshuffles), last partial batch dropped."""
+    items = train_items(cfg) if items is None else items
+    batch = _per_process_batch(cfg.TRAIN.BATCH_SIZE, world_size, "TRAIN.BATCH_SIZE")
+    transform = TrainTransform(cfg.TRAIN.IM_SIZE, cfg.TRAIN.CROP_SCALE, cfg.TRAIN.FLIP, cfg.TRAIN.COLOR_JITTER)
+    dataset = ListDataset(items, transform, seed=cfg.RNG_SEED, on_bad="replace")
+    if len(dataset) < cfg.TRAIN.BATCH_SIZE:
+        raise ConfigError(
+            f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE} is larger than the training set ({len(dataset)} images)"
+        )
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.RNG_SEED)
+    return _loader(dataset, batch, sampler, cfg, drop_last=True, seed=cfg.RNG_SEED)
+
+
+def build_test_loader(cfg, rank=0, world_size=1, items=None):
+    """In list order, each rank its own slice ``rank::world_size`` (no padding, no repeats)."""
+    items = test_items(cfg) if items is None else items
+    batch = _per_process_batch(cfg.TEST.BATCH_SIZE, world_size, "TEST.BATCH_SIZE")
+    dataset = ListDataset(items, TestTransform(cfg.TEST.IM_SIZE, cfg.TRAIN.IM_SIZE), on_bad="mark")
+    sampler = ShardSampler(len(dataset), world_size, rank)
+    return _loader(dataset, batch, sampler, cfg, drop_last=False, seed=cfg.RNG_SEED)

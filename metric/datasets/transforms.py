@@ -1,0 +1,116 @@
+"""Image decoding and transforms with OpenCV and numpy.
+
+Images are decoded to RGB ``uint8`` [H, W, 3]; :func:`to_tensor` normalizes with
+the ImageNet mean/std and returns float32 CHW. Random transforms take an explicit
+``numpy.random.Generator`` so that a sample's augmentation depends only on
+(seed, epoch, index), not on worker count or order.
+"""
+
+import math
+
+import cv2
+import numpy as np
+import torch
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+cv2.setNumThreads(1)
+
+
+def decode_image(path):
+    """RGB uint8 [H, W, 3], or ``None`` if the file cannot be read or decoded."""
+    data = np.fromfile(path, dtype=np.uint8) if isinstance(path, str) else path
+    if data.size == 0:
+        return None
+    im = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if im is None:
+        return None
+    return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
+
+
+def random_resized_crop(im, size, rng, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random crop of area ``scale`` and aspect ``ratio`` of the image, resized to ``size``²."""
+    h, w = im.shape[:2]
+    area = h * w
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            y = int(rng.integers(0, h - ch + 1))
+            x = int(rng.integers(0, w - cw + 1))
+            return cv2.resize(im[y : y + ch, x : x + cw], (size, size), interpolation=cv2.INTER_LINEAR)
+    return center_crop(resize_shorter(im, size), size)
+
+
+def color_jitter(im, strength, rng):
+    """Random brightness, contrast and saturation, each by a factor in [1 - s, 1 + s]."""
+    if strength <= 0:
+        return im
+    x = im.astype(np.float32)
+    b, c, s = rng.uniform(1 - strength, 1 + strength, size=3)
+    luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    x = x * b
+    mean = float((x @ luma).mean())
+    x = (x - mean) * c + mean
+    gray = (x @ luma)[..., None]
+    x = (x - gray) * s + gray
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def resize_shorter(im, size):
+    h, w = im.shape[:2]
+    if min(h, w) == size:
+        return im
+    scale = size / min(h, w)
+    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(im, (nw, nh), interpolation=interp)
+
+
+def resize_longer(im, size):
+    """Keep the aspect ratio; the longer side becomes ``size``."""
+    h, w = im.shape[:2]
+    if max(h, w) == size:
+        return im
+    scale = size / max(h, w)
+    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(im, (nw, nh), interpolation=interp)
+
+
+def center_crop(im, size):
+    h, w = im.shape[:2]
+    y, x = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return im[y : y + size, x : x + size]
+
+
+def to_tensor(im):
+    """RGB uint8 [H, W, 3] -> normalized float32 tensor [3, H, W]."""
+    x = (im.astype(np.float32) / 255.0 - MEAN) / STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+class TrainTransform:
+    """Random resized crop, horizontal flip, color jitter, normalization."""
+
+    def __init__(self, size, crop_scale=(0.25, 1.0), flip=True, jitter=0.4):
+        self.size, self.crop_scale, self.flip, self.jitter = size, tuple(crop_scale), flip, jitter
+
+    def __call__(self, im, rng):
+        im = random_resized_crop(im, self.size, rng, self.crop_scale)
+        if self.flip and rng.random() < 0.5:
+            im = im[:, ::-1]
+        return to_tensor(color_jitter(im, self.jitter, rng))
+
+
+class TestTransform:
+    """Resize the shorter side to ``resize``, center-crop ``crop``, normalize."""
+
+    def __init__(self, resize, crop):
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, im, rng=None):
+        return to_tensor(center_crop(resize_shorter(im, self.resize), self.crop))

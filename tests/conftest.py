@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny labelled image set and the options of a tiny model."""
+
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_tiny_dataset(root, num_classes=4, per_class=8, size=(40, 48), seed=0):
+    """Images whose class is a base color plus a class-specific stripe; list files
+    ``train.txt`` and ``test.txt`` (same images), paths relative to ``root``."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "img"), exist_ok=True)
+    lines = []
+    for c in range(num_classes):
+        color = rng.integers(0, 255, 3)
+        for i in range(per_class):
+            im = (rng.normal(0, 25, size + (3,)) + color).clip(0, 255).astype(np.uint8)
+            im[:, (c * 7) % size[1] : (c * 7) % size[1] + 4] = 255
+            rel = f"img/{c}_{i}.jpg"
+            cv2.imwrite(os.path.join(root, rel), im)
+            lines.append(f"{rel} {c}")
+    for name in ("train.txt", "test.txt"):
+        with open(os.path.join(root, name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    return write_tiny_dataset(str(tmp_path_factory.mktemp("tiny_data")))
+
+
+def tiny_opts(data_dir, out_dir, **extra):
+    """Config overrides for a ResNet-18 of width 8 on 32 px crops of ``write_tiny_dataset``."""
+    opts = {
+        "MODEL.TYPE": "resnet",
+        "MODEL.DEPTH": 18,
+        "RESNET.WIDTH_PER_GROUP": 8,
+        "RESNET.STEM_WIDTH": 8,
+        "MODEL.HEADS.IN_FEAT": 0,
+        "MODEL.HEADS.REDUCTION_DIM": 16,
+        "MODEL.HEADS.NUM_CLASSES": 4,
+        "MODEL.HEADS.CLS_LAYER": "arcface",
+        "DATA_DIR": os.path.dirname(data_dir),
+        "TRAIN.DATASET": os.path.basename(data_dir),
+        "TRAIN.SPLIT": "train.txt",
+        "TRAIN.BATCH_SIZE": 8,
+        "TRAIN.IM_SIZE": 32,
+        "TEST.DATASET": os.path.basename(data_dir),
+        "TEST.SPLIT": "test.txt",
+        "TEST.BATCH_SIZE": 16,
+        "TEST.IM_SIZE": 36,
+        "OPTIM.BASE_LR": 0.05,
+        "OPTIM.MAX_EPOCH": 2,
+        "DATA_LOADER.NUM_WORKERS": 0,
+        "LOG_PERIOD": 2,
+        "OUT_DIR": out_dir,
+    }
+    opts.update(extra)
+    flat = []
+    for k, v in opts.items():
+        flat += [k, str(v)]
+    return flat
+
+
+def run_py(args, timeout=600, env=None, check=False):
+    """Run ``python ARGS`` from the repo root; returns the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

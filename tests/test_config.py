@@ -1,0 +1,136 @@
+import glob
+import os
+import re
+
+import pytest
+
+from metric.core import config as config_mod
+from metric.core.config import all_keys, get_cfg, load_cfg, validate
+from metric.core.errors import ConfigError
+from tests.conftest import REPO, run_py
+
+
+def test_defaults_validate():
+    validate(get_cfg())
+
+
+def _key_comments():
+    """dotted key -> the comment block right above its assignment in config.py."""
+    lines = open(config_mod.__file__, encoding="utf-8").read().splitlines()
+    out = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"_C\.([A-Z0-9_.]+) = ", line)
+        if not m:
+            continue
+        j, block = i - 1, []
+        while j >= 0 and lines[j].startswith("#"):
+            block.insert(0, lines[j].lstrip("# "))
+            j -= 1
+        out[m.group(1)] = " ".join(block)
+    return out
+
+
+def test_every_key_is_commented_with_its_allowed_values():
+    comments = _key_comments()
+    for key in all_keys():
+        assert comments.get(key, "").strip(), f"{key} has no comment in config.py"
+    for key, (ok, allowed) in config_mod._RULES.items():
+        if allowed.startswith("one of "):
+            for value in allowed[len("one of "):].split(" | "):
+                assert value in comments[key], f"comment of {key} does not mention {value}"
+
+
+def test_config_doc_is_up_to_date():
+    from metric.core.config_doc import render_config_doc
+
+    with open(os.path.join(REPO, "docs", "CONFIG.md"), encoding="utf-8") as f:
+        assert f.read() == render_config_doc(), "docs/CONFIG.md is stale: run python tools/gen_config_doc.py"
+
+
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        (["OPTIM.BASELR", "0.1"], ["OPTIM.BASELR", "did you mean OPTIM.BASE_LR"]),
+        (["TRAIN.BASE_LR", "0.1"], ["TRAIN.BASE_LR", "OPTIM.BASE_LR"]),
+        (["OPTIM.LR_POLICY", "linear"], ["OPTIM.LR_POLICY", "'linear'", "cos | steps | exp"]),
+        (["OPTIM.MAX_EPOCH", "ten"], ["OPTIM.MAX_EPOCH", "'ten'", "integer"]),
+        (["OPTIM.MAX_EPOCH", "2.5"], ["OPTIM.MAX_EPOCH", "integer"]),
+        (["TRAIN.AUTO_RESUME", "maybe"], ["TRAIN.AUTO_RESUME", "True/False"]),
+        (["OPTIM.BASE_LR", "-1"], ["OPTIM.BASE_LR", "> 0"]),
+        (["MODEL.HEADS.CLS_LAYER", "arcfase"], ["MODEL.HEADS.CLS_LAYER", "arcface"]),
+        (["MODEL.DEPTH", "77"], ["MODEL.DEPTH", "77", "18 | 34 | 50 | 101 | 152"]),
+        (["OPTIM.STEPS", "[30, 10]"], ["OPTIM.STEPS", "ascending"]),
+        (["OPTIM.MAX_EPOCH"], ["KEY VALUE"]),
+    ],
+)
+def test_bad_config_raises_naming_key(opts, words):
+    with pytest.raises(ConfigError) as err:
+        load_cfg(None, opts)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        (["OPTIM.BASELR", "0.1"], ["OPTIM.BASELR", "did you mean OPTIM.BASE_LR"]),
+        (["OPTIM.LR_POLICY", "linear"], ["OPTIM.LR_POLICY", "cos | steps | exp"]),
+        (["TRAIN.BATCH_SIZE", "big"], ["TRAIN.BATCH_SIZE", "integer"]),
+    ],
+)
+def test_train_tool_exits_2_on_config_error(opts, words):
+    proc = run_py(["tools/train_metric.py", *opts])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+def test_missing_config_file_exits_2():
+    proc = run_py(["tools/train_metric.py", "--cfg", "configs/metric/nope.yaml"])
+    assert proc.returncode == 2 and "config file not found" in proc.stderr
+
+
+def test_yaml_types_and_base_inheritance(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("OPTIM:\n  BASE_LR: 1e-3\n  MAX_EPOCH: 7\nMODEL:\n  HEADS:\n    SCALE: 30\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_BASE_: base.yaml\nOPTIM:\n  MAX_EPOCH: 9\n")
+    c = load_cfg(str(child), ["OPTIM.WARMUP_EPOCHS", "2"])
+    assert c.OPTIM.BASE_LR == pytest.approx(1e-3) and isinstance(c.OPTIM.BASE_LR, float)
+    assert c.OPTIM.MAX_EPOCH == 9
+    assert c.MODEL.HEADS.SCALE == 30.0 and isinstance(c.MODEL.HEADS.SCALE, float)
+    assert c.OPTIM.WARMUP_EPOCHS == 2.0
+
+
+def test_base_cycle_and_bad_yaml(tmp_path):
+    a = tmp_path / "a.yaml"
+    a.write_text("_BASE_: a.yaml\n")
+    with pytest.raises(ConfigError, match="inherits from itself"):
+        load_cfg(str(a))
+    b = tmp_path / "b.yaml"
+    b.write_text("OPTIM: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid yaml"):
+        load_cfg(str(b))
+
+
+def test_num_classes_alias():
+    assert load_cfg(None, ["MODEL.NUM_CLASSES", "7"]).MODEL.HEADS.NUM_CLASSES == 7
+    assert load_cfg(None, ["MODEL.HEADS.NUM_CLASSES", "9"]).MODEL.NUM_CLASSES == 9
+    with pytest.raises(ConfigError, match="disagree"):
+        load_cfg(None, ["MODEL.NUM_CLASSES", "7", "MODEL.HEADS.NUM_CLASSES", "9"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
+def test_shipped_configs_merge(path):
+    load_cfg(path)
+
+
+def test_original_project_config_merges_unchanged():
+    # configs/metric/R-50-1x64d_step_8gpu.yaml is the original project's file, byte for byte.
+    c = load_cfg(os.path.join(REPO, "configs", "metric", "R-50-1x64d_step_8gpu.yaml"))
+    assert c.MODEL.HEADS.NUM_CLASSES == 96264 and c.MODEL.HEADS.SCALE == 30.0
+    assert c.RESNET.TRANS_FUN == "bottleneck_transform" and c.OPTIM.STEPS == [0, 30, 60, 90]

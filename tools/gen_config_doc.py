@@ -1,0 +1,21 @@
+"""Regenerate docs/CONFIG.md from the comments in metric/core/config.py."""
+
+import os
+import sys
+
+from metric.core.cli import make_parser, run_tool
+from metric.core.config_doc import render_config_doc
+
+
+def main(argv=None):
+    parser = make_parser("Regenerate docs/CONFIG.md from metric/core/config.py.", config=False)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--output", default=os.path.join(repo, "docs", "CONFIG.md"))
+    args = parser.parse_args(argv)
+    with open(args.output, "w", encoding="utf-8") as f:
+        f.write(render_config_doc())
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
