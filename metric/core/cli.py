@@ -16,11 +16,10 @@ EXIT_INTERRUPTED = 130
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that exits with status 2 and a one-line message (it already does; keep it explicit)."""
+    """argparse whose usage errors are one line on stderr and exit status 2."""
 
     def error(self, message):
-        self.print_usage(sys.stderr)
-        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
         sys.exit(EXIT_USER_ERROR)
 
 

@@ -106,7 +106,7 @@ class TrainTransform:
         return to_tensor(color_jitter(im, self.jitter, rng))
 
 
-class TestTransform:
+class EvalTransform:
     """Resize the shorter side to ``resize``, center-crop ``crop``, normalize."""
 
     def __init__(self, resize, crop):

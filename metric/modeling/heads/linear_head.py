@@ -30,7 +30,6 @@ class LinearHead(nn.Module):
         self.bn_neck = nn.BatchNorm1d(embedding_dim) if bn_neck else None
         self.classifier = classifier
         self.in_feat, self.embedding_dim, self.num_classes = in_feat, embedding_dim, num_classes
-        nn.init.normal_(self.embedding_layer.weight, std=0.01)
 
     def embed(self, feature_map):
         """Feature map [N, C, H, W] -> embedding [N, D] (not L2-normalized)."""

@@ -1,0 +1,106 @@
+"""Google Landmarks Dataset v2 (GLDv2) -> list files.
+
+GLDv2 ships ``train.csv`` (``id,url,landmark_id``) or ``train_clean.csv``
+(``landmark_id,images`` with space-separated image ids), and stores image ``abc123...``
+at ``train/a/b/c/abc123....jpg``. :func:`convert_gldv2` maps landmark ids to
+contiguous labels and writes ``train_list.txt`` (and optionally a held-out
+``val_list.txt`` of whole classes for retrieval evaluation) plus ``label_map.csv``.
+"""
+
+import csv
+import logging
+import os
+import random
+from collections import defaultdict
+
+from metric.core.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def image_relpath(image_id, images_dir="train"):
+    return f"{images_dir}/{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg"
+
+
+def read_gldv2_csv(path):
+    """``{landmark_id: [image ids]}`` from ``train.csv`` or ``train_clean.csv``."""
+    if not os.path.isfile(path):
+        raise DataError(f"GLDv2 csv not found: {path}")
+    by_class = defaultdict(list)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path} is empty")
+        cols = [h.strip() for h in header]
+        if "landmark_id" not in cols or not ({"id", "images"} & set(cols)):
+            raise DataError(f"{path}: expected columns id,url,landmark_id or landmark_id,images; got {','.join(cols)}")
+        lid_col = cols.index("landmark_id")
+        clean = "images" in cols
+        img_col = cols.index("images" if clean else "id")
+        for lineno, row in enumerate(reader, 2):
+            if not row:
+                continue
+            if len(row) != len(cols):
+                raise DataError(f"{path}:{lineno}: expected {len(cols)} fields, got {len(row)}")
+            lid = row[lid_col].strip()
+            ids = row[img_col].split() if clean else [row[img_col].strip()]
+            for image_id in ids:
+                if len(image_id) < 3:
+                    raise DataError(f"{path}:{lineno}: image id {image_id!r} is too short")
+                by_class[lid].append(image_id)
+    return dict(by_class)
+
+
+def convert_gldv2(csv_path, out_dir, images_dir="train", min_images=1, val_classes=0, seed=0, check_files=False):
+    """Write ``train_list.txt``, ``label_map.csv`` and (with ``val_classes``) ``val_list.txt``.
+
+    Classes with fewer than ``min_images`` images are dropped. ``val_classes`` whole classes,
+    drawn with ``seed``, go to ``val_list.txt`` (labels 0..val_classes-1) and not to training.
+    Returns a summary dict.
+    """
+    by_class = read_gldv2_csv(csv_path)
+    kept = sorted((lid for lid, ids in by_class.items() if len(ids) >= min_images), key=_sort_key)
+    if not kept:
+        raise DataError(f"no class of {csv_path} has {min_images} or more images")
+    if val_classes >= len(kept):
+        raise DataError(f"--val-classes {val_classes} leaves no training class (only {len(kept)} classes)")
+    val = sorted(random.Random(seed).sample(kept, val_classes), key=_sort_key) if val_classes else []
+    val_set = set(val)
+    train = [lid for lid in kept if lid not in val_set]
+    os.makedirs(out_dir, exist_ok=True)
+    missing = 0
+
+    def write(name, classes):
+        nonlocal missing
+        path = os.path.join(out_dir, name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for label, lid in enumerate(classes):
+                for image_id in by_class[lid]:
+                    rel = image_relpath(image_id, images_dir)
+                    if check_files and not os.path.isfile(os.path.join(out_dir, rel)):
+                        missing += 1
+                    f.write(f"{rel} {label}\n")
+        os.replace(path + ".tmp", path)
+
+    write("train_list.txt", train)
+    if val:
+        write("val_list.txt", val)
+    with open(os.path.join(out_dir, "label_map.csv"), "w", encoding="utf-8") as f:
+        f.write("landmark_id,label,split\n")
+        f.writelines(f"{lid},{i},train\n" for i, lid in enumerate(train))
+        f.writelines(f"{lid},{i},val\n" for i, lid in enumerate(val))
+    summary = {
+        "train_classes": len(train),
+        "train_images": sum(len(by_class[c]) for c in train),
+        "val_classes": len(val),
+        "val_images": sum(len(by_class[c]) for c in val),
+        "dropped_classes": len(by_class) - len(kept),
+        "missing_files": missing if check_files else None,
+    }
+    logger.info("GLDv2 lists written to %s: %s", out_dir, summary)
+    return summary
+
+
+def _sort_key(lid):
+    return (0, int(lid), "") if lid.isdigit() else (1, 0, lid)

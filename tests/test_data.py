@@ -1,0 +1,108 @@
+"""List files, transforms and the bad-image policy."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from metric.core.errors import DataError
+from metric.datasets.dataset import ListDataset
+from metric.datasets.listfile import read_list
+from metric.datasets.transforms import EvalTransform, TrainTransform, decode_image
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_read_list_resolves_paths(tiny_data):
+    items = read_list(os.path.join(tiny_data, "train.txt"), tiny_data, num_classes=4)
+    assert len(items) == 32 and all(os.path.isabs(p) and os.path.isfile(p) for p, _ in items)
+    assert sorted({lab for _, lab in items}) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("img/0_0.jpg 0\nimg/0_1.jpg\n", [":2:", "expected 'relative/path.jpg label'"]),
+        ("img/0_0.jpg zero\n", [":1:", "'zero' is not an integer"]),
+        ("img/0_0.jpg 0\n\nimg/0_1.jpg 4\n", [":3:", "label 4 outside [0, 4)", "NUM_CLASSES"]),
+        ("img/0_0.jpg -1\n", [":1:", "label -1"]),
+        ("", ["holds no images"]),
+    ],
+)
+def test_malformed_list_names_file_and_line(tiny_data, tmp_path, text, words):
+    path = _write(tmp_path / "bad.txt", text)
+    with pytest.raises(DataError) as err:
+        read_list(path, tiny_data, num_classes=4)
+    msg = str(err.value)
+    assert "bad.txt" in msg and "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_missing_files_reported_with_count_and_examples(tiny_data, tmp_path):
+    lines = [f"img/0_{i}.jpg 0" for i in range(3)] + [f"img/nope_{i}.jpg 1" for i in range(7)]
+    path = _write(tmp_path / "list.txt", "\n".join(lines))
+    with pytest.raises(DataError, match=r"7 of 10 images .* missing, e.g. .*nope_0.jpg"):
+        read_list(path, tiny_data, num_classes=4)
+    assert len(read_list(path, tiny_data, num_classes=4, check_files=False)) == 10
+
+
+def test_decode_failures_return_none(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    assert decode_image(str(bad)) is None and decode_image(str(empty)) is None
+
+
+def _corrupt_items(tiny_data, tmp_path):
+    items = read_list(os.path.join(tiny_data, "train.txt"), tiny_data, num_classes=4)
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    return items[:8] + [(str(bad), 1)] + items[8:]
+
+
+def test_bad_training_image_is_replaced_by_same_class(tiny_data, tmp_path):
+    items = _corrupt_items(tiny_data, tmp_path)
+    ds = ListDataset(items, TrainTransform(24), seed=0, on_bad="replace")
+    x, label, failed = ds[8]
+    assert label == 1 and failed == 1 and x.shape == (3, 24, 24)
+    assert ds[8][2] == 1  # counted every time it is drawn, never crashes
+    assert ds[0][2] == 0
+
+
+def test_class_without_readable_image_fails_clearly(tmp_path):
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"junk")
+    ds = ListDataset([(str(bad), 0)], TrainTransform(24), on_bad="replace")
+    with pytest.raises(DataError, match="no readable image left in class 0"):
+        ds[0]
+
+
+def test_bad_eval_image_is_marked(tiny_data, tmp_path):
+    items = _corrupt_items(tiny_data, tmp_path)
+    ds = ListDataset(items, EvalTransform(36, 32), on_bad="mark")
+    x, label, failed = ds[8]
+    assert failed == 1 and label == 1 and x.shape == (3, 32, 32)
+
+
+def test_augmentation_depends_on_seed_epoch_index_only(tiny_data):
+    items = read_list(os.path.join(tiny_data, "train.txt"), tiny_data, num_classes=4)
+    a = ListDataset(items, TrainTransform(24), seed=3)
+    b = ListDataset(items, TrainTransform(24), seed=3)
+    b[5], b[2]  # other samples drawn first do not matter
+    assert torch.equal(a[2][0], b[2][0])
+    a.set_epoch(1)
+    assert not torch.equal(a[2][0], b[2][0])
+
+
+def test_test_transform_resizes_shorter_side_then_center_crops():
+    im = np.zeros((40, 80, 3), np.uint8)
+    im[:, 38:42] = 255  # a bright centre column survives the center crop
+    x = EvalTransform(20, 16)(im)
+    assert x.shape == (3, 16, 16) and x[0, :, 7:9].mean() > x[0, :, :3].mean()
