@@ -1,12 +1,14 @@
 """Data loaders for training and evaluation, aware of the process group."""
 
+from collections import Counter
+
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from metric.core.errors import ConfigError
+from metric.core.errors import ConfigError, DataError
 from metric.datasets.dataset import ListDataset
 from metric.datasets.listfile import dataset_list_path, read_list
-from metric.datasets.transforms import TestTransform, TrainTransform
+from metric.datasets.transforms import EvalTransform, TrainTransform
 
 
 class ShardSampler(Sampler):
@@ -48,8 +50,13 @@ def train_items(cfg):
 
 
 def test_items(cfg):
+    """The TEST list; it must hold at least two images of some label (else nothing to retrieve)."""
     path, folder = dataset_list_path(cfg.DATA_DIR, cfg.TEST.DATASET, cfg.TEST.SPLIT)
-    return read_list(path, folder, None, check_files=cfg.DATA_LOADER.CHECK_FILES)
+    items = read_list(path, folder, None, check_files=cfg.DATA_LOADER.CHECK_FILES)
+    counts = Counter(label for _, label in items)
+    if max(counts.values()) < 2:
+        raise DataError(f"{path}: every label occurs once, so retrieval by label cannot be evaluated")
+    return items
 
 
 def build_train_loader(cfg, rank=0, world_size=1, items=None):
@@ -70,6 +77,6 @@ def build_test_loader(cfg, rank=0, world_size=1, items=None):
     """In list order, each rank its own slice ``rank::world_size`` (no padding, no repeats)."""
     items = test_items(cfg) if items is None else items
     batch = _per_process_batch(cfg.TEST.BATCH_SIZE, world_size, "TEST.BATCH_SIZE")
-    dataset = ListDataset(items, TestTransform(cfg.TEST.IM_SIZE, cfg.TRAIN.IM_SIZE), on_bad="mark")
+    dataset = ListDataset(items, EvalTransform(cfg.TEST.IM_SIZE, cfg.TRAIN.IM_SIZE), on_bad="mark")
     sampler = ShardSampler(len(dataset), world_size, rank)
     return _loader(dataset, batch, sampler, cfg, drop_last=False, seed=cfg.RNG_SEED)
