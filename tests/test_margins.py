@@ -110,3 +110,37 @@ def test_gem_matches_naive_and_limits():
     fixed = GeM(p=3.0, learn_p=False)
     assert not fixed.p.requires_grad
     assert list(fixed.state_dict()) == ["p"]
+
+
+def test_curricularface_matches_naive_and_updates_t():
+    from metric.modeling.layers.margins import CurricularFace
+
+    torch.manual_seed(3)
+    n, d, c, s, m = 5, 6, 4, 20.0, 0.3
+    layer = CurricularFace(d, c, scale=s, margin=m).double().train()
+    layer.t.fill_(0.2)
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 3, 2])
+    out = layer(x, labels)
+    cos = F.normalize(x.detach()) @ F.normalize(layer.weight.detach()).t()
+    t_new = 0.99 * 0.2 + 0.01 * float(cos[torch.arange(n), labels].mean())
+    assert float(layer.t) == pytest.approx(t_new)
+    for i in range(n):
+        ct = float(cos[i, labels[i]])
+        theta = math.acos(ct)
+        tm = math.cos(theta + m) if theta + m <= math.pi else ct - math.sin(math.pi - m) * m
+        for j in range(c):
+            cj = float(cos[i, j])
+            if j == labels[i]:
+                want = tm
+            elif cj > math.cos(theta + m):
+                want = cj * (t_new + cj)
+            else:
+                want = cj
+            assert float(out[i, j]) == pytest.approx(s * want, abs=1e-9)
+    F.cross_entropy(out, labels).backward()
+    assert torch.isfinite(x.grad).all()
+    layer.eval()
+    t_before = float(layer.t)
+    layer(x, labels)
+    assert float(layer.t) == t_before  # t moves only in training

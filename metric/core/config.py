@@ -64,7 +64,7 @@ _C.MODEL.HEADS.BN_NECK = False
 # Dropout probability applied to the pooled features before the embedding layer. Float in [0, 1).
 _C.MODEL.HEADS.DROPOUT = 0.0
 
-# Margin layer producing training logits: linear | cosface | arcface | circle.
+# Margin layer producing training logits: linear | cosface | arcface | circle | curricularface.
 # arcface: cos(theta + m) on the target class; cosface: cos(theta) - m; circle: the
 # classification form of Circle loss (margin m, scale s); linear: plain dot product.
 _C.MODEL.HEADS.CLS_LAYER = "linear"
@@ -323,6 +323,11 @@ _C.PORT = 10001
 # back to the repository root (so the default finds metric/datasets/data from anywhere).
 _C.DATA_DIR = "metric/datasets/data"
 
+# Config format version. 2 is this project; a yaml file without VERSION is taken to come from
+# the original pymetric project (version 1) and is upgraded when merged (see docs/CONFIG.md:
+# its CLS_LAYER "arcface" was CurricularFace in its math, so it becomes "curricularface").
+_C.VERSION = 2
+
 _DEFAULTS = _C.clone()
 
 
@@ -333,6 +338,7 @@ _DEFAULTS = _C.clone()
 
 import ast  # noqa: E402
 import difflib  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 
 import yaml  # noqa: E402
@@ -469,10 +475,41 @@ def _read_yaml(path, seen):
     return chain
 
 
+CURRENT_VERSION = 2
+_logger = logging.getLogger(__name__)
+
+
+def upgrade_original(data, source):
+    """Rewrite a version-1 (original pymetric) config dict in place to the current meaning.
+
+    Version 1 called CurricularFace "arcface" (its layer kept an adaptive ``t`` buffer that
+    re-weights hard negatives); ours is the additive-angular-margin ArcFace. So an original
+    "arcface" becomes "curricularface", and original files train and load as they did there.
+    """
+    heads = (data.get("MODEL") or {}).get("HEADS") or {}
+    if heads.get("CLS_LAYER") == "arcface":
+        heads["CLS_LAYER"] = "curricularface"
+        _logger.info("%s: original pymetric config (no VERSION): CLS_LAYER arcface -> curricularface", source)
+    data["VERSION"] = CURRENT_VERSION
+    return data
+
+
+def _merge_versioned(node, data, source):
+    version = data.get("VERSION", 1)
+    if version not in (1, CURRENT_VERSION):
+        raise ConfigError(f"{source}: VERSION={version!r} is not allowed: expected 1 (original pymetric) or 2")
+    if version == 1:
+        data = upgrade_original(dict(data), source)
+    _merge_dict(node, data, "", source)
+
+
 def merge_from_file(node, path):
-    """Merge a yaml file (and the files it names in ``_BASE_``, first) into ``node``."""
+    """Merge a yaml file (and the files it names in ``_BASE_``, first) into ``node``.
+
+    Each file is read with its own VERSION: a file without one is upgraded from the original
+    project's format (:func:`upgrade_original`)."""
     for source, data in _read_yaml(path, frozenset()):
-        _merge_dict(node, data, "", source)
+        _merge_versioned(node, data, source)
 
 
 def _parse_cli_value(text):
@@ -539,10 +576,10 @@ def dump_cfg(c, path):
     os.replace(tmp, path)
 
 
-def cfg_from_yaml_str(text):
+def cfg_from_yaml_str(text, source="checkpoint config"):
     """Rebuild a config from the yaml stored in a checkpoint (unknown keys are errors)."""
     c = get_cfg()
-    _merge_dict(c, yaml.safe_load(text) or {}, "", "checkpoint config")
+    _merge_versioned(c, yaml.safe_load(text) or {}, source)
     return c
 
 
@@ -614,6 +651,7 @@ _RULES = {
     "LOG_PERIOD": _ONE_UP,
     "DIST_BACKEND": _choices("auto", "nccl", "gloo"),
     "PORT": _range(1, 65535),
+    "VERSION": _choices(CURRENT_VERSION),
 }
 
 

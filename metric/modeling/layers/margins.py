@@ -112,3 +112,39 @@ class CircleClassifier(_ClassWeights):
         pos = alpha_p * (cos - (1.0 - m))
         neg = alpha_n * (cos - m)
         return torch.where(_target_mask(cos, labels), pos, neg) * self.scale
+
+
+@MARGIN_LAYERS.register("curricularface")
+class CurricularFace(_ClassWeights):
+    """CurricularFace (Huang et al. 2020); the original pymetric project called this ``arcface``.
+
+    The target logit is ArcFace's ``cos(theta + m)`` (with the same fallback past pi - m). A
+    non-target logit ``c`` harder than the target's margin-adjusted logit is re-weighted to
+    ``c * (t + c)``, where ``t`` is a running mean (momentum 0.01) of the target cosines kept in
+    the buffer ``t`` (state-dict key ``t``, as in the original checkpoints) and updated in
+    training mode only. The re-weighting factor is not back-propagated through ``t``.
+    """
+
+    def __init__(self, in_features, num_classes, scale=30.0, margin=0.5, t_momentum=0.01, **unused):
+        super().__init__(in_features, num_classes)
+        self.scale, self.margin, self.t_momentum = scale, margin, t_momentum
+        self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
+        self.threshold = math.cos(math.pi - margin)
+        self.fallback = math.sin(math.pi - margin) * margin
+        self.register_buffer("t", torch.zeros(1))
+
+    def forward(self, x, labels=None):
+        cos = self.cosine(x).clamp(-1.0, 1.0)
+        if labels is None:
+            return cos * self.scale
+        target = cos.gather(1, labels[:, None])
+        sin = torch.sqrt((1.0 - target * target).clamp(min=0.0))
+        target_m = target * self.cos_m - sin * self.sin_m
+        final_target = torch.where(target > self.threshold, target_m, target - self.fallback)
+        if self.training:
+            with torch.no_grad():
+                self.t.mul_(1.0 - self.t_momentum).add_(self.t_momentum * target.mean())
+        hard = cos > target_m
+        out = torch.where(hard, cos * (self.t + cos), cos)
+        out = out.scatter(1, labels[:, None], final_target)
+        return out * self.scale
