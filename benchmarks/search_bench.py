@@ -1,0 +1,139 @@
+"""Retrieval speed benchmark: exact search vs faiss vs the matrix-product floor.
+
+    python benchmarks/search_bench.py [--queries 1000 --index 100000 --dim 512 --topk 100]
+
+Times, on the same random L2-normalized data (CPU): our exact search
+(``metric.retrieval.search.search``, the ``auto`` backend and each backend),
+``faiss.IndexFlatIP`` used directly (search only, the index already built),
+and a plain ``torch.mm`` of the same shapes (the compute floor, no top-k).
+Each is run ``--repeat`` times, interleaved, and the best time is kept, which
+damps noise from other processes. When ``metric.retrieval.metrics`` exposes
+``glr_map_at_k`` it is timed on ``--map-queries`` synthetic queries.
+
+Other rows (extraction speed, ...) plug in through :func:`register`: a
+function ``fn(args) -> (rows, summary)`` where ``rows`` is a list of
+``(name, seconds, note)`` and ``summary`` a dict of ``key=value`` entries
+(add its command-line options to :func:`make_parser`). The last line printed
+is the ``key=value`` summary.
+"""
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+EXTRA_BENCHMARKS = []
+
+
+def register(fn):
+    """Add ``fn(args) -> (rows, summary)`` to the benchmark; usable as a decorator."""
+    EXTRA_BENCHMARKS.append(fn)
+    return fn
+
+
+def random_unit(rng, n, d):
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def best_times(fns, repeat):
+    """Run the named callables ``repeat`` times, interleaved; return the best time of each."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def bench_search(args):
+    import faiss
+
+    from metric.retrieval.search import CPU_AUTO_BACKEND, search
+
+    rng = np.random.default_rng(0)
+    xb = random_unit(rng, args.index, args.dim)
+    xq = random_unit(rng, args.queries, args.dim)
+    tq, tb = torch.from_numpy(xq), torch.from_numpy(xb)
+    flat = faiss.IndexFlatIP(args.dim)
+    start = time.perf_counter()
+    flat.add(xb)
+    add_s = time.perf_counter() - start
+
+    ref_s, ref_i = flat.search(xq, args.topk)
+    ours_s, ours_i = search(xq, xb, args.topk, backend="auto", device="cpu")
+    agree = float(np.mean(ours_i == ref_i))
+
+    other = "faiss" if CPU_AUTO_BACKEND == "torch" else "torch"
+    fns = {
+        f"ours (auto={CPU_AUTO_BACKEND})": lambda: search(xq, xb, args.topk, backend="auto", device="cpu"),
+        f"ours ({other} backend)": lambda: search(xq, xb, args.topk, backend=other, device="cpu"),
+        "faiss IndexFlatIP": lambda: flat.search(xq, args.topk),
+        "torch.mm": lambda: torch.mm(tq, tb.t()),
+    }
+    t = best_times(fns, args.repeat)
+    shape = f"{args.queries} x {args.index} x {args.dim}, top-{args.topk}"
+    rows = [(name, sec, shape) for name, sec in t.items()]
+    rows.append(("faiss index.add", add_s, "not counted above"))
+    summary = {
+        "ours_s": t[f"ours (auto={CPU_AUTO_BACKEND})"],
+        "faiss_s": t["faiss IndexFlatIP"],
+        "mm_s": t["torch.mm"],
+        "ours_vs_faiss": t[f"ours (auto={CPU_AUTO_BACKEND})"] / t["faiss IndexFlatIP"],
+        "ours_vs_mm": t[f"ours (auto={CPU_AUTO_BACKEND})"] / t["torch.mm"],
+        "auto_backend": CPU_AUTO_BACKEND,
+        "agree_with_faiss": agree,
+    }
+    return rows, summary
+
+
+def bench_glr_map(args):
+    """Time ``glr_map_at_k`` on synthetic GLR predictions, when the metrics module has it."""
+    try:
+        from metric.retrieval.metrics import glr_map_at_k
+        from metric.retrieval.metrics_glr import make_synthetic_glr
+    except ImportError:
+        return [("glr_map_at_k", float("nan"), "not available in metric.retrieval.metrics")], {}
+    predictions, solution = make_synthetic_glr(num_queries=args.map_queries, k=100, seed=0)
+    start = time.perf_counter()
+    glr_map_at_k(predictions, solution, 100)
+    sec = time.perf_counter() - start
+    return [("glr_map_at_k", sec, f"{args.map_queries} queries, top-100")], {"map_s": sec}
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--index", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--topk", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each timing (best kept)")
+    parser.add_argument("--map-queries", type=int, default=100_000)
+    parser.add_argument("--skip-map", action="store_true", help="do not time glr_map_at_k")
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+
+    rows, summary = bench_search(args)
+    benches = list(EXTRA_BENCHMARKS) + ([] if args.skip_map else [bench_glr_map])
+    for fn in benches:
+        more_rows, more_summary = fn(args)
+        rows += more_rows
+        summary.update(more_summary)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"threads: torch {torch.get_num_threads()}, load average {load:.1f} on {os.cpu_count()} cpus")
+    print(f"{'what':<26} {'seconds':>9}  notes")
+    for name, sec, note in rows:
+        print(f"{name:<26} {sec:>9.3f}  {note}")
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    main()

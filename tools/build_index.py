@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Train and save an approximate (faiss IVF-PQ or HNSW) index of a feature store; report recall@100.
+
+    python tools/build_index.py --index IDIR --type ivfpq [--nlist N --m M --nbits B --nprobe P]
+    python tools/build_index.py --index IDIR --type hnsw [--hnsw-m M --ef-construction E --ef-search S]
+"""
+
+import sys
+
+from metric.core.cli import make_parser, run_tool
+from metric.retrieval.ann import ANN_TYPES, build_ann_index
+
+
+def main(argv=None):
+    parser = make_parser(__doc__.splitlines()[0], config=False)
+    parser.add_argument("--index", required=True, help="index feature store folder")
+    parser.add_argument("--type", default="ivfpq", choices=ANN_TYPES, help="index type (default ivfpq)")
+    parser.add_argument("--output-dir", default=None, help="where to save the index (default: the store folder)")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
+    parser.add_argument("--m", type=int, default=None, help="PQ sub-quantizers, must divide the dimension (default D/8)")
+    parser.add_argument("--nbits", type=int, default=8, help="bits per PQ code (default 8)")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (default min(nlist, 32))")
+    parser.add_argument("--train-size", type=int, default=None, help="training vectors (default max(100k, 40 nlist))")
+    parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node (default 32)")
+    parser.add_argument("--ef-construction", type=int, default=80, help="HNSW build depth (default 80)")
+    parser.add_argument("--ef-search", type=int, default=128, help="HNSW search depth (default 128)")
+    parser.add_argument("--query", default=None, help="query store for the recall check (default: index rows)")
+    parser.add_argument("--sample", type=int, default=1000, help="queries in the recall check (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for training and recall samples")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    params = build_ann_index(
+        args.index, args.type, out_dir=args.output_dir, nlist=args.nlist, m=args.m, nbits=args.nbits,
+        nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
+        train_size=args.train_size, query_path=args.query, sample=args.sample, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    settings = {k: params[k] for k in ("nlist", "m", "nbits", "nprobe", "hnsw_m", "ef_construction", "ef_search")
+                if k in params}
+    print(f"built {params['type']} index of {params['count']} x {params['dim']}: {params['index_path']}")
+    print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
+    print(f"recall@{params['recall_k']} vs exact search on {params['recall_sample']} queries: {params['recall']:.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))

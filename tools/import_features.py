@@ -1,0 +1,25 @@
+#!/usr/bin/env python3
+"""Turn descriptors made elsewhere (an .npy [N, D] and an ids file) into a feature store.
+
+    python tools/import_features.py --embeddings X.npy --ids ids.txt --output DIR [--no-normalize]
+"""
+
+import sys
+
+from metric.core.cli import make_parser, run_tool
+from metric.retrieval.store import import_features
+
+
+def main(argv=None):
+    parser = make_parser(__doc__.splitlines()[0], config=False)
+    parser.add_argument("--embeddings", required=True, help=".npy file with a float array [N, D]")
+    parser.add_argument("--ids", required=True, help="text file with N ids, one per line, in row order")
+    parser.add_argument("--output", required=True, help="store folder to write (an existing store is replaced)")
+    parser.add_argument("--no-normalize", action="store_true", help="store rows as given (already L2-normalized)")
+    args = parser.parse_args(argv)
+    store = import_features(args.embeddings, args.ids, args.output, normalize=not args.no_normalize)
+    print(f"imported {len(store)} x {store.dim} features into {store.path}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))

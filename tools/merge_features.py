@@ -1,0 +1,25 @@
+#!/usr/bin/env python3
+"""Merge feature stores (the shards of one extraction, or any stores of one model) into one store.
+
+    python tools/merge_features.py SHARD_DIR [SHARD_DIR ...] --output DIR
+"""
+
+import sys
+
+from metric.core.cli import make_parser, run_tool
+from metric.retrieval.store import load_features, merge_stores
+
+
+def main(argv=None):
+    parser = make_parser(__doc__.splitlines()[0], config=False)
+    parser.add_argument("stores", nargs="+", help="store folders; shard stores are put in shard order")
+    parser.add_argument("--output", required=True, help="merged store folder to write")
+    args = parser.parse_args(argv)
+    path = merge_stores(args.stores, args.output)
+    store = load_features(path)
+    failed = len(store.meta.get("failed_images", []))
+    print(f"merged {len(args.stores)} stores: {len(store)} x {store.dim} features into {path} ({failed} failed images)")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
