@@ -1,0 +1,138 @@
+"""Retrieval metrics on labelled sets: recall@k and mAP@R (Musgrave et al., ECCV 2020).
+
+For a query q with label y, the relevant items are the index items labelled y (in leave-one-out
+mode, when the query set is its own index, every other query item labelled y: the query itself is
+excluded). With R the number of relevant items and the index ranked by inner product:
+
+- recall@k: 1 if at least one of the first k items is relevant, else 0 (the usual metric-learning
+  "recall@k", i.e. hit rate);
+- AP@R = 1/R * sum_{i=1..R} P(i) * rel(i), P(i) = relevant items among the first i, divided by i.
+
+Both are averaged over the queries that have at least one relevant item; the others are counted
+in ``skipped``. Similarities are computed in torch, a chunk of queries at a time, so memory stays
+bounded; the work runs on the device of ``query_emb`` (CPU or CUDA). Ties in similarity are
+broken by ``torch.topk`` (arbitrarily but deterministically for a given device).
+"""
+
+import logging
+
+import numpy as np
+import torch
+
+from metric.core.errors import MetricError
+
+logger = logging.getLogger(__name__)
+
+# at most this many similarity entries (float32) per chunk: 64 Mi entries = 256 MiB
+_MAX_CHUNK_ELEMENTS = 1 << 26
+
+
+def _as_tensor(x, device=None):
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device) if device is not None else x.detach()
+    x = np.asarray(x)
+    if not x.flags.writeable:  # e.g. a read-only memmap of a feature store
+        x = x.copy()
+    return torch.as_tensor(x, device=device)
+
+
+def _label_codes(query_labels, index_labels):
+    """Map labels of any type (ints, strings) to int64 codes shared by query and index."""
+    def to_numpy(labels):
+        if isinstance(labels, torch.Tensor):
+            return labels.detach().cpu().numpy()
+        return np.asarray(labels)
+
+    q = to_numpy(query_labels).ravel()
+    x = to_numpy(index_labels).ravel() if index_labels is not None else q[:0]
+    _, codes = np.unique(np.concatenate([q, x]), return_inverse=True)
+    codes = codes.astype(np.int64).ravel()
+    return codes[: len(q)], codes[len(q):]
+
+
+def labelled_metrics(query_emb, query_labels, index_emb=None, index_labels=None,
+                     ks=(1, 5, 10), chunk_size=1024):
+    """recall@k and mAP@R of a labelled query set against a labelled index.
+
+    Args:
+        query_emb: ``[Q, D]`` L2-normalized embeddings (numpy array or torch tensor).
+        query_labels: ``[Q]`` labels (ints or strings).
+        index_emb, index_labels: ``[N, D]`` and ``[N]``; ``None`` for leave-one-out within the
+            query set.
+        ks: the k of the reported recall@k.
+        chunk_size: queries per chunk (also capped so a chunk holds at most 64 Mi similarities).
+
+    Returns:
+        ``{"recall@1": .., "recall@5": .., "recall@10": .., "mAP@R": .., "skipped": n}``,
+        fractions in [0, 1]; ``skipped`` counts queries without any relevant item.
+    """
+    leave_one_out = index_emb is None
+    if leave_one_out != (index_labels is None):
+        raise ValueError("give index_emb and index_labels together, or neither (leave-one-out)")
+    query = _as_tensor(query_emb)
+    device = query.device
+    query = query.float()
+    index = query if leave_one_out else _as_tensor(index_emb, device).float()
+    q_codes, x_codes = _label_codes(query_labels, index_labels)
+    if leave_one_out:
+        x_codes = q_codes
+    if query.ndim != 2 or index.ndim != 2 or query.shape[1] != index.shape[1]:
+        raise MetricError(
+            f"embedding shapes {tuple(query.shape)} (query) and {tuple(index.shape)} (index) "
+            "do not match; both must be [count, dim] with the same dim"
+        )
+    if len(q_codes) != query.shape[0] or len(x_codes) != index.shape[0]:
+        raise MetricError(
+            f"{len(q_codes)} query labels for {query.shape[0]} query embeddings, "
+            f"{len(x_codes)} index labels for {index.shape[0]} index embeddings; counts must match"
+        )
+
+    num_q, num_x = query.shape[0], index.shape[0]
+    class_size = np.bincount(x_codes, minlength=int(max(q_codes.max(initial=0),
+                                                        x_codes.max(initial=0))) + 1)
+    num_relevant = class_size[q_codes] - (1 if leave_one_out else 0)
+    ks = tuple(int(k) for k in ks)
+    kmax = max(ks)
+
+    q_lab = torch.as_tensor(q_codes, device=device)
+    x_lab = torch.as_tensor(x_codes, device=device)
+    relevant_t = torch.as_tensor(num_relevant, device=device)
+    hits = torch.zeros(len(ks), dtype=torch.float64, device=device)
+    ap_sum = torch.zeros((), dtype=torch.float64, device=device)
+    rows = max(1, min(int(chunk_size), _MAX_CHUNK_ELEMENTS // max(num_x, 1)))
+    for start in range(0, num_q, rows):
+        stop = min(start + rows, num_q)
+        r = relevant_t[start:stop]
+        sims = query[start:stop] @ index.T
+        if leave_one_out:
+            own = torch.arange(start, stop, device=device)
+            sims[own - start, own] = float("-inf")
+        available = num_x - (1 if leave_one_out else 0)
+        depth = min(max(kmax, int(r.max())), available)
+        if depth <= 0:
+            continue
+        _, top = torch.topk(sims, depth, dim=1)
+        del sims
+        rel = x_lab[top] == q_lab[start:stop, None]  # [c, depth]
+        keep = r > 0
+        for i, k in enumerate(ks):
+            hits[i] += (rel[:, :k].any(dim=1) & keep).sum()
+        # AP@R: only the first R positions count
+        within_r = torch.arange(depth, device=device)[None, :] < r[:, None]
+        rel_r = (rel & within_r).double()
+        precision = rel_r.cumsum(dim=1) / torch.arange(1, depth + 1, device=device)
+        ap = (precision * rel_r).sum(dim=1) / r.clamp(min=1)
+        ap_sum += ap[keep].sum()
+
+    scored = int((num_relevant > 0).sum())
+    skipped = num_q - scored
+    if scored == 0:
+        raise MetricError(
+            "no query has a relevant item in the index (no shared labels); check the label files"
+        )
+    if skipped:
+        logger.info("%d of %d queries have no relevant item and were skipped", skipped, num_q)
+    out = {f"recall@{k}": float(hits[i] / scored) for i, k in enumerate(ks)}
+    out["mAP@R"] = float(ap_sum / scored)
+    out["skipped"] = skipped
+    return out

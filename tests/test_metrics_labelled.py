@@ -1,0 +1,101 @@
+"""recall@k and mAP@R against naive per-query loops."""
+
+import numpy as np
+import pytest
+import torch
+
+from metric.core.errors import MetricError
+from metric.retrieval.metrics import labelled_metrics
+
+
+def normalized(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def naive_labelled(q, q_lab, x=None, x_lab=None, ks=(1, 5, 10)):
+    loo = x is None
+    if loo:
+        x, x_lab = q, q_lab
+    sims = (torch.as_tensor(q) @ torch.as_tensor(x).T).numpy()  # same float32 products
+    hits = {k: 0 for k in ks}
+    ap_sum, scored, skipped = 0.0, 0, 0
+    for i in range(len(q)):
+        order = [j for j in sorted(range(len(x)), key=lambda j: -sims[i, j]) if not (loo and j == i)]
+        rel = [x_lab[j] == q_lab[i] for j in order]
+        r = sum(rel)
+        if r == 0:
+            skipped += 1
+            continue
+        scored += 1
+        for k in ks:
+            hits[k] += any(rel[:k])
+        correct, ap = 0, 0.0
+        for pos in range(r):
+            if rel[pos]:
+                correct += 1
+                ap += correct / (pos + 1)
+        ap_sum += ap / r
+    out = {f"recall@{k}": hits[k] / scored for k in ks}
+    out["mAP@R"] = ap_sum / scored
+    out["skipped"] = skipped
+    return out
+
+
+def assert_same(got, want):
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_index_mode_matches_naive(seed):
+    rng = np.random.default_rng(seed)
+    q, x = normalized(rng, 40, 6), normalized(rng, 70, 6)
+    q_lab, x_lab = rng.integers(0, 8, size=40), rng.integers(0, 7, size=70)  # label 7: no match
+    want = naive_labelled(q, q_lab, x, x_lab)
+    assert want["skipped"] > 0
+    assert_same(labelled_metrics(q, q_lab, x, x_lab), want)
+    assert_same(labelled_metrics(torch.as_tensor(q), torch.as_tensor(q_lab), x, x_lab, chunk_size=7), want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_leave_one_out_matches_naive(seed):
+    rng = np.random.default_rng(10 + seed)
+    q = normalized(rng, 60, 5)
+    labels = rng.integers(0, 4, size=60)  # classes of ~15: R > max(ks)
+    labels[0] = 99  # a singleton: skipped
+    want = naive_labelled(q, labels)
+    assert want["skipped"] == 1
+    assert_same(labelled_metrics(q, labels), want)
+    assert_same(labelled_metrics(q, labels, chunk_size=11), want)
+
+
+def test_string_labels_and_duplicates():
+    rng = np.random.default_rng(3)
+    q = normalized(rng, 20, 4)
+    q = np.concatenate([q, q[:5]])  # exact duplicates: self is excluded by position, not score
+    labels = np.array([f"c{i % 3}" for i in range(20)] + [f"c{i % 3}" for i in range(5)])
+    # tied scores come from duplicates, which share a label: the order among them does not matter
+    assert_same(labelled_metrics(q, labels), naive_labelled(q, labels))
+
+
+def test_perfect_embedding_scores_one():
+    labels = np.repeat(np.arange(5), 4)
+    emb = np.eye(5, dtype=np.float32)[labels]
+    got = labelled_metrics(emb, labels)
+    assert got == {"recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0, "mAP@R": 1.0, "skipped": 0}
+
+
+def test_no_relevant_item_is_an_error():
+    rng = np.random.default_rng(0)
+    with pytest.raises(MetricError, match="no query has a relevant item"):
+        labelled_metrics(normalized(rng, 3, 4), [0, 1, 2], normalized(rng, 3, 4), [5, 6, 7])
+
+
+def test_shape_mismatch_is_an_error():
+    rng = np.random.default_rng(0)
+    with pytest.raises(MetricError, match="do not match"):
+        labelled_metrics(normalized(rng, 3, 4), [0, 1, 2], normalized(rng, 3, 5), [0, 1, 2])
+    with pytest.raises(MetricError, match="labels"):
+        labelled_metrics(normalized(rng, 3, 4), [0, 1], normalized(rng, 3, 4), [0, 1, 2])

@@ -1,0 +1,47 @@
+"""Score retrieval results: Google Landmark Retrieval, revisited Oxford/Paris, or labelled sets.
+
+Modes (chosen by the arguments):
+
+    GLR mAP@100:     --results results.csv --gt retrieval_solution.csv
+    ROxford/RParis:  --query QDIR --index IDIR --gt gnd_roxford5k.pkl
+    labelled sets:   --query QDIR --query-labels FILE [--index IDIR --index-labels FILE]
+
+Prints a table; ``--json FILE`` also writes the metrics (fractions in [0, 1]).
+"""
+
+import logging
+import sys
+
+from metric.core.cli import make_parser, run_tool
+from metric.retrieval.metrics import check_json_path, evaluate, format_table, write_json
+
+
+def main(argv=None):
+    parser = make_parser(__doc__.splitlines()[0], config=False)
+    parser.add_argument("--results", help="results CSV (id,images), GLR mode")
+    parser.add_argument("--gt", help="ground truth: retrieval_solution.csv (GLR) or gnd_*.pkl (revisited)")
+    parser.add_argument("--query", help="query feature store folder")
+    parser.add_argument("--index", help="index feature store folder")
+    parser.add_argument("--query-labels", help="labels of the query store: lines 'NAME LABEL'")
+    parser.add_argument("--index-labels", help="labels of the index store: lines 'NAME LABEL'")
+    parser.add_argument("--json", help="also write the metrics to this JSON file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    if args.json:
+        check_json_path(args.json)
+
+    mode, metrics = evaluate(
+        results=args.results,
+        gt=args.gt,
+        query=args.query,
+        index=args.index,
+        query_labels=args.query_labels,
+        index_labels=args.index_labels,
+    )
+    print(format_table(mode, metrics))
+    if args.json:
+        print(f"wrote {write_json(args.json, metrics)}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
