@@ -123,6 +123,17 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def average_buffers(module):
+    """Average floating-point buffers (BN running statistics) over ranks, so every rank holds
+    the same model for evaluation and checkpoints (DDP keeps parameters, not buffers, in sync)."""
+    if world_size() == 1:
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(world_size())
+
+
 def all_gather_objects(obj):
     """A list with every rank's ``obj`` (rank order)."""
     if world_size() == 1:

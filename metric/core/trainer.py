@@ -20,12 +20,12 @@ from metric.core import checkpoint as cp
 from metric.core import distributed as du
 from metric.core.config import dump_cfg
 from metric.core.errors import TrainingError
+from metric.core.evaluator import evaluate_retrieval, format_metrics
 from metric.core.logger import FILE_ONLY, StatsWriter, format_seconds, setup_logging
 from metric.core.optimizer import build_optimizer, build_scheduler
 from metric.core.rng import get_rng_state, seed_everything, set_rng_state
 from metric.datasets.loader import build_test_loader, build_train_loader, test_items, train_items
 from metric.modeling import build_loss, build_model
-from metric.retrieval.embed import embed_loader, gather_interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +240,7 @@ class Trainer:
                     stats["im_per_s"], stats["data_time"], stats["eta"],
                 )
                 win_loss, win_n, win_data, win_time = 0.0, 0, 0.0, 0.0
+        du.average_buffers(cp.unwrap(self.model))
         bad_images = int(du.all_reduce_sum(torch.tensor(bad_images)).item())
         elapsed = time.time() - t_epoch
         summary = {
@@ -278,24 +279,11 @@ class Trainer:
         du.barrier()
 
     def evaluate(self, epoch=None):
-        """Retrieval among the TEST images by label: recall@1/5/10 and mAP@R (leave-one-out)."""
-        from metric.retrieval.metrics import labelled_metrics
-
-        t0 = time.time()
-        emb, labels, failed = embed_loader(
-            cp.unwrap(self.model), self.test_loader, self.device, self.amp_dtype, self.channels_last
+        """Retrieval among the TEST images by label (see :mod:`metric.core.evaluator`)."""
+        metrics = evaluate_retrieval(
+            self.model, self.test_loader, self.device, self.amp_dtype, self.channels_last, self.info.is_master
         )
-        total = len(self.test_loader.dataset)
-        emb, labels, failed = (gather_interleaved(a, total) for a in (emb, labels, failed))
-        if not self.info.is_master:
-            return None
-        keep = ~failed
-        metrics = labelled_metrics(emb[keep], labels[keep])
-        metrics.update(num_images=int(keep.sum()), bad_images=int(failed.sum()), time=time.time() - t0)
-        self.stats.write("test_epoch", epoch=None if epoch is None else epoch + 1, **metrics)
-        logger.info(
-            "eval%s: recall@1 %.4f  mAP@R %.4f  (%d images%s)",
-            "" if epoch is None else f" epoch {epoch + 1}", metrics["recall@1"], metrics["mAP@R"],
-            metrics["num_images"], f", {metrics['bad_images']} unreadable, left out" if metrics["bad_images"] else "",
-        )
+        if metrics is not None:
+            self.stats.write("test_epoch", epoch=None if epoch is None else epoch + 1, **metrics)
+            logger.info("eval%s: %s", "" if epoch is None else f" epoch {epoch + 1}", format_metrics(metrics))
         return metrics

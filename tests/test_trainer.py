@@ -1,0 +1,147 @@
+"""End-to-end training on CPU: outputs, resume, DDP, bad images, non-finite loss."""
+
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+
+from metric.core.checkpoint import list_checkpoints, read_checkpoint
+from metric.core.cli import run_tool
+from metric.core.logger import read_stats
+from tests.conftest import run_py, tiny_opts
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _final_state(out_dir):
+    return read_checkpoint(list_checkpoints(out_dir)[-1])
+
+
+def test_training_writes_config_stats_checkpoints(tiny_data, tmp_path):
+    out = str(tmp_path / "run")
+    proc = run_py(["tools/train_metric.py", *tiny_opts(tiny_data, out)], check=True)
+    assert "epoch 2/2" in proc.stdout and "recall@1" in proc.stdout
+    assert os.path.isfile(os.path.join(out, "config.yaml")) and os.path.isfile(os.path.join(out, "log.txt"))
+    stats = os.path.join(out, "stats.jsonl")
+    iters, epochs, tests = (read_stats(stats, k) for k in ("train_iter", "train_epoch", "test_epoch"))
+    assert len(epochs) == 2 and len(tests) == 2 and iters
+    assert {"loss", "lr", "im_per_s", "data_time", "eta"} <= set(iters[0])
+    assert {"recall@1", "recall@5", "recall@10", "mAP@R"} <= set(tests[-1])
+    assert 0.0 <= tests[-1]["mAP@R"] <= 1.0 and tests[-1]["num_images"] == 32
+    state = _final_state(out)
+    assert state["epoch"] == 1 and "OPTIM:" in state["cfg"] and len(state["rng_states"]) == 1
+    assert {"model_state", "optimizer_state", "scaler_state", "scheduler_state"} <= set(state)
+    # A second run with AUTO_RESUME finds the work done and changes nothing.
+    again = run_py(["tools/train_metric.py", *tiny_opts(tiny_data, out)], check=True)
+    assert "training already complete" in again.stdout
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tiny_data, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    extra = {"MODEL.HEADS.DROPOUT": 0.2, "TEST.DATASET": ""}  # dropout: RNG state must be restored
+    run_py(["tools/train_metric.py", *tiny_opts(tiny_data, straight, **extra)], check=True)
+    killer = (
+        "import os, runpy, sys\n"
+        "import metric.core.checkpoint as cp\n"
+        "real = cp.save_checkpoint\n"
+        "def save_then_die(path, state):\n"
+        "    real(path, state)\n"
+        "    os._exit(17)\n"
+        "cp.save_checkpoint = save_then_die\n"
+        "sys.argv = ['train_metric.py'] + sys.argv[1:]\n"
+        "runpy.run_path('tools/train_metric.py', run_name='__main__')\n"
+    )
+    killed = run_py(["-c", killer, *tiny_opts(tiny_data, resumed, **extra)])
+    assert killed.returncode == 17 and len(list_checkpoints(resumed)) == 1
+    proc = run_py(["tools/train_metric.py", *tiny_opts(tiny_data, resumed, **extra)], check=True)
+    assert "resumed from" in proc.stdout
+    a, b = _final_state(straight), _final_state(resumed)
+    for key, value in a["model_state"].items():
+        assert torch.equal(value, b["model_state"][key]), key
+    ma = a["optimizer_state"]["state"]
+    mb = b["optimizer_state"]["state"]
+    assert all(torch.equal(ma[i]["momentum_buffer"], mb[i]["momentum_buffer"]) for i in ma)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "spawn"])
+def test_two_process_training_keeps_ranks_identical(tiny_data, tmp_path, launcher):
+    out = str(tmp_path / launcher)
+    port = _free_port()
+    opts = tiny_opts(tiny_data, out, **{"TRAIN.BATCH_SIZE": 8, "TEST.BATCH_SIZE": 8})
+    if launcher == "torchrun":
+        args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={port}", "tools/train_metric.py", *opts]
+    else:
+        args = ["tools/train_metric.py", *opts, "NUM_GPUS", "2", "HOST", "127.0.0.1", "PORT", str(port)]
+    run_py(args, check=True)
+    final = read_stats(os.path.join(out, "stats.jsonl"), "final")[-1]
+    assert len(final["weights_digests"]) == 2
+    assert final["weights_digests"][0] == final["weights_digests"][1]
+    tests = read_stats(os.path.join(out, "stats.jsonl"), "test_epoch")
+    assert tests[-1]["num_images"] == 32  # both ranks' halves of the test set were gathered
+    assert len(read_stats(os.path.join(out, "stats.jsonl"), "train_epoch")) == 2  # rank 0 writes alone
+
+
+def test_corrupt_jpeg_is_counted_not_fatal(tiny_data, tmp_path):
+    data = str(tmp_path / "with_bad")
+    shutil.copytree(tiny_data, data)
+    with open(os.path.join(data, "img", "broken.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 this is not an image")
+    for name in ("train.txt", "test.txt"):
+        with open(os.path.join(data, name), "a") as f:
+            f.write("img/broken.jpg 2\n")
+    out = str(tmp_path / "run")
+    opts = tiny_opts(data, out, **{"OPTIM.MAX_EPOCH": 3, "TRAIN.BATCH_SIZE": 11})
+    proc = run_py(["tools/train_metric.py", *opts], check=True)
+    stats = os.path.join(out, "stats.jsonl")
+    epochs = read_stats(stats, "train_epoch")
+    # 33 images, 3 batches of 11 per epoch: the bad image is drawn every epoch and replaced.
+    assert [e["bad_images"] for e in epochs] == [1, 1, 1]
+    assert read_stats(stats, "test_epoch")[-1]["bad_images"] == 1
+    assert "cannot decode image" in proc.stdout + proc.stderr
+
+
+def test_non_finite_loss_stops_with_epoch_and_iteration(tiny_data, tmp_path, monkeypatch, capsys):
+    from metric.modeling.losses.classification import CrossEntropy
+
+    calls = {"n": 0}
+    real = CrossEntropy.forward
+
+    def poisoned(self, logits, emb, labels):
+        calls["n"] += 1
+        loss = real(self, logits, emb, labels)
+        return loss * float("nan") if calls["n"] == 6 else loss  # epoch 2, iteration 2
+
+    monkeypatch.setattr(CrossEntropy, "forward", poisoned)
+    import runpy
+
+    main = runpy.run_path("tools/train_metric.py")["main"]
+    out = str(tmp_path / "run")
+    assert run_tool(main, tiny_opts(tiny_data, out, **{"TEST.DATASET": ""})) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: loss became nan at epoch 2, iteration 2")
+    assert [os.path.basename(p) for p in list_checkpoints(out)] == ["model_epoch_0001.pyth"]
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ({"TRAIN.DATASET": "no_such_set"}, ["data set folder not found", "no_such_set"]),
+        ({"MODEL.HEADS.NUM_CLASSES": 3}, ["train.txt:", "label 3 outside [0, 3)"]),
+        ({"TRAIN.BATCH_SIZE": 64}, ["TRAIN.BATCH_SIZE=64", "larger than the training set"]),
+        ({"TRAIN.WEIGHTS": "/no/such/weights.pyth"}, ["weights file not found"]),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tiny_data, tmp_path, extra, words):
+    proc = run_py(["tools/train_metric.py", *tiny_opts(tiny_data, str(tmp_path / "run"), **extra)])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    for w in words:
+        assert w in lines[0]
