@@ -9,7 +9,6 @@ Modes (chosen by the arguments):
 Prints a table; ``--json FILE`` also writes the metrics (fractions in [0, 1]).
 """
 
-import logging
 import sys
 
 from metric.core.cli import make_parser, run_tool
@@ -26,7 +25,6 @@ def main(argv=None):
     parser.add_argument("--index-labels", help="labels of the index store: lines 'NAME LABEL'")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     if args.json:
         check_json_path(args.json)
 

@@ -45,7 +45,8 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet:
+        logging.getLogger().setLevel(logging.WARNING)
     kwargs = {name: getattr(args, name) for name in sizes if getattr(args, name) is not None}
     output = args.output if args.output is not None else default_output()
     summary = make_demo_dataset(output, seed=args.seed, overwrite=args.overwrite, **kwargs)

@@ -9,7 +9,6 @@ import sys
 from metric.core.cli import make_parser, run_tool
 from metric.core.config import load_cfg
 from metric.core.evaluator import evaluate_model, format_metrics
-from metric.core.logger import setup_logging
 
 
 def main(argv=None):
@@ -17,7 +16,6 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
     cfg = load_cfg(args.cfg_file, args.opts)
-    setup_logging()
     metrics = evaluate_model(cfg)
     print(format_metrics(metrics))
     if args.json:

@@ -5,7 +5,6 @@
         --output gallery.html
 """
 
-import logging
 import sys
 
 from metric.core.cli import make_parser, run_tool
@@ -24,7 +23,6 @@ def main(argv=None):
     parser.add_argument("--thumb-size", type=int, default=128, help="thumbnail size in px (default 128)")
     parser.add_argument("--output", required=True, help="HTML file to write")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
 
     path = build_gallery(
         args.results,

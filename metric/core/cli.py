@@ -7,38 +7,57 @@ traceback.
 """
 
 import argparse
+import os
 import sys
 
 from metric.core.errors import MetricError
+from metric.core.logger import setup_logging
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr and exit status 2."""
+    """argparse whose usage errors are one line on stderr and exit status 2.
+
+    With ``config=True`` every token that is not one of the tool's options is collected, in
+    order, as the ``KEY VALUE`` config overrides (``args.opts``), so options may come before,
+    between or after the overrides.
+    """
+
+    takes_config = False
 
     def error(self, message):
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
         sys.exit(EXIT_USER_ERROR)
 
+    def parse_args(self, args=None, namespace=None):
+        if not self.takes_config:
+            return super().parse_args(args, namespace)
+        ns, rest = self.parse_known_args(args, namespace)
+        unknown = [t for t in rest if t.startswith("--")]
+        if unknown:
+            self.error(f"unrecognized option {unknown[0]}")
+        ns.opts = rest
+        return ns
+
 
 def make_parser(description, config=True):
-    """An argument parser; with ``config=True`` it takes ``--cfg FILE`` and trailing ``KEY VALUE`` pairs."""
-    parser = _ArgumentParser(description=description)
+    """An argument parser; with ``config=True`` it takes ``--cfg FILE`` and ``KEY VALUE`` overrides."""
+    parser = _ArgumentParser(
+        description=description,
+        epilog="Config overrides are KEY VALUE pairs, e.g. OPTIM.BASE_LR 0.01 (see docs/CONFIG.md)." if config else None,
+    )
     if config:
+        parser.takes_config = True
         parser.add_argument("--cfg", dest="cfg_file", default=None, help="yaml config file")
-        parser.add_argument(
-            "opts",
-            nargs=argparse.REMAINDER,
-            default=[],
-            help="config overrides as KEY VALUE pairs, e.g. OPTIM.BASE_LR 0.01",
-        )
     return parser
 
 
 def run_tool(main, argv=None):
-    """Run ``main(argv)`` and map its outcome to an exit status."""
+    """Run ``main(argv)`` and map its outcome to an exit status. Logging goes to stdout
+    (warnings and progress; ``main`` may reconfigure it, e.g. to add a log file)."""
+    setup_logging(rank=int(os.environ.get("RANK", "0")))
     try:
         status = main(argv)
     except MetricError as err:

@@ -66,9 +66,16 @@ def init_process(cfg):
     return DistInfo(rank, world, local_rank, device)
 
 
-def cleanup():
+def cleanup(wait=True):
+    """Leave the process group. With ``wait`` (the normal end) every rank first waits for the
+    others: tearing gloo down while a peer still talks to it can abort the process. After an
+    error, ``wait=False`` leaves at once (the launcher stops the other ranks)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _spawned_worker(local_rank, fn, cfg, world):

@@ -21,21 +21,40 @@ def _not_file_only(record):
     return record.name != FILE_ONLY
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time of each record (not the one at setup)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(out_dir=None, rank=0):
     root = logging.getLogger()
     for h in list(root.handlers):
-        root.removeHandler(h)
+        if getattr(h, "pymetric", False):  # ours from an earlier call; leave others' handlers alone
+            root.removeHandler(h)
+            h.close()
     level = logging.INFO if rank == 0 else logging.WARNING
     root.setLevel(level)
     fmt = logging.Formatter(_FORMAT if rank == 0 else f"[rank {rank} %(asctime)s %(name)s] %(message)s", "%H:%M:%S")
-    stream = logging.StreamHandler(sys.stdout)
+    stream = _StdoutHandler()
     stream.setFormatter(fmt)
     stream.addFilter(_not_file_only)
+    stream.pymetric = True
     root.addHandler(stream)
     if out_dir and rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         fh = logging.FileHandler(os.path.join(out_dir, "log.txt"))
         fh.setFormatter(logging.Formatter(_FORMAT))
+        fh.pymetric = True
         root.addHandler(fh)
 
 
