@@ -7,6 +7,10 @@ in the original project), ``model_state``, ``optimizer_state``,
 ``cfg`` (the merged config as yaml) and ``version``. It is written to a temporary
 name and renamed into place, so a kill at any moment leaves the previous
 checkpoint complete. Every read uses ``torch.load(weights_only=True)``.
+
+:func:`load_weights` also takes the original project's checkpoints and ImageNet
+state dicts (torchvision ResNet, ResNeSt, pycls, timm); which one a file is, is
+decided by its content in :mod:`metric.modeling.weights`.
 """
 
 import glob
@@ -107,32 +111,69 @@ def _as_model_keys(state, model_keys):
     return state
 
 
+# Keys of the margin layer; when only their first dimension (the class count) differs, the
+# weights come from training on other classes and the layer is left as initialized.
+CLASSIFIER_PREFIX = "head.classifier."
+
+
+def _class_count_change(key, file_shape, model_shape):
+    return (
+        key.startswith(CLASSIFIER_PREFIX)
+        and len(file_shape) == len(model_shape) >= 1
+        and file_shape[1:] == model_shape[1:]
+    )
+
+
 def load_state(model, state, source="weights"):
-    """Load a state dict into ``model``: missing and unexpected keys are logged by name,
-    a shape mismatch is an error naming the key. Returns ``(missing, unexpected)``."""
+    """Load a state dict into ``model``: missing and unexpected keys are logged by name; a
+    classifier whose class count differs is skipped (logged, reported as missing); any other
+    shape mismatch is an error naming the key. Returns ``(missing, unexpected)``."""
     model = unwrap(model)
     own = model.state_dict()
     state = _as_model_keys(state, own)
     if not any(k in own for k in state):
         raise CheckpointError(f"{source}: none of its {len(state)} keys belong to this model (wrong file or config?)")
+    skipped, bad = [], []
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise CheckpointError(
-                f"{source}: shape mismatch for {key}: file {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-            )
-    missing = sorted(k for k in own if k not in state)
+            (skipped if _class_count_change(key, value.shape, own[key].shape) else bad).append(key)
+    if bad:
+        key = bad[0]
+        more = f" (and {len(bad) - 1} more: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{source}: shape mismatch for {key}: file {tuple(state[key].shape)} vs model {tuple(own[key].shape)}{more}"
+        )
+    if skipped:
+        logger.info(
+            "%s: the classifier was trained on %d classes, this model has %d: %s left as initialized "
+            "(fine-tuning on new classes)", source, state[skipped[0]].shape[0], own[skipped[0]].shape[0],
+            ", ".join(skipped),
+        )
+    loaded = {k: v for k, v in state.items() if k in own and k not in skipped}
+    missing = sorted(k for k in own if k not in loaded)
     unexpected = sorted(k for k in state if k not in own)
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    if missing:
-        logger.warning("%s: %d keys missing (left as initialized): %s", source, len(missing), ", ".join(missing))
+    model.load_state_dict(loaded, strict=False)
+    not_skipped = [k for k in missing if k not in skipped]
+    if not_skipped:
+        logger.warning("%s: %d keys missing (left as initialized): %s", source, len(not_skipped), ", ".join(not_skipped))
     if unexpected:
         logger.warning("%s: %d unexpected keys ignored: %s", source, len(unexpected), ", ".join(unexpected))
     return missing, unexpected
 
 
 def load_weights(model, path):
-    """Load initial weights from a checkpoint of ours / the original project or a bare state dict."""
-    state = model_state_of(read_checkpoint(path), source=path)
+    """Load initial weights into ``model`` (``metric.load_weights``), detecting the file's kind by
+    its content (see :mod:`metric.modeling.weights`): a checkpoint of ours or of the original
+    pymetric project, a bare model or backbone state dict, a torchvision ResNet, a released
+    ResNeSt or a pycls ImageNet state dict, or a timm state dict for a timm backbone.
+    Returns ``(missing, unexpected)`` key lists."""
+    from metric.modeling.weights import convert_state
+
+    if os.path.isdir(path):
+        raise CheckpointError(f"weights path {path} is a folder: name the weights file in it")
+    obj = read_checkpoint(path)
+    state = model_state_of(obj, source=path)
+    fmt, state = convert_state(obj, state, unwrap(model), source=path)
     missing, unexpected = load_state(model, state, source=path)
-    logger.info("loaded weights from %s", path)
+    logger.info("loaded weights from %s (%s)", path, fmt.replace("_", " "))
     return missing, unexpected

@@ -23,15 +23,30 @@ cfg = _C
 _C.MODEL = CfgNode()
 
 # Backbone family. resnet: ResNet/ResNeXt in the pycls layout (depth from MODEL.DEPTH);
-# other names are listed by `python tools/model_info.py --list` (see docs/MODEL_ZOO.md).
+# resnest: ResNeSt (depth from MODEL.DEPTH); resnest50 | resnest101 | resnest200 | resnest269:
+# ResNeSt of that depth (the original project's names); timm: any timm model (MODEL.TIMM.NAME).
+# All names are listed by `python tools/model_info.py --list` (see docs/MODEL_ZOO.md).
 _C.MODEL.TYPE = "resnet"
 
-# Backbone depth (number of layers). resnet: 18 | 34 | 50 | 101 | 152.
+# Backbone depth (number of layers). resnet: 18 | 34 | 50 | 101 | 152. resnest: 50 | 101 | 200 |
+# 269. resnest50..resnest269 take the depth from their name (MODEL.DEPTH must be left at 50 or
+# agree with it). Ignored by timm.
 _C.MODEL.DEPTH = 50
 
 # Number of training classes (legacy alias of MODEL.HEADS.NUM_CLASSES; if only one of the
 # two is changed from its default the other follows; if both are changed they must agree).
 _C.MODEL.NUM_CLASSES = 1000
+
+# timm backbone options (MODEL.TYPE timm; needs the optional package timm: pip install timm).
+_C.MODEL.TIMM = CfgNode()
+
+# timm model name as in timm.list_models(), optionally with a pretrained tag, e.g. resnet50,
+# convnext_tiny, vit_small_patch16_224.augreg_in21k. Required for MODEL.TYPE timm.
+_C.MODEL.TIMM.NAME = ""
+
+# Load timm's pretrained weights when building (downloads them: needs network; offline, set
+# TRAIN.WEIGHTS to a saved timm state dict instead). True | False.
+_C.MODEL.TIMM.PRETRAINED = False
 
 # Head: pooling -> embedding -> margin layer (the classifier used only for training).
 _C.MODEL.HEADS = CfgNode()
@@ -49,7 +64,9 @@ _C.MODEL.HEADS.IN_FEAT = 2048
 # Embedding (descriptor) dimension after the reduction layer. Integer >= 1.
 _C.MODEL.HEADS.REDUCTION_DIM = 512
 
-# Global pooling of the feature map: avgpool | maxpool | gempool (generalized mean, see GEM_P).
+# Global pooling of the feature map: avgpool | maxpool | gempool (generalized mean, see GEM_P) |
+# avgmaxpool (average plus maximum) | identity (no pooling, for backbones that already output a
+# vector [N, C] or [N, C, 1, 1]).
 _C.MODEL.HEADS.POOL_LAYER = "avgpool"
 
 # Initial exponent p of gempool (p=1 is average pooling, large p approaches max pooling). Float > 0.
@@ -64,12 +81,17 @@ _C.MODEL.HEADS.BN_NECK = False
 # Dropout probability applied to the pooled features before the embedding layer. Float in [0, 1).
 _C.MODEL.HEADS.DROPOUT = 0.0
 
-# Margin layer producing training logits: linear | cosface | arcface | circle | curricularface.
-# arcface: cos(theta + m) on the target class; cosface: cos(theta) - m; circle: the
-# classification form of Circle loss (margin m, scale s); linear: plain dot product.
+# Margin layer producing training logits: linear | cosface | arcface | circle | curricularface |
+# subcenter_arcface | adacos. arcface: cos(theta + m) on the target class (additive angular
+# margin); cosface: cos(theta) - m; circle: the classification form of Circle loss (margin m,
+# scale s); curricularface: arcface's target logit plus adaptive re-weighting of hard negatives
+# (the original pymetric project's "arcface"); subcenter_arcface: arcface on the best of
+# SUBCENTERS centers per class; adacos: s * cos(theta), no margin, scale from ADACOS_MODE;
+# linear: plain dot product. See docs/MODEL_ZOO.md.
 _C.MODEL.HEADS.CLS_LAYER = "linear"
 
-# Margin m of the margin layer (radians for arcface). Float >= 0.
+# Margin m of the margin layer (radians for arcface, subcenter_arcface and curricularface).
+# MARGIN_SCHEDULE and DYNAMIC_MARGIN change it during training. Float >= 0.
 _C.MODEL.HEADS.MARGIN = 0.15
 
 # Logit scale s of the cosine margin layers. Float > 0.
@@ -78,14 +100,97 @@ _C.MODEL.HEADS.SCALE = 30.0
 # arcface only: use the "easy margin" variant (no margin where cos(theta) < 0). True | False.
 _C.MODEL.HEADS.EASY_MARGIN = False
 
+# subcenter_arcface only: number K of sub-centers per class (the classifier weight is
+# [NUM_CLASSES * K, REDUCTION_DIM]). Integer >= 1.
+_C.MODEL.HEADS.SUBCENTERS = 3
+
+# adacos only: adaptive (the scale is re-estimated from every training batch, starting at
+# sqrt(2) ln(NUM_CLASSES - 1)) | fixed (the scale stays sqrt(2) ln(NUM_CLASSES - 1)). SCALE is
+# not used by adacos; it needs NUM_CLASSES >= 3.
+_C.MODEL.HEADS.ADACOS_MODE = "adaptive"
+
+# Per-class margins from the class frequency (arcface | cosface | subcenter_arcface |
+# curricularface): class c with n_c training images gets m_c = a * x_c + b, x_c = n_c ^ -LAMBDA
+# (see DYNAMIC_MARGIN_NORMALIZE), replacing MARGIN. The counts come from the training list.
+# True | False.
+_C.MODEL.HEADS.DYNAMIC_MARGIN = False
+
+# Dynamic margins: a. With DYNAMIC_MARGIN_NORMALIZE True it is the margin range (the rarest class
+# gets a + b). Float >= 0.
+_C.MODEL.HEADS.DYNAMIC_MARGIN_A = 0.45
+
+# Dynamic margins: b. With DYNAMIC_MARGIN_NORMALIZE True it is the smallest margin (the most
+# frequent class gets b). Float >= 0.
+_C.MODEL.HEADS.DYNAMIC_MARGIN_B = 0.05
+
+# Dynamic margins: exponent LAMBDA of n_c ^ -LAMBDA (0.25 in the Google Landmark 2020 recipe).
+# Float > 0.
+_C.MODEL.HEADS.DYNAMIC_MARGIN_LAMBDA = 0.25
+
+# Dynamic margins: True (the published recipe) min-max scales x_c = n_c ^ -LAMBDA over the classes
+# to [0, 1] before m_c = a * x_c + b, so margins span [b, a + b]; False uses m_c = a * n_c ^ -LAMBDA
+# + b as it stands. True | False.
+_C.MODEL.HEADS.DYNAMIC_MARGIN_NORMALIZE = True
+
+# Margin by epoch: a list of [epoch, margin] pairs, epochs 0-based (as OPTIM.STEPS), strictly
+# ascending, the first at 0, e.g. [[0, 0.1], [10, 0.2], [20, 0.3]]; [] keeps MARGIN. Set at every epoch
+# start. With DYNAMIC_MARGIN every class margin is scaled by (scheduled margin / MARGIN).
+_C.MODEL.HEADS.MARGIN_SCHEDULE = []
+
+# How MARGIN_SCHEDULE is read between its epochs: step (the margin of the last pair reached) |
+# linear (interpolated between neighbouring pairs; the last margin after the last pair).
+_C.MODEL.HEADS.MARGIN_SCHEDULE_MODE = "step"
+
 # Losses applied to the head's outputs.
 _C.MODEL.LOSSES = CfgNode()
 
-# Loss function: cross_entropy (softmax cross entropy on the margin layer's logits).
-_C.MODEL.LOSSES.NAME = "cross_entropy"
+# Losses, summed with their SCALEs: a list of names (a single name is read as a one-element list)
+# from cross_entropy (softmax cross entropy on the margin layer's logits; options under
+# MODEL.LOSSES.CE) | triplet (on the embeddings within the batch; MODEL.LOSSES.TRIPLET) | circle
+# (pairwise Circle loss within the batch; MODEL.LOSSES.CIRCLE). The pairwise losses need
+# positives in the batch: use TRAIN.SAMPLER pk. E.g. [cross_entropy, triplet].
+_C.MODEL.LOSSES.NAME = ["cross_entropy"]
 
 # Label smoothing of cross_entropy. Float in [0, 1).
 _C.MODEL.LOSSES.LABEL_SMOOTHING = 0.0
+
+# Cross entropy options.
+_C.MODEL.LOSSES.CE = CfgNode()
+
+# Weight of cross_entropy in the total loss. Float >= 0.
+_C.MODEL.LOSSES.CE.SCALE = 1.0
+
+# Triplet loss options (distances between the embeddings of a batch).
+_C.MODEL.LOSSES.TRIPLET = CfgNode()
+
+# Margin of relu(d_p - d_n + MARGIN); not used with SOFT_MARGIN. Float >= 0.
+_C.MODEL.LOSSES.TRIPLET.MARGIN = 0.3
+
+# Use the soft margin softplus(d_p - d_n) instead of MARGIN. True | False.
+_C.MODEL.LOSSES.TRIPLET.SOFT_MARGIN = False
+
+# True: batch-hard mining (farthest positive, nearest negative of every anchor); False:
+# soft-weighted mining (softmax-weighted mean distance to the positives and to the negatives).
+_C.MODEL.LOSSES.TRIPLET.HARD_MINING = True
+
+# Measure distances between L2-normalized embeddings (True) or the raw ones (False).
+_C.MODEL.LOSSES.TRIPLET.NORM_FEAT = True
+
+# Weight of triplet in the total loss. Float >= 0.
+_C.MODEL.LOSSES.TRIPLET.SCALE = 1.0
+
+# Pairwise Circle loss options (cosine similarities between the embeddings of a batch).
+_C.MODEL.LOSSES.CIRCLE = CfgNode()
+
+# Relaxation margin m (positive similarities are pushed above 1 - m, negative ones below m).
+# Float >= 0.
+_C.MODEL.LOSSES.CIRCLE.MARGIN = 0.25
+
+# Scale factor gamma. Float > 0.
+_C.MODEL.LOSSES.CIRCLE.GAMMA = 128.0
+
+# Weight of circle in the total loss. Float >= 0.
+_C.MODEL.LOSSES.CIRCLE.SCALE = 1.0
 
 # ---------------------------------------------------------------------------- #
 # ResNet options (pycls layout)
@@ -201,6 +306,15 @@ _C.TRAIN.SPLIT = "train_list.txt"
 # Integer >= 1.
 _C.TRAIN.BATCH_SIZE = 128
 
+# How training batches are drawn: random (shuffled images) | pk (P classes x K images per batch,
+# K = TRAIN.NUM_INSTANCES, P = per-process batch / K; for the pairwise losses). With pk the
+# per-process batch (BATCH_SIZE / processes) must be a multiple of NUM_INSTANCES with P >= 2.
+_C.TRAIN.SAMPLER = "random"
+
+# pk sampler: images per class in a batch (K); a class with fewer images repeats some.
+# Integer >= 1.
+_C.TRAIN.NUM_INSTANCES = 4
+
 # Training crop size in pixels (square). Integer >= 8.
 _C.TRAIN.IM_SIZE = 224
 
@@ -250,8 +364,9 @@ _C.TEST.SPLIT = "val_list.txt"
 # Total test batch size over all processes. Integer >= 1.
 _C.TEST.BATCH_SIZE = 200
 
-# Test images are resized so the shorter side is TEST.IM_SIZE, then center-cropped to
-# TRAIN.IM_SIZE. Integer >= 8.
+# Evaluation during training: test images are resized so the shorter side is TEST.IM_SIZE, then
+# center-cropped to TRAIN.IM_SIZE. Feature extraction and export: the longer side becomes
+# TEST.IM_SIZE (times each of INFER.SCALES), aspect ratio kept. Integer >= 8.
 _C.TEST.IM_SIZE = 256
 
 # Weights used by the evaluation and extraction tools ("" = random initialization).
@@ -290,6 +405,37 @@ _C.INFER.TOTAL_NUM = 1
 
 # Which shard to extract, 1-based (1 <= CUT_NUM <= TOTAL_NUM).
 _C.INFER.CUT_NUM = 1
+
+# What to extract: a list file (one image path per line, relative to the list's folder, an
+# optional label after it is ignored) or a folder searched recursively for images.
+_C.INFER.INPUT = ""
+
+# Output feature store folder (embeddings.npy, ids.txt, meta.json).
+_C.INFER.OUTPUT = ""
+
+# Image ids: stem (file name without extension, the Kaggle convention) | relpath (path relative
+# to the input, without extension).
+_C.INFER.ID_MODE = "stem"
+
+# Image scales relative to TEST.IM_SIZE (the longer side), e.g. [0.7071, 1.0, 1.4142]. Numbers > 0.
+_C.INFER.SCALES = [1.0]
+
+# Also describe the horizontally flipped image and combine it like another scale. True | False.
+_C.INFER.FLIP = False
+
+# How the L2-normalized descriptors of the scales (and flips) are combined before the final L2
+# normalization: gem (signed power mean with exponent INFER.MULTISCALE_P) | mean.
+_C.INFER.MULTISCALE_POOL = "gem"
+
+# Exponent of the gem combination of scales. Float > 0.
+_C.INFER.MULTISCALE_P = 3.0
+
+# Center-crop a square of the scaled size instead of keeping the whole image (the retrieval
+# default keeps the aspect ratio and the whole image). True | False.
+_C.INFER.CENTER_CROP = False
+
+# Mixed precision of extraction on CUDA: none | bf16 | fp16. Ignored on CPU.
+_C.INFER.MIXED_PRECISION = "none"
 
 # ---------------------------------------------------------------------------- #
 # Misc
@@ -350,9 +496,14 @@ _LIST_ELEMENT_TYPES = {
     "OPTIM.STEPS": (int, float),
     "OPTIM.BETAS": (float,),
     "TRAIN.CROP_SCALE": (float,),
+    "INFER.SCALES": (float,),
 }
 
+# List-valued keys whose elements are [number, number] pairs.
+_PAIR_LIST_KEYS = ("MODEL.HEADS.MARGIN_SCHEDULE",)
+
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
+RESNEST_DEPTHS = (50, 101, 200, 269)
 
 
 def get_cfg():
@@ -415,10 +566,34 @@ def _coerce_scalar(key, value, want):
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(want)}")
 
 
+def _coerce_pair(key, item):
+    if isinstance(item, (list, tuple)) and len(item) == 2:
+        return [x if type(x) in (int, float) else _coerce_scalar(f"{key} element", x, float) for x in item]
+    raise ConfigError(f"{key} element {item!r} has the wrong type: expected a pair [number, number]")
+
+
+def _names_from_text(key, text):
+    """``"name"`` -> ``["name"]``; ``"[a, b]"`` (unquoted names, as in yaml) -> ``["a", "b"]``."""
+    if not text.strip().startswith("["):
+        return [text]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}={text!r} has the wrong type: expected a name or a list of names, e.g. [a, b]")
+    return value
+
+
 def _coerce(key, value, default):
     if isinstance(default, (list, tuple)):
         if isinstance(value, tuple):
             value = list(value)
+        if isinstance(value, str) and default and isinstance(default[0], str):
+            # a list of names also takes a single name, and "[a, b]" from the command line
+            value = _names_from_text(key, value)
+        if key in _PAIR_LIST_KEYS and isinstance(value, list):
+            return [_coerce_pair(key, item) for item in value]
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} has the wrong type: expected a list, e.g. {list(default) or [1]}")
         types = _LIST_ELEMENT_TYPES.get(key)
@@ -614,7 +789,21 @@ _RULES = {
     "MODEL.HEADS.DROPOUT": _PROB,
     "MODEL.HEADS.MARGIN": _NONNEG,
     "MODEL.HEADS.SCALE": _POS,
+    "MODEL.HEADS.SUBCENTERS": _ONE_UP,
+    "MODEL.HEADS.ADACOS_MODE": _choices("adaptive", "fixed"),
+    "MODEL.HEADS.DYNAMIC_MARGIN_A": _NONNEG,
+    "MODEL.HEADS.DYNAMIC_MARGIN_B": _NONNEG,
+    "MODEL.HEADS.DYNAMIC_MARGIN_LAMBDA": _POS,
+    "MODEL.HEADS.MARGIN_SCHEDULE_MODE": _choices("step", "linear"),
     "MODEL.LOSSES.LABEL_SMOOTHING": _PROB,
+    "MODEL.LOSSES.CE.SCALE": _NONNEG,
+    "MODEL.LOSSES.TRIPLET.MARGIN": _NONNEG,
+    "MODEL.LOSSES.TRIPLET.SCALE": _NONNEG,
+    "MODEL.LOSSES.CIRCLE.MARGIN": _NONNEG,
+    "MODEL.LOSSES.CIRCLE.GAMMA": _POS,
+    "MODEL.LOSSES.CIRCLE.SCALE": _NONNEG,
+    "TRAIN.SAMPLER": _choices("random", "pk"),
+    "TRAIN.NUM_INSTANCES": _ONE_UP,
     "RESNET.TRANS_FUN": _choices("auto", "basic_transform", "bottleneck_transform"),
     "RESNET.NUM_GROUPS": _ONE_UP,
     "RESNET.WIDTH_PER_GROUP": _ONE_UP,
@@ -646,6 +835,10 @@ _RULES = {
     "DATA_LOADER.NUM_WORKERS": _NONNEG,
     "INFER.TOTAL_NUM": _ONE_UP,
     "INFER.CUT_NUM": _ONE_UP,
+    "INFER.ID_MODE": _choices("stem", "relpath"),
+    "INFER.MULTISCALE_POOL": _choices("gem", "mean"),
+    "INFER.MULTISCALE_P": _POS,
+    "INFER.MIXED_PRECISION": _choices("none", "bf16", "fp16"),
     "NUM_GPUS": _ONE_UP,
     "RNG_SEED": _NONNEG,
     "LOG_PERIOD": _ONE_UP,
@@ -679,6 +872,54 @@ def _fail(key, value, allowed):
     raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
 
 
+def _validate_backbone(c):
+    """ResNeSt depths (both spellings of the type) and the timm model name."""
+    t, depth = c.MODEL.TYPE, c.MODEL.DEPTH
+    if t == "resnest" and depth not in RESNEST_DEPTHS:
+        _fail("MODEL.DEPTH", depth, "one of " + " | ".join(map(str, RESNEST_DEPTHS)) + " for MODEL.TYPE resnest")
+    named = t[len("resnest"):] if t.startswith("resnest") else ""
+    if named.isdigit() and depth not in (int(named), _DEFAULTS.MODEL.DEPTH):
+        _fail("MODEL.DEPTH", depth, f"{named} (or left out) for MODEL.TYPE {t}")
+    if t == "timm" and not c.MODEL.TIMM.NAME:
+        _fail("MODEL.TIMM.NAME", "", "a timm model name for MODEL.TYPE timm, e.g. resnet50 or convnext_tiny")
+
+
+# Margin layers that take per-class margins, and those with a margin to schedule.
+DYNAMIC_MARGIN_LAYERS = ("arcface", "cosface", "subcenter_arcface", "curricularface")
+SCHEDULED_MARGIN_LAYERS = DYNAMIC_MARGIN_LAYERS + ("circle",)
+
+
+def _validate_heads_losses(c):
+    """Dynamic margins, the margin schedule, AdaCos, the list of losses and the pk sampler."""
+    h, losses = c.MODEL.HEADS, c.MODEL.LOSSES
+    if h.DYNAMIC_MARGIN and h.CLS_LAYER not in DYNAMIC_MARGIN_LAYERS:
+        _fail("MODEL.HEADS.DYNAMIC_MARGIN", True,
+              f"False for MODEL.HEADS.CLS_LAYER {h.CLS_LAYER} (per-class margins: {' | '.join(DYNAMIC_MARGIN_LAYERS)})")
+    schedule = [list(pair) for pair in h.MARGIN_SCHEDULE]
+    if schedule:
+        epochs = [e for e, _ in schedule]
+        if epochs[0] != 0 or any(b <= a for a, b in zip(epochs, epochs[1:])) or any(m < 0 for _, m in schedule):
+            _fail("MODEL.HEADS.MARGIN_SCHEDULE", schedule,
+                  "[[epoch, margin], ...] with epochs strictly ascending from 0 and margins >= 0, "
+                  "e.g. [[0, 0.1], [10, 0.2], [20, 0.3]]")
+        if h.CLS_LAYER not in SCHEDULED_MARGIN_LAYERS:
+            _fail("MODEL.HEADS.MARGIN_SCHEDULE", schedule,
+                  f"[] for MODEL.HEADS.CLS_LAYER {h.CLS_LAYER} (it has no margin; margins: "
+                  f"{' | '.join(SCHEDULED_MARGIN_LAYERS)})")
+        if h.DYNAMIC_MARGIN and h.MARGIN <= 0:
+            _fail("MODEL.HEADS.MARGIN", h.MARGIN,
+                  "> 0 with DYNAMIC_MARGIN and MARGIN_SCHEDULE (class margins are scaled by scheduled / MARGIN)")
+    if h.CLS_LAYER == "adacos" and h.NUM_CLASSES < 3:
+        _fail("MODEL.HEADS.NUM_CLASSES", h.NUM_CLASSES, ">= 3 for MODEL.HEADS.CLS_LAYER adacos")
+    names = list(losses.NAME)
+    if not names or len(set(names)) != len(names):
+        _fail("MODEL.LOSSES.NAME", names, "a non-empty list of different loss names, e.g. [cross_entropy, triplet]")
+    k = c.TRAIN.NUM_INSTANCES
+    if c.TRAIN.SAMPLER == "pk" and (c.TRAIN.BATCH_SIZE % k or c.TRAIN.BATCH_SIZE // k < 2):
+        _fail("TRAIN.BATCH_SIZE", c.TRAIN.BATCH_SIZE,
+              f"a multiple of TRAIN.NUM_INSTANCES={k} holding at least 2 classes (>= {2 * k}) for TRAIN.SAMPLER pk")
+
+
 def validate(c):
     """Check allowed sets, ranges and cross-key constraints; raise ConfigError on the first problem."""
     for key, (ok, allowed) in _RULES.items():
@@ -687,12 +928,17 @@ def validate(c):
             _fail(key, value, allowed)
     for key, registry in _registry_rules().items():
         value = _get(c, key)
-        if value not in registry:
-            hint = difflib.get_close_matches(str(value), registry.names(), n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            _fail(key, value, "one of " + " | ".join(registry.names()) + extra)
+        for name in value if isinstance(value, list) else [value]:  # MODEL.LOSSES.NAME is a list
+            if name not in registry:
+                hint = difflib.get_close_matches(str(name), registry.names(), n=1)
+                extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+                _fail(key, name, "one of " + " | ".join(registry.names()) + extra)
     if c.MODEL.TYPE == "resnet" and c.MODEL.DEPTH not in RESNET_DEPTHS:
         _fail("MODEL.DEPTH", c.MODEL.DEPTH, "one of " + " | ".join(map(str, RESNET_DEPTHS)) + " for MODEL.TYPE resnet")
+    _validate_backbone(c)
+    _validate_heads_losses(c)
+    if not c.INFER.SCALES or not all(s > 0 for s in c.INFER.SCALES):
+        _fail("INFER.SCALES", list(c.INFER.SCALES), "a non-empty list of numbers > 0, e.g. [0.7071, 1.0, 1.4142]")
     if c.INFER.CUT_NUM > c.INFER.TOTAL_NUM:
         _fail("INFER.CUT_NUM", c.INFER.CUT_NUM, f"1..INFER.TOTAL_NUM ({c.INFER.TOTAL_NUM})")
     steps = c.OPTIM.STEPS

@@ -26,6 +26,7 @@ from metric.core.optimizer import build_optimizer, build_scheduler
 from metric.core.rng import get_rng_state, seed_everything, set_rng_state
 from metric.datasets.loader import build_test_loader, build_train_loader, test_items, train_items
 from metric.modeling import build_loss, build_model
+from metric.modeling.builders import apply_dynamic_margins, apply_margin_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,13 @@ def train_model(cfg):
 
 def _train_process(cfg):
     info = du.init_process(cfg)
+    done = False
     try:
-        return Trainer(cfg, info).fit()
+        result = Trainer(cfg, info).fit()
+        done = True
+        return result
     finally:
-        du.cleanup()
+        du.cleanup(wait=done)
 
 
 def _amp_dtype(cfg, device):
@@ -88,6 +92,9 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.loss_fn = build_loss(cfg).to(self.device)
+        margins = apply_dynamic_margins(cfg, model.head, self.train_loader.dataset.labels)
+        if margins is not None:
+            logger.info("dynamic margins from the class counts: %.4f to %.4f", float(margins.min()), float(margins.max()))
         self.optimizer = build_optimizer(cfg, model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.start_epoch = self._resume_or_load()
@@ -100,8 +107,10 @@ class Trainer:
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids)
-        n_params = sum(p.numel() for p in model.parameters())
-        logger.info("model: %s, %.2fM parameters", cfg.MODEL.TYPE, n_params / 1e6)
+        from metric.modeling.complexity import format_complexity, model_complexity
+
+        logger.info("model: %s, %s at %d px", cfg.MODEL.TYPE,
+                    format_complexity(model_complexity(model, cfg.TRAIN.IM_SIZE)), cfg.TRAIN.IM_SIZE)
 
     # -- setup helpers -------------------------------------------------------
     def _log_environment(self):
@@ -173,13 +182,18 @@ class Trainer:
     def _step(self, images, labels):
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits, emb = self.model(images, labels)
-            loss = self.loss_fn(logits, emb, labels)
-        return loss
+            loss, parts = self.loss_fn(logits, emb, labels)
+        return loss, parts
 
     def train_epoch(self, epoch):
         cfg, loader = self.cfg, self.train_loader
         loader.sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
+        margin = apply_margin_schedule(cfg, cp.unwrap(self.model).head, epoch)
+        if margin is not None:
+            logger.info("epoch %d: margin %.4f (MODEL.HEADS.MARGIN_SCHEDULE)", epoch + 1, margin)
+        names = self.loss_fn.names
+        part_sums, win_parts = [0.0] * len(names), [0.0] * len(names)
         self.model.train()
         n_iters, total_iters = self.iters_per_epoch, self.iters_per_epoch * cfg.OPTIM.MAX_EPOCH
         world = self.info.world_size
@@ -193,8 +207,9 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            loss = self._step(images, labels)
-            loss_mean = du.all_reduce_mean(loss.detach().float()).item()
+            loss, parts = self._step(images, labels)
+            values = torch.stack([loss.detach().float()] + [parts[n].detach().float() for n in names])
+            loss_mean, *part_means = du.all_reduce_mean(values).tolist()
             if not torch.isfinite(torch.tensor(loss_mean)):
                 raise TrainingError(
                     f"loss became {loss_mean} at epoch {epoch + 1}, iteration {it + 1}; stopping "
@@ -213,6 +228,8 @@ class Trainer:
             bad_images += int(failed.sum())
             seen += images.shape[0] * world
             loss_sum += loss_mean
+            part_sums = [a + b for a, b in zip(part_sums, part_means)]
+            win_parts = [a + b for a, b in zip(win_parts, part_means)]
             self._iters_done += 1
             now = time.time()
             win_loss, win_n, win_data, win_time = win_loss + loss_mean, win_n + 1, win_data + t_data, win_time + now - t_last
@@ -231,6 +248,9 @@ class Trainer:
                     "iter_time": win_time / win_n,
                     "eta": format_seconds(avg_iter * (total_iters - done)),
                 }
+                stats.update({f"loss_{n}": v / win_n for n, v in zip(names, win_parts)})
+                if margin is not None:
+                    stats["margin"] = margin
                 if self.device.type == "cuda":
                     stats["mem_mb"] = int(torch.cuda.max_memory_allocated(self.device) / 2**20)
                 self.stats.write("train_iter", **stats)
@@ -240,6 +260,7 @@ class Trainer:
                     stats["im_per_s"], stats["data_time"], stats["eta"],
                 )
                 win_loss, win_n, win_data, win_time = 0.0, 0, 0.0, 0.0
+                win_parts = [0.0] * len(names)
         du.average_buffers(cp.unwrap(self.model))
         bad_images = int(du.all_reduce_sum(torch.tensor(bad_images)).item())
         elapsed = time.time() - t_epoch
@@ -251,6 +272,9 @@ class Trainer:
             "time": elapsed,
             "bad_images": bad_images,
         }
+        summary.update({f"loss_{n}": v / n_iters for n, v in zip(names, part_sums)})
+        if margin is not None:
+            summary["margin"] = margin
         self.stats.write("train_epoch", **summary)
         logger.info(
             "epoch %d done: loss %.4f  %.1f im/s  %.1fs%s", epoch + 1, summary["loss"], summary["im_per_s"],

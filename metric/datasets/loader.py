@@ -1,5 +1,6 @@
 """Data loaders for training and evaluation, aware of the process group."""
 
+import logging
 from collections import Counter
 
 import torch
@@ -8,7 +9,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from metric.core.errors import ConfigError, DataError
 from metric.datasets.dataset import ListDataset
 from metric.datasets.listfile import dataset_list_path, read_list
+from metric.datasets.samplers import PKSampler
 from metric.datasets.transforms import EvalTransform, TrainTransform
+
+logger = logging.getLogger(__name__)
 
 
 class ShardSampler(Sampler):
@@ -60,7 +64,8 @@ def test_items(cfg):
 
 
 def build_train_loader(cfg, rank=0, world_size=1, items=None):
-    """Shuffled, sharded over ranks (``sampler.set_epoch`` reshuffles), last partial batch dropped."""
+    """Shuffled, sharded over ranks (``sampler.set_epoch`` reshuffles), last partial batch dropped;
+    with TRAIN.SAMPLER pk, batches of P classes x K images (:class:`PKSampler`)."""
     items = train_items(cfg) if items is None else items
     batch = _per_process_batch(cfg.TRAIN.BATCH_SIZE, world_size, "TRAIN.BATCH_SIZE")
     transform = TrainTransform(cfg.TRAIN.IM_SIZE, cfg.TRAIN.CROP_SCALE, cfg.TRAIN.FLIP, cfg.TRAIN.COLOR_JITTER)
@@ -69,8 +74,34 @@ def build_train_loader(cfg, rank=0, world_size=1, items=None):
         raise ConfigError(
             f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE} is larger than the training set ({len(dataset)} images)"
         )
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.RNG_SEED)
+    if cfg.TRAIN.SAMPLER == "pk":
+        sampler = _pk_sampler(cfg, dataset, batch, rank, world_size)
+    else:
+        pairwise = sorted(set(cfg.MODEL.LOSSES.NAME) & {"triplet", "circle"})
+        if pairwise:
+            logger.warning("MODEL.LOSSES.NAME has %s but TRAIN.SAMPLER is random: batches may hold few positive "
+                           "pairs; TRAIN.SAMPLER pk draws P classes x K images", ", ".join(pairwise))
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.RNG_SEED)
     return _loader(dataset, batch, sampler, cfg, drop_last=True, seed=cfg.RNG_SEED)
+
+
+def _pk_sampler(cfg, dataset, batch, rank, world_size):
+    """P x K batches (TRAIN.SAMPLER pk): K = TRAIN.NUM_INSTANCES, P = per-process batch / K."""
+    k = cfg.TRAIN.NUM_INSTANCES
+    if batch % k or batch // k < 2:
+        raise ConfigError(
+            f"TRAIN.SAMPLER pk: TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE} gives {batch} images per process "
+            f"({world_size} process(es)), which must be a multiple of TRAIN.NUM_INSTANCES={k} with at least "
+            f"2 classes per batch; set TRAIN.BATCH_SIZE to a multiple of {k * world_size} that is at least "
+            f"{2 * k * world_size}"
+        )
+    sampler = PKSampler(dataset.labels, batch, k, num_replicas=world_size, rank=rank, seed=cfg.RNG_SEED)
+    if len(sampler) == 0:
+        raise ConfigError(
+            f"TRAIN.SAMPLER pk: the training set ({len(sampler.classes)} classes) cannot fill one batch of "
+            f"{batch // k} classes x {k} images per process; lower TRAIN.BATCH_SIZE"
+        )
+    return sampler
 
 
 def build_test_loader(cfg, rank=0, world_size=1, items=None):

@@ -3,6 +3,8 @@
 import torch
 
 from metric.core.errors import ConfigError
+from metric.modeling.layers.margin_policy import dynamic_margins, scheduled_margin
+from metric.modeling.losses.combined import CombinedLoss
 from metric.modeling.model import MetricModel
 from metric.modeling.registries import BACKBONES, HEADS, LOSSES
 
@@ -39,4 +41,44 @@ def build_model(cfg):
 
 
 def build_loss(cfg):
-    return LOSSES.get(cfg.MODEL.LOSSES.NAME).from_config(cfg)
+    """A :class:`CombinedLoss` of the losses in ``MODEL.LOSSES.NAME``, each with its
+    ``MODEL.LOSSES.<KEY>.SCALE``; called as ``loss(logits, embeddings, labels)`` it returns
+    ``(total, {name: unscaled value})``."""
+    names = cfg.MODEL.LOSSES.NAME
+    parts = []
+    for name in [names] if isinstance(names, str) else names:
+        loss_cls = LOSSES.get(name)
+        parts.append((name, loss_cls.from_config(cfg), cfg.MODEL.LOSSES[loss_cls.cfg_key].SCALE))
+    return CombinedLoss(parts)
+
+
+# -- margins that change during training (applied by the trainer) ---------------------------
+
+def class_counts(labels, num_classes):
+    """Number of images of each class in a list of labels: a LongTensor [num_classes]."""
+    return torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes)
+
+
+def apply_dynamic_margins(cfg, head, labels):
+    """With ``MODEL.HEADS.DYNAMIC_MARGIN``, give the margin layer per-class margins from the
+    class frequencies of ``labels`` (the training list). Returns the margins or None."""
+    h = cfg.MODEL.HEADS
+    if not h.DYNAMIC_MARGIN:
+        return None
+    counts = class_counts(labels, h.NUM_CLASSES)
+    margins = dynamic_margins(
+        counts, h.DYNAMIC_MARGIN_A, h.DYNAMIC_MARGIN_B, h.DYNAMIC_MARGIN_LAMBDA, h.DYNAMIC_MARGIN_NORMALIZE
+    )
+    head.classifier.set_class_margins(margins)
+    return margins
+
+
+def apply_margin_schedule(cfg, head, epoch):
+    """With ``MODEL.HEADS.MARGIN_SCHEDULE``, set the margin layer's margin for (0-based) ``epoch``
+    and return it; without a schedule return None."""
+    h = cfg.MODEL.HEADS
+    if not h.MARGIN_SCHEDULE:
+        return None
+    margin = scheduled_margin(h.MARGIN_SCHEDULE, epoch, h.MARGIN_SCHEDULE_MODE)
+    head.classifier.set_margin(margin)
+    return margin

@@ -1,8 +1,8 @@
 """LinearHead: pooling -> embedding (Linear, optional BN neck) -> margin layer.
 
 State-dict keys follow the original project: ``pool_layer.p`` (GeM),
-``embedding_layer.weight``, ``classifier.weight`` (+ ``classifier.t`` for layers
-with extra state).
+``embedding_layer.weight``, ``classifier.weight`` (+ ``classifier.t`` for
+CurricularFace, ``classifier.scale`` for AdaCos).
 """
 
 import torch.nn as nn
@@ -32,8 +32,9 @@ class LinearHead(nn.Module):
         self.in_feat, self.embedding_dim, self.num_classes = in_feat, embedding_dim, num_classes
 
     def embed(self, feature_map):
-        """Feature map [N, C, H, W] -> embedding [N, D] (not L2-normalized)."""
-        x = self.dropout(self.pool_layer(feature_map))
+        """Feature map [N, C, H, W] (or a vector [N, C] with ``identity`` pooling) -> embedding
+        [N, D] (not L2-normalized)."""
+        x = self.dropout(self.pool_layer(feature_map).flatten(1))
         x = self.embedding_layer(x)
         return self.bn_neck(x) if self.bn_neck is not None else x
 
@@ -50,6 +51,7 @@ class LinearHead(nn.Module):
         pool = POOL_LAYERS.get(h.POOL_LAYER)
         pool_layer = pool(p=h.GEM_P, learn_p=h.GEM_LEARN_P) if h.POOL_LAYER == "gempool" else pool()
         classifier = MARGIN_LAYERS.get(h.CLS_LAYER)(
-            h.REDUCTION_DIM, h.NUM_CLASSES, scale=h.SCALE, margin=h.MARGIN, easy_margin=h.EASY_MARGIN
+            h.REDUCTION_DIM, h.NUM_CLASSES, scale=h.SCALE, margin=h.MARGIN, easy_margin=h.EASY_MARGIN,
+            subcenters=h.SUBCENTERS, adaptive=h.ADACOS_MODE == "adaptive",
         )
         return cls(in_feat, h.REDUCTION_DIM, h.NUM_CLASSES, pool_layer, classifier, h.BN_NECK, h.DROPOUT)

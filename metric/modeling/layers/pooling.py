@@ -1,9 +1,13 @@
-"""Global pooling layers: feature map [N, C, H, W] -> [N, C]."""
+"""Global pooling layers: feature map [N, C, H, W] -> [N, C].
+
+``identity`` passes through backbones that already output a vector ([N, C] or [N, C, 1, 1]).
+"""
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from metric.core.errors import ConfigError
 from metric.modeling.registries import POOL_LAYERS
 
 
@@ -17,6 +21,29 @@ class AvgPool(nn.Module):
 class MaxPool(nn.Module):
     def forward(self, x):
         return x.amax(dim=(2, 3))
+
+
+@POOL_LAYERS.register("avgmaxpool")
+class AvgMaxPool(nn.Module):
+    """Average plus maximum over the spatial positions (same number of channels)."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) + x.amax(dim=(2, 3))
+
+
+@POOL_LAYERS.register("identity")
+class IdentityPool(nn.Module):
+    """No pooling, for backbones that output a vector: [N, C] stays, [N, C, 1, 1] -> [N, C]."""
+
+    def forward(self, x):
+        if x.dim() == 2:
+            return x
+        if x.dim() == 4 and x.shape[2] == x.shape[3] == 1:
+            return x.flatten(1)
+        raise ConfigError(
+            f"MODEL.HEADS.POOL_LAYER identity needs backbone outputs of shape [N, C] or [N, C, 1, 1], got "
+            f"{list(x.shape)}; choose avgpool, maxpool, gempool or avgmaxpool for feature maps"
+        )
 
 
 @POOL_LAYERS.register("gempool")

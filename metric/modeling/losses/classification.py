@@ -10,6 +10,9 @@ from metric.modeling.registries import LOSSES
 class CrossEntropy(nn.Module):
     """Softmax cross entropy with optional label smoothing; ``forward(logits, embeddings, labels)``."""
 
+    uses_logits = True
+    cfg_key = "CE"  # its options and SCALE live under MODEL.LOSSES.CE
+
     def __init__(self, label_smoothing=0.0):
         super().__init__()
         self.label_smoothing = label_smoothing
