@@ -17,3 +17,8 @@ def test_demo_training_improves_heldout_retrieval(tmp_path):
     assert after["mAP@R"] > before["mAP@R"] + 0.05
     assert after["recall@1"] > before["recall@1"]
     assert os.path.basename(result["checkpoint"]) == "model_epoch_0020.pyth"
+    # the retrieval half: stores, search, GLR mAP@100, gallery
+    assert after["mAP@100"] > before["mAP@100"]
+    assert os.path.isfile(result["gallery"])
+    html = open(result["gallery"], encoding="utf-8").read()
+    assert html.count("data:image/jpeg;base64") > 16

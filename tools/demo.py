@@ -12,7 +12,11 @@ def main(argv=None):
     result = run_demo(args.cfg_file or DEMO_CONFIG, args.opts)
     print()
     print(format_table(result))
-    print(f"\nmodel, logs and stats: {result['out_dir']}  (checkpoint {result['checkpoint']})")
+    print("\nrecall@1, mAP@R: each held-out image queries all others (by label); GLR mAP@100: held-out")
+    print("queries searched in the held-out index, scored with the Kaggle metric on retrieval_solution.csv")
+    print(f"model, logs and stats: {result['out_dir']}  (checkpoint {result['checkpoint']})")
+    if result["gallery"]:
+        print(f"result gallery: {result['gallery']}")
 
 
 if __name__ == "__main__":

@@ -154,7 +154,8 @@ def _is_replaceable(path):
     return all(n in _STORE_FILES or n.startswith("faiss_") for n in names)
 
 
-def _check_output(out_dir):
+def check_output(out_dir):
+    """The absolute store path, or a FeatureStoreError if a store cannot be written there."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
     if not os.path.isdir(parent):
@@ -172,7 +173,7 @@ def _check_output(out_dir):
 
 def _write_store(out_dir, count, dim, ids, fill, meta, normalized):
     """Write a store atomically. ``fill(memmap)`` writes the rows and returns their SHA-256 object."""
-    out_dir = _check_output(out_dir)
+    out_dir = check_output(out_dir)
     json.dumps(meta or {})  # a meta that cannot be saved fails before the long write
     parent, name = os.path.split(out_dir)
     tmp = os.path.join(parent, f".{name}{_TMP_TAG}{uuid.uuid4().hex[:8]}")

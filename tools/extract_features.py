@@ -1,0 +1,27 @@
+"""Extract L2-normalized descriptors of images into a feature store.
+
+    python tools/extract_features.py --cfg CFG TEST.WEIGHTS W INFER.INPUT SRC INFER.OUTPUT DIR \
+        [INFER.SCALES "[0.7071, 1.0, 1.4142]" INFER.FLIP True] [INFER.TOTAL_NUM N INFER.CUT_NUM k]
+    torchrun --nproc_per_node=G tools/extract_features.py --cfg CFG ...   # one shard per rank, merged
+
+SRC is a list file or an image folder; see docs/RETRIEVAL.md.
+"""
+
+import sys
+
+from metric.core.cli import make_parser, run_tool
+from metric.core.config import load_cfg
+from metric.retrieval.extract import extract_features
+
+
+def main(argv=None):
+    parser = make_parser("Extract descriptors of images into a feature store.")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    cfg = load_cfg(args.cfg_file, args.opts)
+    out = extract_features(cfg, progress=not args.no_progress)
+    print(f"feature store: {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
