@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.pymetric-installed
 
-.PHONY: install demo test clean-demo
+.PHONY: install tf-env demo test clean-demo
 
 $(STAMP): setup.py requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,14 @@ $(STAMP): setup.py requirements.txt
 
 install: $(STAMP)
 
+# TensorFlow + onnx2tf for the exporter live in their own venv (their pins clash with ours).
+tf-env:
+	bash tools/setup_tf_env.sh
+
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
-test: $(STAMP)
+test: $(STAMP) tf-env
 	$(PY) -m pytest -q tests
 
 clean-demo:
