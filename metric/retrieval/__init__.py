@@ -1,0 +1,21 @@
+"""Retrieval: feature extraction and stores, search, re-ranking, scoring (see docs/RETRIEVAL.md).
+
+The Python API::
+
+    from metric.retrieval import save_features, load_features, search, glr_map_at_k
+    save_features("feats/index", embeddings, ids)        # float32 [N, D] + N ids -> a store
+    store = load_features("feats/index")                  # .embeddings (memmap), .ids, .meta
+    scores, indices = search(query, store.embeddings, topk=100)
+"""
+
+from metric.retrieval.metrics import glr_map_at_k, labelled_metrics, revisited_map
+from metric.retrieval.rerank import database_augmentation, query_expansion, search_stores
+from metric.retrieval.results import read_results_csv, write_results_csv
+from metric.retrieval.search import search
+from metric.retrieval.store import FeatureStore, import_features, load_features, merge_stores, save_features
+
+__all__ = [
+    "FeatureStore", "save_features", "load_features", "merge_stores", "import_features", "search",
+    "query_expansion", "database_augmentation", "search_stores", "write_results_csv", "read_results_csv",
+    "glr_map_at_k", "revisited_map", "labelled_metrics",
+]
