@@ -10,7 +10,8 @@ Each is run ``--repeat`` times, interleaved, and the best time is kept, which
 damps noise from other processes. When ``metric.retrieval.metrics`` exposes
 ``glr_map_at_k`` it is timed on ``--map-queries`` synthetic queries.
 
-Other rows (extraction speed, ...) plug in through :func:`register`: a
+It also times feature extraction against a bare forward of the same model and
+batch. Other rows plug in through :func:`register`: a
 function ``fn(args) -> (rows, summary)`` where ``rows`` is a list of
 ``(name, seconds, note)`` and ``summary`` a dict of ``key=value`` entries
 (add its command-line options to :func:`make_parser`). The last line printed
@@ -92,17 +93,60 @@ def bench_search(args):
 
 
 def bench_glr_map(args):
-    """Time ``glr_map_at_k`` on synthetic GLR predictions, when the metrics module has it."""
-    try:
-        from metric.retrieval.metrics import glr_map_at_k
-        from metric.retrieval.metrics_glr import make_synthetic_glr
-    except ImportError:
-        return [("glr_map_at_k", float("nan"), "not available in metric.retrieval.metrics")], {}
+    """Time ``glr_map_at_k`` on synthetic GLR predictions."""
+    from metric.retrieval.metrics import glr_map_at_k
+    from metric.retrieval.metrics_glr import make_synthetic_glr
+
     predictions, solution = make_synthetic_glr(num_queries=args.map_queries, k=100, seed=0)
     start = time.perf_counter()
     glr_map_at_k(predictions, solution, 100)
     sec = time.perf_counter() - start
     return [("glr_map_at_k", sec, f"{args.map_queries} queries, top-100")], {"map_s": sec}
+
+
+@register
+def bench_extraction(args):
+    """Images/s of our extraction (decode, resize, forward, normalize) vs a bare forward of the
+    same model and batch on ready tensors (the compute floor)."""
+    if args.skip_extract:
+        return [], {}
+    import tempfile
+
+    from torch.utils.data import DataLoader
+
+    from metric import build_model, load_cfg
+    from metric.datasets.demo import make_demo_dataset
+    from metric.retrieval.extract import MultiScaleDataset, _collate, extract_descriptors, list_images
+
+    size, batch = args.extract_size, args.extract_batch
+    cfg = load_cfg(None, ["MODEL.DEPTH", str(args.extract_depth), "MODEL.HEADS.IN_FEAT", "0",
+                          "MODEL.HEADS.POOL_LAYER", "gempool", "MODEL.HEADS.NUM_CLASSES", "10"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        make_demo_dataset(tmp + "/data", num_train_classes=2, train_per_class=2, num_heldout_classes=args.extract_images // 8,
+                          queries_per_class=1, index_per_class=8, num_distractor_classes=0, image_size=size)
+        paths = [p for _, p in list_images(tmp + "/data/index_list.txt")]
+        loader = DataLoader(MultiScaleDataset(paths, size, [1.0]), batch_size=batch, num_workers=args.extract_workers,
+                            collate_fn=_collate)
+        x = torch.randn(batch, 3, size, size)
+        n_batches = -(-len(paths) // batch)
+
+        def ours():
+            extract_descriptors(model, loader, torch.device("cpu"))
+
+        @torch.no_grad()
+        def bare():
+            for _ in range(n_batches):
+                model(x)
+
+        times = best_times({"ours": ours, "bare": bare}, args.extract_repeat)
+    n = len(paths)
+    ours_ips, bare_ips = n / times["ours"], n_batches * batch / times["bare"]
+    note = f"ResNet-{args.extract_depth}, {size}px, batch {batch}, {args.extract_workers} workers, {n} images"
+    rows = [("extract (ours)", times["ours"], f"{ours_ips:.1f} img/s; {note}"),
+            ("bare forward", times["bare"], f"{bare_ips:.1f} img/s; same model and batch, ready tensors")]
+    return rows, {"extract_img_s": ours_ips, "forward_img_s": bare_ips, "extract_vs_forward": ours_ips / bare_ips}
 
 
 def make_parser():
@@ -114,6 +158,13 @@ def make_parser():
     parser.add_argument("--repeat", type=int, default=5, help="runs of each timing (best kept)")
     parser.add_argument("--map-queries", type=int, default=100_000)
     parser.add_argument("--skip-map", action="store_true", help="do not time glr_map_at_k")
+    parser.add_argument("--skip-extract", action="store_true", help="do not time feature extraction")
+    parser.add_argument("--extract-depth", type=int, default=18, help="ResNet depth for the extraction rows")
+    parser.add_argument("--extract-size", type=int, default=224)
+    parser.add_argument("--extract-batch", type=int, default=32)
+    parser.add_argument("--extract-workers", type=int, default=2)
+    parser.add_argument("--extract-images", type=int, default=256)
+    parser.add_argument("--extract-repeat", type=int, default=2)
     return parser
 
 

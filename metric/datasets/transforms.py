@@ -60,25 +60,25 @@ def color_jitter(im, strength, rng):
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
-def resize_shorter(im, size):
+def _resize_side(im, size, side):
+    """Scale ``im`` (aspect ratio kept) so that ``side(h, w)`` becomes ``size``."""
     h, w = im.shape[:2]
-    if min(h, w) == size:
+    if side(h, w) == size:
         return im
-    scale = size / min(h, w)
+    scale = size / side(h, w)
     nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     return cv2.resize(im, (nw, nh), interpolation=interp)
+
+
+def resize_shorter(im, size):
+    """Keep the aspect ratio; the shorter side becomes ``size``."""
+    return _resize_side(im, size, min)
 
 
 def resize_longer(im, size):
     """Keep the aspect ratio; the longer side becomes ``size``."""
-    h, w = im.shape[:2]
-    if max(h, w) == size:
-        return im
-    scale = size / max(h, w)
-    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(im, (nw, nh), interpolation=interp)
+    return _resize_side(im, size, max)
 
 
 def center_crop(im, size):
