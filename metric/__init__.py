@@ -5,7 +5,7 @@ The notebook API (details in docs/MODEL_ZOO.md, "Python API")::
     import metric
     cfg = metric.load_cfg("configs/metric/demo_cpu.yaml", opts=["MODEL.HEADS.REDUCTION_DIM", 256])
     model = metric.build_model(cfg)
-    metric.load_weights(model, "output/demo/checkpoints/model_epoch_0008.pyth")
+    metric.load_weights(model, "output/demo/checkpoints/model_epoch_0030.pyth")
     model.eval()
     emb = model(images)            # [N, D], before L2 normalization
     fmap = model.backbone(images)  # last feature map [N, C, H/32, W/32]

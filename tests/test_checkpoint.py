@@ -107,3 +107,32 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path):
     torch.save({"foo.bar": torch.zeros(2)}, other)
     with pytest.raises(CheckpointError, match="none of its 1 keys"):
         load_weights(_model(), other)
+
+
+def test_inference_weights_must_fit_the_config(tmp_path):
+    from metric.core.checkpoint import load_inference_weights
+
+    path = str(tmp_path / "neck.pth")
+    torch.save(_model("MODEL.HEADS.BN_NECK", "True").state_dict(), path)
+    with pytest.raises(CheckpointError, match="does not fit the config: head.bn_neck.* is unexpected"):
+        load_inference_weights(_model(), path)
+    other_classes = str(tmp_path / "cls.pth")
+    torch.save(_model("MODEL.HEADS.NUM_CLASSES", "9").state_dict(), other_classes)
+    load_inference_weights(_model(), other_classes)  # the classifier is not used at inference
+
+
+def test_collectives_run_on_the_backend_device(monkeypatch):
+    from metric.core import distributed as du
+
+    monkeypatch.setattr(du.dist, "get_backend", lambda: "gloo")
+    assert du._comm_device() == torch.device("cpu")
+    monkeypatch.setattr(du.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert du._comm_device() == torch.device("cuda", 3)
+    seen = []
+    monkeypatch.setattr(du, "world_size", lambda: 2)
+    monkeypatch.setattr(du, "_comm_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(du.dist, "all_reduce", lambda t: (seen.append(t.device), t.mul_(2)))
+    x = torch.ones(2)
+    assert torch.equal(du.all_reduce_sum(x), torch.full((2,), 2.0)) and torch.equal(x, torch.ones(2))
+    assert seen == [torch.device("cpu")]

@@ -117,11 +117,26 @@ def test_base_cycle_and_bad_yaml(tmp_path):
         load_cfg(str(b))
 
 
-def test_num_classes_alias():
+def test_num_classes_alias(tmp_path):
     assert load_cfg(None, ["MODEL.NUM_CLASSES", "7"]).MODEL.HEADS.NUM_CLASSES == 7
     assert load_cfg(None, ["MODEL.HEADS.NUM_CLASSES", "9"]).MODEL.NUM_CLASSES == 9
+    # on the command line either name sets both, over a yaml file that sets both
+    c = load_cfg(os.path.join(REPO, "configs", "metric", "R-50-1x64d_step_8gpu.yaml"), ["MODEL.HEADS.NUM_CLASSES", "81313"])
+    assert (c.MODEL.NUM_CLASSES, c.MODEL.HEADS.NUM_CLASSES) == (81313, 81313)
+    y = tmp_path / "both.yaml"
+    y.write_text("VERSION: 2\nMODEL:\n  NUM_CLASSES: 7\n  HEADS:\n    NUM_CLASSES: 9\n")
     with pytest.raises(ConfigError, match="disagree"):
-        load_cfg(None, ["MODEL.NUM_CLASSES", "7", "MODEL.HEADS.NUM_CLASSES", "9"])
+        load_cfg(str(y))
+
+
+def test_string_keys_keep_command_line_text_and_numbers_must_be_finite():
+    c = load_cfg(None, ["OUT_DIR", "2024", "TRAIN.DATASET", "1e5"])
+    assert c.OUT_DIR == "2024" and c.TRAIN.DATASET == "1e5"
+    for bad in ("nan", "inf", "-inf"):
+        with pytest.raises(ConfigError, match="OPTIM.BASE_LR.*finite"):
+            load_cfg(None, ["OPTIM.BASE_LR", bad])
+    with pytest.raises(ConfigError, match="OPTIM.STEPS.*starting with 0"):
+        load_cfg(None, ["OPTIM.LR_POLICY", "steps", "OPTIM.STEPS", "[30, 60, 90]"])
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))

@@ -104,7 +104,7 @@ def test_corrupt_jpeg_is_counted_not_fatal(tiny_data, tmp_path):
     # 33 images, 3 batches of 11 per epoch: the bad image is drawn every epoch and replaced.
     assert [e["bad_images"] for e in epochs] == [1, 1, 1]
     assert read_stats(stats, "test_epoch")[-1]["bad_images"] == 1
-    assert "cannot decode image" in proc.stdout + proc.stderr
+    assert "cannot decode image" in proc.stderr
 
 
 def test_non_finite_loss_stops_with_epoch_and_iteration(tiny_data, tmp_path, monkeypatch, capsys):
@@ -127,6 +127,16 @@ def test_non_finite_loss_stops_with_epoch_and_iteration(tiny_data, tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: loss became nan at epoch 2, iteration 2")
     assert [os.path.basename(p) for p in list_checkpoints(out)] == ["model_epoch_0001.pyth"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tiny_data, tmp_path):
+    out = str(tmp_path / "run")
+    run_py(["tools/train_metric.py", *tiny_opts(tiny_data, out, **{"OPTIM.MAX_EPOCH": 1, "TEST.DATASET": ""})],
+           check=True)
+    proc = run_py(["tools/train_metric.py", *tiny_opts(tiny_data, out, **{"MODEL.HEADS.NUM_CLASSES": 5})])
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "trained with another MODEL.HEADS.NUM_CLASSES" in line and "new OUT_DIR" in line
 
 
 @pytest.mark.parametrize(

@@ -31,9 +31,10 @@ while [[ $# -gt 0 ]]; do
     *) break ;;
   esac
 done
-if [[ -z "$cfg" || -z "$input" || -z "$output" ]]; then
-  echo "error: --cfg, --input and --output are required (see $0 --help)" >&2; exit 2
+if [[ -z "$cfg" || -z "$weights" || -z "$input" || -z "$output" ]]; then
+  echo "error: --cfg, --weights, --input and --output are required (see $0 --help)" >&2; exit 2
 fi
+[[ -f "$weights" ]] || { echo "error: weights file not found: $weights" >&2; exit 2; }
 IFS=',' read -r -a gpu_list <<< "$gpus"
 workers=${#gpu_list[@]}
 (( workers > 0 )) || { gpu_list=(""); workers=1; }

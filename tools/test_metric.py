@@ -1,14 +1,14 @@
 """Evaluate retrieval on the TEST split (recall@k and mAP@R by label).
 
-    python tools/test_metric.py --cfg configs/metric/demo_cpu.yaml TEST.WEIGHTS output/demo/checkpoints/model_epoch_0008.pyth
+    python tools/test_metric.py --cfg configs/metric/demo_cpu.yaml TEST.WEIGHTS output/demo/checkpoints/model_epoch_0030.pyth
 """
 
-import json
 import sys
 
 from metric.core.cli import make_parser, run_tool
 from metric.core.config import load_cfg
 from metric.core.evaluator import evaluate_model, format_metrics
+from metric.retrieval.metrics import check_json_path, write_json
 
 
 def main(argv=None):
@@ -16,11 +16,12 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
     cfg = load_cfg(args.cfg_file, args.opts)
+    if args.json:
+        check_json_path(args.json)  # before the work, not after it
     metrics = evaluate_model(cfg)
     print(format_metrics(metrics))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(args.json, metrics)
 
 
 if __name__ == "__main__":

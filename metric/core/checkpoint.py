@@ -14,6 +14,7 @@ decided by its content in :mod:`metric.modeling.weights`.
 """
 
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -124,10 +125,15 @@ def _class_count_change(key, file_shape, model_shape):
     )
 
 
-def load_state(model, state, source="weights"):
+def _names(keys, most=10):
+    return ", ".join(keys[:most]) + (f", ... ({len(keys) - most} more)" if len(keys) > most else "")
+
+
+def load_state(model, state, source="weights", fit=False):
     """Load a state dict into ``model``: missing and unexpected keys are logged by name; a
     classifier whose class count differs is skipped (logged, reported as missing); any other
-    shape mismatch is an error naming the key. Returns ``(missing, unexpected)``."""
+    shape mismatch is an error naming the key. With ``fit`` (inference), a missing or unexpected
+    key outside the training-only classifier is an error too. Returns ``(missing, unexpected)``."""
     model = unwrap(model)
     own = model.state_dict()
     state = _as_model_keys(state, own)
@@ -152,16 +158,24 @@ def load_state(model, state, source="weights"):
     loaded = {k: v for k, v in state.items() if k in own and k not in skipped}
     missing = sorted(k for k in own if k not in loaded)
     unexpected = sorted(k for k in state if k not in own)
+    if fit:
+        off = [k for k in missing + unexpected if not _is_classifier(k)]
+        if off:
+            what = "missing from" if off[0] in missing else "unexpected in"
+            raise CheckpointError(
+                f"{source} does not fit the config: {off[0]} is {what} the weights ({len(off)} such keys); "
+                "use the config the weights were trained with"
+            )
     model.load_state_dict(loaded, strict=False)
     not_skipped = [k for k in missing if k not in skipped]
     if not_skipped:
-        logger.warning("%s: %d keys missing (left as initialized): %s", source, len(not_skipped), ", ".join(not_skipped))
+        logger.warning("%s: %d keys missing (left as initialized): %s", source, len(not_skipped), _names(not_skipped))
     if unexpected:
-        logger.warning("%s: %d unexpected keys ignored: %s", source, len(unexpected), ", ".join(unexpected))
+        logger.warning("%s: %d unexpected keys ignored: %s", source, len(unexpected), _names(unexpected))
     return missing, unexpected
 
 
-def load_weights(model, path):
+def load_weights(model, path, fit=False):
     """Load initial weights into ``model`` (``metric.load_weights``), detecting the file's kind by
     its content (see :mod:`metric.modeling.weights`): a checkpoint of ours or of the original
     pymetric project, a bare model or backbone state dict, a torchvision ResNet, a released
@@ -174,6 +188,61 @@ def load_weights(model, path):
     obj = read_checkpoint(path)
     state = model_state_of(obj, source=path)
     fmt, state = convert_state(obj, state, unwrap(model), source=path)
-    missing, unexpected = load_state(model, state, source=path)
+    missing, unexpected = load_state(model, state, source=path, fit=fit)
     logger.info("loaded weights from %s (%s)", path, fmt.replace("_", " "))
     return missing, unexpected
+
+
+def _is_classifier(key):
+    return key.startswith("head.classifier.")
+
+
+def load_inference_weights(model, path):
+    """Load weights for evaluation, extraction or export: like :func:`load_weights`, but every key
+    outside the training-only classifier must match, so a config that does not fit the weights
+    (another pooling, a BN neck more or less, ...) is an error instead of a silently different model."""
+    return load_weights(model, path, fit=True)
+
+
+def load_for_resume(model, state, path):
+    """Load our own checkpoint to resume training: the model must be exactly the one saved."""
+    own = unwrap(model).state_dict()
+    weights = model_state_of(state, path)
+    diff = sorted(set(own) ^ set(weights)) + sorted(k for k in own if k in weights and own[k].shape != weights[k].shape)
+    if diff:
+        raise CheckpointError(
+            f"{path} holds a checkpoint of a different model ({diff[0]} differs); "
+            "use a new OUT_DIR, or TRAIN.AUTO_RESUME False and TRAIN.WEIGHTS to start from it"
+        )
+    unwrap(model).load_state_dict(weights)
+
+
+def model_config_differences(saved_yaml, cfg):
+    """Dotted MODEL.* / RESNET.* / BN.* keys whose values differ between a checkpoint's stored
+    config and ``cfg`` (keys present in only one of them are ignored)."""
+    import yaml
+
+    saved = yaml.safe_load(saved_yaml or "") or {}
+    current = yaml.safe_load(cfg.dump())
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat({k: saved.get(k, {}) for k in ("MODEL", "RESNET", "BN")}), flat(
+        {k: current.get(k, {}) for k in ("MODEL", "RESNET", "BN")})
+    return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+
+
+def weights_digest(model):
+    """A short hash of every parameter and buffer (to compare ranks, runs or extractions)."""
+    h = hashlib.sha256()
+    for key, value in sorted(unwrap(model).state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -485,6 +485,7 @@ _DEFAULTS = _C.clone()
 import ast  # noqa: E402
 import difflib  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 
 import yaml  # noqa: E402
@@ -553,13 +554,18 @@ def _coerce_scalar(key, value, want):
             except ValueError:
                 pass
     elif want is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}={value!r} is not allowed: expected a finite number")
+            return number
     elif want is str:
         if isinstance(value, str):
             return value
@@ -706,13 +712,29 @@ def merge_from_list(node, opts):
     for key, text in zip(opts[0::2], opts[1::2]):
         if key.startswith("-"):
             raise ConfigError(f"unexpected option {key!r} among KEY VALUE overrides (options go before them)")
-        data = {}
-        cur = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = _parse_cli_value(text)
-        _merge_dict(node, data, "", "command line")
+        # The number of classes has two names (MODEL.NUM_CLASSES is the legacy one): setting
+        # either on the command line sets both, whatever the yaml file said.
+        for name in _NUM_CLASSES_KEYS if key in _NUM_CLASSES_KEYS else (key,):
+            data = {}
+            cur = data
+            parts = name.split(".")
+            for p in parts[:-1]:
+                cur = cur.setdefault(p, {})
+            # A string-valued key keeps the text as typed (OUT_DIR 2024 is a folder, not a number).
+            cur[parts[-1]] = text if isinstance(_default_of(name), str) else _parse_cli_value(text)
+            _merge_dict(node, data, "", "command line")
+
+
+_NUM_CLASSES_KEYS = ("MODEL.NUM_CLASSES", "MODEL.HEADS.NUM_CLASSES")
+
+
+def _default_of(key):
+    node = _DEFAULTS
+    for part in key.split("."):
+        if not isinstance(node, CfgNode) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _sync_num_classes(c):
@@ -749,13 +771,6 @@ def dump_cfg(c, path):
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(c.dump())
     os.replace(tmp, path)
-
-
-def cfg_from_yaml_str(text, source="checkpoint config"):
-    """Rebuild a config from the yaml stored in a checkpoint (unknown keys are errors)."""
-    c = get_cfg()
-    _merge_versioned(c, yaml.safe_load(text) or {}, source)
-    return c
 
 
 # --- validation ---------------------------------------------------------------
@@ -944,8 +959,8 @@ def validate(c):
     steps = c.OPTIM.STEPS
     if list(steps) != sorted(steps) or any(s < 0 for s in steps):
         _fail("OPTIM.STEPS", list(steps), "ascending epochs >= 0, e.g. [0, 30, 60, 90]")
-    if c.OPTIM.LR_POLICY == "steps" and not steps:
-        _fail("OPTIM.STEPS", [], "a non-empty list of epochs for OPTIM.LR_POLICY steps, e.g. [0, 30, 60, 90]")
+    if c.OPTIM.LR_POLICY == "steps" and (not steps or steps[0] != 0):
+        _fail("OPTIM.STEPS", list(steps), "epochs starting with 0 for OPTIM.LR_POLICY steps, e.g. [0, 30, 60, 90]")
     if len(c.OPTIM.BETAS) != 2 or not all(0 <= b < 1 for b in c.OPTIM.BETAS):
         _fail("OPTIM.BETAS", list(c.OPTIM.BETAS), "two numbers in [0, 1)")
     lo_hi = c.TRAIN.CROP_SCALE

@@ -114,20 +114,26 @@ def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def all_reduce_mean(tensor):
-    if world_size() == 1:
-        return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor)
-    return tensor / world_size()
+def _comm_device():
+    """The device collectives run on: the current GPU for nccl, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(tensor):
+    """Sum over ranks; the result is on the device ``tensor`` came from."""
     if world_size() == 1:
         return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor)
-    return tensor
+    out = tensor.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(out)
+    return out.to(tensor.device)
+
+
+def all_reduce_mean(tensor):
+    if world_size() == 1:
+        return tensor
+    return all_reduce_sum(tensor) / world_size()
 
 
 def average_buffers(module):

@@ -53,7 +53,7 @@ def evaluate_model(cfg, weights=None):
     model = build_model(cfg)
     weights = weights or cfg.TEST.WEIGHTS
     if weights:
-        cp.load_weights(model, weights)
+        cp.load_inference_weights(model, weights)
     model.to(device)
     loader = build_test_loader(cfg, 0, 1)
     metrics = evaluate_retrieval(model, loader, device)

@@ -1,7 +1,7 @@
 """Logging setup and JSON-lines statistics.
 
-Rank 0 logs INFO to stdout and to ``OUT_DIR/log.txt``; other ranks log warnings
-only. :class:`StatsWriter` appends one JSON object per line to
+Rank 0 logs INFO to stdout (warnings and errors to stderr) and to ``OUT_DIR/log.txt``;
+other ranks log warnings only. :class:`StatsWriter` appends one JSON object per line to
 ``OUT_DIR/stats.jsonl`` (rank 0 only); :func:`read_stats` parses it back.
 """
 
@@ -21,15 +21,18 @@ def _not_file_only(record):
     return record.name != FILE_ONLY
 
 
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is at the time of each record (not the one at setup)."""
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` / ``sys.stderr`` is at the time of each record (not the
+    stream of the moment of setup): progress below WARNING to stdout, warnings and errors to stderr."""
 
-    def __init__(self):
-        super().__init__(sys.stdout)
+    def __init__(self, errors):
+        self.errors = errors
+        super().__init__()
+        self.addFilter(lambda r: (r.levelno >= logging.WARNING) == errors)
 
     @property
     def stream(self):
-        return sys.stdout
+        return sys.stderr if self.errors else sys.stdout
 
     @stream.setter
     def stream(self, value):
@@ -45,11 +48,12 @@ def setup_logging(out_dir=None, rank=0):
     level = logging.INFO if rank == 0 else logging.WARNING
     root.setLevel(level)
     fmt = logging.Formatter(_FORMAT if rank == 0 else f"[rank {rank} %(asctime)s %(name)s] %(message)s", "%H:%M:%S")
-    stream = _StdoutHandler()
-    stream.setFormatter(fmt)
-    stream.addFilter(_not_file_only)
-    stream.pymetric = True
-    root.addHandler(stream)
+    for errors in (False, True):
+        console = _ConsoleHandler(errors)
+        console.setFormatter(fmt)
+        console.addFilter(_not_file_only)
+        console.pymetric = True
+        root.addHandler(console)
     if out_dir and rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         fh = logging.FileHandler(os.path.join(out_dir, "log.txt"))

@@ -7,7 +7,6 @@ epochs, atomic checkpoints and retrieval evaluation on the TEST split
 (recall@k and mAP@R among test images by label, from embeddings only).
 """
 
-import hashlib
 import logging
 import os
 import platform
@@ -19,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from metric.core import checkpoint as cp
 from metric.core import distributed as du
 from metric.core.config import dump_cfg
-from metric.core.errors import TrainingError
+from metric.core.errors import CheckpointError, TrainingError
 from metric.core.evaluator import evaluate_retrieval, format_metrics
 from metric.core.logger import FILE_ONLY, StatsWriter, format_seconds, setup_logging
 from metric.core.optimizer import build_optimizer, build_scheduler
@@ -55,15 +54,6 @@ def _amp_dtype(cfg, device):
         logger.warning("TRAIN.MIXED_PRECISION %s ignored: mixed precision is used on CUDA only", mode)
         return None
     return torch.bfloat16 if mode == "bf16" else torch.float16
-
-
-def weights_digest(model):
-    """A short hash of every parameter and buffer (to compare ranks or runs)."""
-    h = hashlib.sha256()
-    for key, value in sorted(cp.unwrap(model).state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class Trainer:
@@ -136,9 +126,19 @@ class Trainer:
     def _resume_or_load(self):
         cfg = self.cfg
         if cfg.TRAIN.AUTO_RESUME:
-            path, state = cp.latest_checkpoint(cfg.OUT_DIR)
+            # Rank 0 picks the checkpoint and every rank reads that same file, so all start at the
+            # same epoch (or fail with one message) even without a shared view of OUT_DIR.
+            path = cp.latest_checkpoint(cfg.OUT_DIR)[0] if self.info.is_master else None
+            path = du.all_gather_objects(path)[0]
             if path is not None:
-                cp.load_state(self.model, cp.model_state_of(state, path), source=path)
+                state = cp.read_checkpoint(path)
+                changed = cp.model_config_differences(state.get("cfg"), cfg)
+                if changed:
+                    raise CheckpointError(
+                        f"{path} was trained with another {changed[0]}; use a new OUT_DIR, or "
+                        "TRAIN.AUTO_RESUME False and TRAIN.WEIGHTS to start from it"
+                    )
+                cp.load_for_resume(self.model, state, path)
                 self.optimizer.load_state_dict(state["optimizer_state"])
                 if state.get("scaler_state"):
                     self.scaler.load_state_dict(state["scaler_state"])
@@ -172,7 +172,7 @@ class Trainer:
             period = cfg.TRAIN.EVAL_PERIOD
             if self.test_loader is not None and (last or (period and (epoch + 1) % period == 0)):
                 result = self.evaluate(epoch)
-        digests = du.all_gather_objects(weights_digest(self.model))
+        digests = du.all_gather_objects(cp.weights_digest(self.model))
         self.stats.write("final", epoch=max_epoch, weights_digests=digests)
         if len(set(digests)) != 1:
             logger.error("weights differ between processes: %s", digests)
@@ -262,7 +262,7 @@ class Trainer:
                 win_loss, win_n, win_data, win_time = 0.0, 0, 0.0, 0.0
                 win_parts = [0.0] * len(names)
         du.average_buffers(cp.unwrap(self.model))
-        bad_images = int(du.all_reduce_sum(torch.tensor(bad_images)).item())
+        bad_images = int(du.all_reduce_sum(torch.tensor(bad_images, device=self.device)).item())
         elapsed = time.time() - t_epoch
         summary = {
             "epoch": epoch + 1,

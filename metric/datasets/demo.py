@@ -495,7 +495,13 @@ def make_demo_dataset(out_dir, *, num_train_classes=32, train_per_class=20, num_
                 f"{out_dir} holds demo data made with other parameters or format version; "
                 "choose another folder or pass overwrite=True (--overwrite) to replace it")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        probe = out_dir.parent / f".{out_dir.name}.probe-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        raise DataError(f"cannot write the demo data next to {out_dir}: {err.strerror or err}") from None
     _clean_stale_tmp(out_dir)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     start = time.perf_counter()

@@ -59,6 +59,8 @@ def convert_gldv2(csv_path, out_dir, images_dir="train", min_images=1, val_class
     drawn with ``seed``, go to ``val_list.txt`` (labels 0..val_classes-1) and not to training.
     Returns a summary dict.
     """
+    if min_images < 1 or val_classes < 0:
+        raise DataError(f"--min-images must be >= 1 and --val-classes >= 0 (got {min_images}, {val_classes})")
     by_class = read_gldv2_csv(csv_path)
     kept = sorted((lid for lid, ids in by_class.items() if len(ids) >= min_images), key=_sort_key)
     if not kept:

@@ -19,8 +19,11 @@ cv2.setNumThreads(1)
 
 
 def decode_image(path):
-    """RGB uint8 [H, W, 3], or ``None`` if the file cannot be read or decoded."""
-    data = np.fromfile(path, dtype=np.uint8) if isinstance(path, str) else path
+    """RGB uint8 [H, W, 3], or ``None`` if the file cannot be read (missing, no permission) or decoded."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8) if isinstance(path, str) else path
+    except OSError:  # missing, unreadable, a folder: the caller decides what a bad image means
+        return None
     if data.size == 0:
         return None
     im = cv2.imdecode(data, cv2.IMREAD_COLOR)

@@ -68,14 +68,11 @@ def check_images(max_side, image=None):
 
 
 def torch_descriptors(model, images, max_side):
-    """Our PyTorch extraction: :func:`extraction_input`, the model, L2 normalization."""
-    import torch
-    import torch.nn.functional as F
+    """Our PyTorch extraction (:func:`metric.retrieval.extract.describe_images`, one scale, no
+    flip): the reference the submission model must reproduce."""
+    from metric.retrieval.extract import describe_images
 
-    from metric.export.onnx import extraction_input
-
-    with torch.no_grad():
-        return [F.normalize(model(extraction_input(im, max_side)[None]), dim=1)[0].numpy() for im in images]
+    return list(describe_images(model, images, max_side))
 
 
 def write_submission_zip(saved_model_dir, path):
@@ -116,6 +113,11 @@ def make_kaggle_model(cfg, output, image=None, opset=None, threads=None, min_cos
     if not os.path.isdir(os.path.dirname(output)):
         raise _export_error(f"folder of {output} does not exist")
     max_side = cfg.TEST.IM_SIZE
+    if list(cfg.INFER.SCALES) != [1.0] or cfg.INFER.FLIP or cfg.INFER.CENTER_CROP:
+        raise ExportError(
+            "the Kaggle model computes one scale of the whole image in its graph: set INFER.SCALES [1.0], "
+            "INFER.FLIP False and INFER.CENTER_CROP False (multi-scale descriptors are not exported)"
+        )
     model = load_export_model(cfg)
     tmp = f"{output}.tmp-{os.getpid()}.d"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -93,22 +93,16 @@ def diff_stats(out, ref):
 
 def load_export_model(cfg):
     """The model of ``cfg`` with the weights ``cfg.TEST.WEIGHTS``, in eval mode. Unlike training,
-    export insists that every weight of the embedding model is in the file (only the classifier,
-    which is not exported, may be missing)."""
-    from metric.core.checkpoint import load_weights
+    export insists that the weights fit the embedding model exactly (only the classifier, which is
+    not exported, may differ or be missing)."""
+    from metric.core.checkpoint import load_inference_weights
     from metric.modeling import build_model
 
     path = cfg.TEST.WEIGHTS
     if not path:
         raise ExportError("TEST.WEIGHTS is empty: give the trained weights to export, e.g. TEST.WEIGHTS model.pyth")
     model = build_model(cfg)
-    missing, _ = load_weights(model, path)
-    needed = [k for k in missing if not k.startswith("head.classifier.")]
-    if needed:
-        raise ExportError(
-            f"{path} does not fit the config: {len(needed)} weights of the embedding model are missing "
-            f"(first: {needed[0]}); check --cfg and the KEY VALUE options"
-        )
+    load_inference_weights(model, path)
     return model.eval()
 
 

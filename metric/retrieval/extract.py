@@ -118,14 +118,28 @@ class MultiScaleDataset(Dataset):
         im = decode_image(self.paths[i])
         if im is None:
             return None, i, True
-        views = []
-        for s in self.scales:
-            target = max(8, int(round(self.size * s)))
-            if self.center_crop:
-                views.append(to_tensor(center_crop(resize_shorter(im, target), target)))
-            else:
-                views.append(to_tensor(resize_longer(im, target)))
-        return views, i, False
+        return image_views(im, self.size, self.scales, self.center_crop), i, False
+
+
+def image_views(im, size, scales=(1.0,), crop=False):
+    """The normalized input tensors of an RGB uint8 image, one per scale: longer side
+    ``size * scale`` (aspect ratio kept), or with ``crop`` a centered square of that side."""
+    views = []
+    for s in scales:
+        target = max(8, int(round(size * s)))
+        if crop:
+            views.append(to_tensor(center_crop(resize_shorter(im, target), target)))
+        else:
+            views.append(to_tensor(resize_longer(im, target)))
+    return views
+
+
+def describe_images(model, images, size, scales=(1.0,), flip=False, pool="gem", p=3.0, crop=False):
+    """L2-normalized descriptors [N, D] of decoded RGB images, exactly as the extraction tool
+    computes them (used to check exported models against it)."""
+    batch = [(image_views(im, size, scales, crop), i, False) for i, im in enumerate(images)]
+    emb, _, _ = extract_descriptors(model, [batch], torch.device("cpu"), flip, pool, p)
+    return emb
 
 
 def _collate(batch):
@@ -210,16 +224,10 @@ def _model_for(cfg, device):
     torch.manual_seed(cfg.RNG_SEED)
     model = build_model(cfg)
     if cfg.TEST.WEIGHTS:
-        cp.load_weights(model, cfg.TEST.WEIGHTS)
+        cp.load_inference_weights(model, cfg.TEST.WEIGHTS)
     else:
         logger.warning("TEST.WEIGHTS is empty: extracting with randomly initialized weights")
     return model.to(device).eval()
-
-
-def _weights_digest(model):
-    from metric.core.trainer import weights_digest
-
-    return weights_digest(model)
 
 
 def _existing_matches(path, meta):
@@ -231,7 +239,7 @@ def _existing_matches(path, meta):
 
 def extract_shard(cfg, items, out_dir, shard, model, device, progress=True):
     """Extract ``items`` (one shard) into the store ``out_dir``; returns its path."""
-    digest = settings_digest(cfg, _weights_digest(model))
+    digest = settings_digest(cfg, cp.weights_digest(model))
     meta = {
         "model_digest": digest,
         "weights": cfg.TEST.WEIGHTS,
