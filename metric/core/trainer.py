@@ -8,6 +8,7 @@ epochs, atomic checkpoints and retrieval evaluation on the TEST split
 """
 
 import logging
+import math
 import os
 import platform
 import time
@@ -210,7 +211,7 @@ class Trainer:
             loss, parts = self._step(images, labels)
             values = torch.stack([loss.detach().float()] + [parts[n].detach().float() for n in names])
             loss_mean, *part_means = du.all_reduce_mean(values).tolist()
-            if not torch.isfinite(torch.tensor(loss_mean)):
+            if not math.isfinite(loss_mean):
                 raise TrainingError(
                     f"loss became {loss_mean} at epoch {epoch + 1}, iteration {it + 1}; stopping "
                     "(the last checkpoint is kept; lower OPTIM.BASE_LR or add warmup)"

@@ -31,9 +31,10 @@ from metric.core.errors import DataError, MetricError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "faiss", "torch")
-# Faster exact CPU backend on 1,000 x 100,000 x 512, top-100 (benchmarks/search_bench.py:
-# torch 1.1-1.5x a bare torch.mm, faiss.knn chunks 1.3-1.9x, on a shared 2-core AVX-512 machine).
-CPU_AUTO_BACKEND = "torch"
+# Faster exact CPU backend on 1,000 x 100,000 x 512, top-100 (benchmarks/search_bench.py on an
+# idle 2-core AVX-512 machine: faiss.knn chunks 0.47-0.49 s, the torch path 0.65 s, a bare
+# torch.mm 0.57-0.59 s; under heavy load from other processes the order can flip).
+CPU_AUTO_BACKEND = "faiss"
 # Scores buffer of the torch backend, in float32 elements per (query chunk x index chunk).
 SCORE_BUFFER_ELEMENTS = 1 << 27
 DEFAULT_QUERY_CHUNK = 4096
@@ -135,7 +136,9 @@ def _chunk_as_float32(x, start, stop):
 
 
 def _check_finite(block, name, start):
-    if not np.isfinite(block).all():
+    # A sum is NaN/inf when any element is (one cheap pass, no temporary array); a float32 sum of
+    # large finite values can overflow too, so only then is every element checked.
+    if not np.isfinite(block.sum()) and not np.isfinite(block).all():
         row = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
         raise DataError(f"{name} embedding row {row} has NaN or infinite values; re-extract or drop it")
 
