@@ -19,7 +19,7 @@ def _sections():
     sections, current, block = [], None, []
     defaults = config_mod.get_cfg()
     for i, line in enumerate(lines):
-        if line.startswith("# Loading, merging, validation"):
+        if line.startswith("# The machinery, re-exported"):
             break
         if line.startswith("# ---"):
             block = []
