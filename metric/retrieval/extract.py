@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from metric.core import checkpoint as cp
 from metric.core import distributed as du
 from metric.core.errors import ConfigError, DataError
+from metric.datasets.listfile import read_list
 from metric.datasets.transforms import center_crop, decode_image, resize_longer, resize_shorter, to_tensor
 from metric.modeling import build_model
 from metric.retrieval.store import check_output, is_complete_store, load_features, merge_stores, save_features
@@ -60,17 +61,8 @@ def list_images(src, id_mode="stem"):
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {src}")
     elif os.path.isfile(src):
         root = os.path.dirname(os.path.abspath(src))
-        rels = []
-        with open(src, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) > 2:
-                    raise DataError(f"{src}:{lineno}: expected 'relative/path.jpg [label]', got {line.strip()!r}")
-                rels.append(parts[0])
-        if not rels:
-            raise DataError(f"list file {src} holds no images")
+        # Missing images are not an error here: like unreadable ones they are reported and left out.
+        rels = [os.path.relpath(path, root) for path, _ in read_list(src, root, with_labels=False, check_files=False)]
     else:
         raise DataError(f"INFER.INPUT {src!r} is neither a list file nor a folder")
     items = []
