@@ -234,3 +234,17 @@ def test_tool_subprocess_exit_code(tmp_path, weights):
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "shape mismatch" in proc.stderr
+
+
+def test_resnest_exports_with_dynamic_size(tmp_path):
+    """Split attention uses 4-D tensors only, so ResNeSt exports with dynamic height/width."""
+    torch.manual_seed(0)
+    cfg = load_cfg(None, ["MODEL.TYPE", "resnest50", "MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.REDUCTION_DIM", "16",
+                          "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.HEADS.POOL_LAYER", "gempool"])
+    model = build_model(cfg).eval()
+    path = str(tmp_path / "resnest.onnx")
+    export_onnx(model, path, (64, 64), dynamic_hw=True)
+    assert onnx_signature(path)["shape"] == [None, 3, None, None]
+    for shape in ((2, 3, 64, 64), (1, 3, 96, 64)):
+        x = torch.randn(*shape).numpy()
+        assert diff_stats(run_onnxruntime(path, x), run_torch(model, x))["rel"] < 1e-4
