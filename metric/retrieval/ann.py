@@ -22,7 +22,7 @@ import numpy as np
 
 from metric.core.errors import FeatureStoreError, MetricError
 from metric.retrieval.search import as_matrix, check_dims, check_topk, search
-from metric.retrieval.store import load_features
+from metric.retrieval.store import load_features, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -253,11 +253,7 @@ def load_ann_index(store, index_type=None, index_dir=None):
     index_path, json_path = ann_paths(index_dir, index_type)
     if not os.path.isfile(json_path) or not os.path.isfile(index_path):
         raise FeatureStoreError(f"no {index_type} index in {index_dir}; build one with tools/build_index.py --type {index_type}")
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            params = json.load(f)
-    except (OSError, ValueError) as err:
-        raise FeatureStoreError(f"{json_path} cannot be read ({err}); rebuild the index") from None
+    params = read_json_object(json_path, "rebuild the index")
     if params.get("store_digest") != _store_digest(store) or params.get("count") != len(store):
         raise FeatureStoreError(
             f"{index_path} was built for a different version of store {store.path}; "

@@ -275,18 +275,24 @@ def save_features(out_dir, embeddings, ids, meta=None, normalize=True):
 # ----------------------------------------------------------------------------- reading
 
 
+def read_json_object(path, fix):
+    """A JSON object from ``path``; a FeatureStoreError ending with ``fix`` if it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as err:
+        raise FeatureStoreError(f"{path} cannot be read as JSON ({err}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise FeatureStoreError(f"{path} is not a JSON object; {fix}")
+    return obj
+
+
 def _read_meta(path):
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
         hint = "an interrupted write or not a feature store; re-run the extraction/import"
         raise FeatureStoreError(f"{path} is not a complete feature store (no {META_FILE}): {hint}")
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
-        raise FeatureStoreError(f"{meta_path} cannot be read as JSON ({err}); re-create the store") from None
-    if not isinstance(meta, dict):
-        raise FeatureStoreError(f"{meta_path} is not a JSON object; re-create the store")
+    meta = read_json_object(meta_path, "re-create the store")
     version = meta.get("version")
     if version not in SUPPORTED_VERSIONS:
         raise FeatureStoreError(
