@@ -116,7 +116,7 @@ def bench_extraction(args):
 
     from metric import build_model, load_cfg
     from metric.datasets.demo import make_demo_dataset
-    from metric.retrieval.extract import MultiScaleDataset, _collate, extract_descriptors, list_images
+    from metric.engine.extract import MultiScaleDataset, _collate, extract_descriptors, list_images
 
     size, batch = args.extract_size, args.extract_batch
     cfg = load_cfg(None, ["MODEL.DEPTH", str(args.extract_depth), "MODEL.HEADS.IN_FEAT", "0",

@@ -16,9 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from metric.core.config import load_cfg
-from metric.core.distributed import DistInfo
-from metric.core.trainer import Trainer
+from metric.config import load_cfg
+from metric.utils.distributed import DistInfo
+from metric.engine.trainer import Trainer
 from metric.datasets.demo import make_demo_dataset
 from metric.datasets.loader import build_train_loader, train_items
 from metric.modeling import build_model

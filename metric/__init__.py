@@ -29,8 +29,8 @@ The notebook API (details in docs/MODEL_ZOO.md, "Python API")::
     shape mismatch raises ``CheckpointError`` naming the key. Returns ``(missing, unexpected)``.
 """
 
-from metric.core.checkpoint import load_weights
-from metric.core.config import get_cfg, load_cfg
+from metric.checkpoint import load_weights
+from metric.config import get_cfg, load_cfg
 from metric.modeling import build_model
 
 __version__ = "0.1.0"

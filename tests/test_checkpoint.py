@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from metric import build_model, load_cfg, load_weights
-from metric.core import checkpoint as cp
-from metric.core.errors import CheckpointError
+import metric.checkpoint as cp
+from metric.utils.errors import CheckpointError
 
 TINY = ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "4", "MODEL.HEADS.IN_FEAT", "0",
         "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5"]
@@ -110,7 +110,7 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path):
 
 
 def test_inference_weights_must_fit_the_config(tmp_path):
-    from metric.core.checkpoint import load_inference_weights
+    from metric.checkpoint import load_inference_weights
 
     path = str(tmp_path / "neck.pth")
     torch.save(_model("MODEL.HEADS.BN_NECK", "True").state_dict(), path)
@@ -122,7 +122,7 @@ def test_inference_weights_must_fit_the_config(tmp_path):
 
 
 def test_collectives_run_on_the_backend_device(monkeypatch):
-    from metric.core import distributed as du
+    from metric.utils import distributed as du
 
     monkeypatch.setattr(du.dist, "get_backend", lambda: "gloo")
     assert du._comm_device() == torch.device("cpu")

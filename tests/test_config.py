@@ -4,9 +4,10 @@ import re
 
 import pytest
 
-from metric.core import config as config_mod
-from metric.core.config import all_keys, get_cfg, load_cfg, validate
-from metric.core.errors import ConfigError
+from metric.config import check as config_check
+from metric.config import defaults as config_mod
+from metric.config import all_keys, get_cfg, load_cfg, validate
+from metric.utils.errors import ConfigError
 from tests.conftest import REPO, run_py
 
 
@@ -34,14 +35,14 @@ def test_every_key_is_commented_with_its_allowed_values():
     comments = _key_comments()
     for key in all_keys():
         assert comments.get(key, "").strip(), f"{key} has no comment in config.py"
-    for key, (ok, allowed) in config_mod._RULES.items():
+    for key, (ok, allowed) in config_check._RULES.items():
         if allowed.startswith("one of "):
             for value in allowed[len("one of "):].split(" | "):
                 assert value in comments[key], f"comment of {key} does not mention {value}"
 
 
 def test_config_doc_is_up_to_date():
-    from metric.core.config_doc import render_config_doc
+    from metric.config.doc import render_config_doc
 
     with open(os.path.join(REPO, "docs", "CONFIG.md"), encoding="utf-8") as f:
         assert f.read() == render_config_doc(), "docs/CONFIG.md is stale: run python tools/gen_config_doc.py"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from metric.core.errors import DataError
+from metric.utils.errors import DataError
 from metric.datasets.dataset import ListDataset
 from metric.datasets.listfile import read_list
 from metric.datasets.transforms import EvalTransform, TrainTransform, decode_image

@@ -2,7 +2,7 @@
 
 import os
 
-from metric.core.demo import DEMO_CONFIG, format_table, run_demo
+from metric.engine.demo import DEMO_CONFIG, format_table, run_demo
 
 
 def test_demo_training_improves_heldout_retrieval(tmp_path):

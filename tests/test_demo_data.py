@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_py
-from metric.core.cli import run_tool
-from metric.core.errors import DataError
+from metric.utils.cli import run_tool
+from metric.utils.errors import DataError
 from metric.datasets import demo
 from metric.datasets.demo import make_demo_dataset
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from metric.core.cli import run_tool
+from metric.utils.cli import run_tool
 from metric.retrieval.metrics import labelled_metrics, rank_index, revisited_map
 from metric.retrieval.store import save_features
 

@@ -10,9 +10,9 @@ import onnx
 import pytest
 import torch
 
-from metric.core.cli import run_tool
-from metric.core.config import load_cfg
-from metric.core.errors import ExportError
+from metric.utils.cli import run_tool
+from metric.config import load_cfg
+from metric.utils.errors import ExportError
 from metric.datasets import transforms
 from metric.export import kaggle, parse_tool_args
 from metric.export.onnx import (

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metric.core.config import load_cfg
+from metric.config import load_cfg
 from metric.export.kaggle import ZIP_COMMENT, check_output_zip
 from metric.export.onnx import export_onnx, extraction_input, fixed_size_input, run_torch, sample_image
 from metric.export.tensorflow import MARKER_FILE, check_output_dir, convert_onnx_to_tf, tf_python
@@ -164,7 +164,7 @@ def test_grouped_convolutions(tf_env, tmp_path):
 def test_failed_check_writes_nothing(tf_env, tmp_path):
     """A conversion whose check fails (tolerance 0 here) leaves an earlier export of ours intact
     and keeps only the log, named in the one-line error."""
-    from metric.core.errors import ExportError
+    from metric.utils.errors import ExportError
 
     torch.manual_seed(0)
     narrow = ["RESNET.WIDTH_PER_GROUP", "8", "RESNET.STEM_WIDTH", "8"]

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from metric import build_model, load_cfg
-from metric.core.errors import DataError
+from metric.utils.errors import DataError
 from metric.datasets.transforms import decode_image, resize_longer, to_tensor
-from metric.retrieval.extract import combine_views, list_images, shard_bounds
+from metric.engine.extract import combine_views, list_images, shard_bounds
 from metric.retrieval.store import load_features
 from tests.conftest import REPO, run_py
 
@@ -161,7 +161,7 @@ def test_rerun_skips_a_complete_store_and_redoes_a_changed_one(tiny_data, tmp_pa
 def test_bad_input_exits_2(tiny_data, tmp_path, weights, opts, words, capsys):
     import runpy
 
-    from metric.core.cli import run_tool
+    from metric.utils.cli import run_tool
 
     main = runpy.run_path(os.path.join(REPO, "tools", "extract_features.py"))["main"]
     argv = ["--no-progress", *_opts(weights, os.path.join(tiny_data, "test.txt"), str(tmp_path / "o")), *opts]

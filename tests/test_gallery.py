@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from metric.core.cli import run_tool
-from metric.core.errors import MetricError
+from metric.utils.cli import run_tool
+from metric.utils.errors import MetricError
 from metric.retrieval.gallery import ImageFinder, build_gallery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from metric.core.errors import DataError
+from metric.utils.errors import DataError
 from metric.datasets.gldv2 import convert_gldv2
 from metric.datasets.listfile import read_list
 from tests.conftest import run_py

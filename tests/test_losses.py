@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metric.core.config import load_cfg
-from metric.core.errors import ConfigError
+from metric.config import load_cfg
+from metric.utils.errors import ConfigError
 from metric.modeling import build_loss
 from metric.modeling.losses.circle import CircleLoss
 from metric.modeling.losses.triplet import TripletLoss
@@ -185,7 +185,7 @@ def test_bad_loss_and_margin_keys_name_the_key(opts, words):
 
 
 def test_training_with_pk_sampler_two_losses_and_margin_schedule(tiny_data, tmp_path):
-    from metric.core.logger import read_stats
+    from metric.utils.logger import read_stats
     from tests.conftest import run_py, tiny_opts
 
     out = str(tmp_path / "run")

@@ -294,7 +294,7 @@ def test_scheduled_margin_step_and_linear():
 
 
 def test_avgmaxpool_and_identity_pooling():
-    from metric.core.errors import ConfigError
+    from metric.utils.errors import ConfigError
     from metric.modeling.layers.pooling import AvgMaxPool, IdentityPool
 
     x = torch.rand(2, 3, 4, 5)

@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 
-from metric.core.errors import MetricError
+from metric.utils.errors import MetricError
 from metric.retrieval import metrics_glr
 from metric.retrieval.groundtruth import read_glr_solution
 from metric.retrieval.metrics import glr_map_at_k, make_synthetic_glr

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from metric.core.errors import MetricError
+from metric.utils.errors import MetricError
 from metric.retrieval.metrics import labelled_metrics
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from metric.core.errors import MetricError
+from metric.utils.errors import MetricError
 from metric.retrieval.groundtruth import read_revisited_gnd
 from metric.retrieval.metrics import rank_index, revisited_map
 

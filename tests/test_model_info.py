@@ -80,7 +80,7 @@ def _tool():
 
 
 def test_tool_prints_complexity_lists_names_and_reports_errors(capsys):
-    from metric.core.cli import run_tool
+    from metric.utils.cli import run_tool
 
     tool = _tool()
     assert run_tool(tool.main, ["--list"]) == 0

@@ -74,7 +74,7 @@ def test_eval_model_needs_no_labels_and_returns_unnormalized_embedding():
 
 
 def test_in_feat_mismatch_is_a_config_error():
-    from metric.core.errors import ConfigError
+    from metric.utils.errors import ConfigError
 
     cfg = load_cfg(None, ["MODEL.DEPTH", "18", "MODEL.HEADS.IN_FEAT", "2048"])
     with pytest.raises(ConfigError, match="MODEL.HEADS.IN_FEAT=2048.*512"):

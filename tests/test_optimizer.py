@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from metric import build_model, load_cfg
-from metric.core.optimizer import build_optimizer, build_scheduler, get_epoch_lr
+from metric.engine.optimizer import build_optimizer, build_scheduler, get_epoch_lr
 
 
 def _cfg(*opts):

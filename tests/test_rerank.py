@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from metric.core.errors import MetricError
+from metric.utils.errors import MetricError
 from metric.retrieval.rerank import database_augmentation, expand, query_expansion
 from metric.retrieval.search import search
 

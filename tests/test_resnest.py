@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metric import load_cfg
-from metric.core.errors import ConfigError
+from metric.utils.errors import ConfigError
 from metric.modeling.backbones.resnest import ResNeSt
 from metric.modeling.builders import build_backbone
 from tests.conftest import REPO

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from metric.core.cli import run_tool
-from metric.core.errors import FeatureStoreError
+from metric.utils.cli import run_tool
+from metric.utils.errors import FeatureStoreError
 from metric.retrieval.ann import load_ann_index
 from metric.retrieval.results import read_results_csv, read_scores_csv
 from metric.retrieval.search import search

@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metric.core.errors import ConfigError
+from metric.utils.errors import ConfigError
 from metric.datasets.samplers import PKSampler, max_pk_batches
 
 
@@ -115,7 +115,7 @@ def test_two_gloo_processes_split_the_epoch(tmp_path):
 
 
 def test_loader_uses_pk_batches(tiny_data, tmp_path):
-    from metric.core.config import load_cfg
+    from metric.config import load_cfg
     from metric.datasets.loader import build_train_loader
     from tests.conftest import tiny_opts
 
@@ -139,7 +139,7 @@ def test_two_process_training_with_pk_sampler_and_triplet_only(tiny_data, tmp_pa
     """DDP with only a pairwise loss: the classifier gets a zero gradient, ranks stay identical."""
     import socket
 
-    from metric.core.logger import read_stats
+    from metric.utils.logger import read_stats
     from tests.conftest import run_py, tiny_opts
 
     with socket.socket() as s:

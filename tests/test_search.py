@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from metric.core.errors import DataError, MetricError
+from metric.utils.errors import DataError, MetricError
 from metric.retrieval.results import read_results_csv, read_scores_csv, write_results_csv
 from metric.retrieval.search import resolve_backend, search
 from metric.retrieval.store import load_features, save_features

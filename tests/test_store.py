@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from metric.core.errors import FeatureStoreError
+from metric.utils.errors import FeatureStoreError
 from metric.retrieval import store as store_mod
 from metric.retrieval.store import (
     import_features,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metric import build_model, load_cfg, load_weights
-from metric.core.errors import ConfigError
+from metric.utils.errors import ConfigError
 
 timm = pytest.importorskip("timm")
 

@@ -7,9 +7,9 @@ import socket
 import pytest
 import torch
 
-from metric.core.checkpoint import list_checkpoints, read_checkpoint
-from metric.core.cli import run_tool
-from metric.core.logger import read_stats
+from metric.checkpoint import list_checkpoints, read_checkpoint
+from metric.utils.cli import run_tool
+from metric.utils.logger import read_stats
 from tests.conftest import run_py, tiny_opts
 
 
@@ -48,7 +48,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_data, tmp_path):
     run_py(["tools/train_metric.py", *tiny_opts(tiny_data, straight, **extra)], check=True)
     killer = (
         "import os, runpy, sys\n"
-        "import metric.core.checkpoint as cp\n"
+        "import metric.checkpoint as cp\n"
         "real = cp.save_checkpoint\n"
         "def save_then_die(path, state):\n"
         "    real(path, state)\n"

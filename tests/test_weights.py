@@ -10,8 +10,8 @@ import torch
 import torchvision
 
 from metric import build_model, load_cfg, load_weights
-from metric.core.errors import CheckpointError
-from metric.modeling.weights import detect_format, torchvision_to_pycls
+from metric.utils.errors import CheckpointError
+from metric.checkpoint.convert import detect_format, torchvision_to_pycls
 from tests.conftest import REPO
 
 COMPAT = os.path.join(REPO, "tests", "data", "pymetric_state_dict_keys.json")

@@ -7,7 +7,7 @@
 
 import sys
 
-from metric.core.cli import make_parser, run_tool
+from metric.utils.cli import make_parser, run_tool
 from metric.retrieval.ann import ANN_TYPES, build_ann_index
 
 

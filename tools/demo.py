@@ -2,8 +2,8 @@
 
 import sys
 
-from metric.core.cli import make_parser, run_tool
-from metric.core.demo import DEMO_CONFIG, format_table, run_demo
+from metric.utils.cli import make_parser, run_tool
+from metric.engine.demo import DEMO_CONFIG, format_table, run_demo
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ Prints a table; ``--json FILE`` also writes the metrics (fractions in [0, 1]).
 
 import sys
 
-from metric.core.cli import make_parser, run_tool
+from metric.utils.cli import make_parser, run_tool
 from metric.retrieval.metrics import check_json_path, evaluate, format_table, write_json
 
 

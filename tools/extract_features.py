@@ -9,9 +9,9 @@ SRC is a list file or an image folder; see docs/RETRIEVAL.md.
 
 import sys
 
-from metric.core.cli import make_parser, run_tool
-from metric.core.config import load_cfg
-from metric.retrieval.extract import extract_features
+from metric.utils.cli import make_parser, run_tool
+from metric.config import load_cfg
+from metric.engine.extract import extract_features
 
 
 def main(argv=None):

@@ -1,14 +1,14 @@
-"""Regenerate docs/CONFIG.md from the comments in metric/core/config.py."""
+"""Regenerate docs/CONFIG.md from the comments in metric/config/defaults.py."""
 
 import os
 import sys
 
-from metric.core.cli import make_parser, run_tool
-from metric.core.config_doc import render_config_doc
+from metric.utils.cli import make_parser, run_tool
+from metric.config.doc import render_config_doc
 
 
 def main(argv=None):
-    parser = make_parser("Regenerate docs/CONFIG.md from metric/core/config.py.", config=False)
+    parser = make_parser("Regenerate docs/CONFIG.md from metric/config/defaults.py.", config=False)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser.add_argument("--output", default=os.path.join(repo, "docs", "CONFIG.md"))
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@
 
 import sys
 
-from metric.core.cli import make_parser, run_tool
+from metric.utils.cli import make_parser, run_tool
 from metric.datasets.gldv2 import convert_gldv2
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import metric
-from metric.core.cli import make_parser, run_tool
+from metric.utils.cli import make_parser, run_tool
 from metric.datasets.demo import make_demo_dataset
 
 

@@ -11,8 +11,8 @@ real images match our PyTorch extraction (cosine >= 0.9999). See docs/EXPORT.md.
 
 import sys
 
-from metric.core.cli import run_tool
-from metric.core.config import load_cfg
+from metric.utils.cli import run_tool
+from metric.config import load_cfg
 from metric.export import parse_tool_args
 from metric.export.kaggle import make_kaggle_model
 from metric.export.onnx import format_results, read_image

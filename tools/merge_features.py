@@ -6,7 +6,7 @@
 
 import sys
 
-from metric.core.cli import make_parser, run_tool
+from metric.utils.cli import make_parser, run_tool
 from metric.retrieval.store import load_features, merge_stores
 
 

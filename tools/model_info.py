@@ -8,8 +8,8 @@
 import json
 import sys
 
-from metric.core.cli import make_parser, run_tool
-from metric.core.config import load_cfg
+from metric.utils.cli import make_parser, run_tool
+from metric.config import load_cfg
 
 
 def main(argv=None):

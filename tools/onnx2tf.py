@@ -11,7 +11,7 @@ this tool wrote it. Fails if an fp32 model differs from onnxruntime by more than
 
 import sys
 
-from metric.core.cli import run_tool
+from metric.utils.cli import run_tool
 from metric.export import parse_tool_args
 from metric.export.onnx import format_results, read_image
 from metric.export.tensorflow import convert_onnx_to_tf

@@ -8,7 +8,7 @@
 
 import sys
 
-from metric.core.cli import make_parser, run_tool
+from metric.utils.cli import make_parser, run_tool
 from metric.retrieval.rerank import search_stores
 from metric.retrieval.search import BACKENDS
 

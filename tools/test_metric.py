@@ -5,9 +5,9 @@
 
 import sys
 
-from metric.core.cli import make_parser, run_tool
-from metric.core.config import load_cfg
-from metric.core.evaluator import evaluate_model, format_metrics
+from metric.utils.cli import make_parser, run_tool
+from metric.config import load_cfg
+from metric.engine.evaluator import evaluate_model, format_metrics
 from metric.retrieval.metrics import check_json_path, write_json
 
 

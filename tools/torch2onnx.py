@@ -10,8 +10,8 @@ input and on a real image (--image, default a built-in sample photo). See docs/E
 
 import sys
 
-from metric.core.cli import run_tool
-from metric.core.config import load_cfg
+from metric.utils.cli import run_tool
+from metric.config import load_cfg
 from metric.export import parse_tool_args
 from metric.export.onnx import DEFAULT_OPSET, export_checked_onnx, format_results, read_image
 

@@ -6,9 +6,9 @@
 
 import sys
 
-from metric.core.cli import make_parser, run_tool
-from metric.core.config import load_cfg
-from metric.core.trainer import train_model
+from metric.utils.cli import make_parser, run_tool
+from metric.config import load_cfg
+from metric.engine.trainer import train_model
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ from collections import defaultdict
 import numpy as np
 from torch.utils.data import Dataset
 
-from metric.core.errors import DataError
+from metric.utils.errors import DataError
 from metric.datasets.transforms import decode_image
 
 logger = logging.getLogger(__name__)

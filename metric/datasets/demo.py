@@ -37,7 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from metric.core.errors import DataError
+from metric.utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import os
 import random
 from collections import defaultdict
 
-from metric.core.errors import DataError
+from metric.utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Paths are relative to the data set folder (absolute paths are kept as they are).
 import logging
 import os
 
-from metric.core.errors import DataError
+from metric.utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 

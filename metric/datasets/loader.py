@@ -6,7 +6,7 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from metric.core.errors import ConfigError, DataError
+from metric.utils.errors import ConfigError, DataError
 from metric.datasets.dataset import ListDataset
 from metric.datasets.listfile import dataset_list_path, read_list
 from metric.datasets.samplers import PKSampler

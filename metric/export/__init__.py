@@ -5,11 +5,11 @@ The submodules are imported explicitly (``from metric.export.onnx import export_
 :mod:`.tensorflow` and :mod:`.kaggle` also run as worker scripts inside ``.venv-tf``.
 """
 
-from metric.core.cli import make_parser
+from metric.utils.cli import make_parser
 
 
 def parse_tool_args(description, add_flags, argv=None, config=True, required=()):
-    """Parse a tool's command line: :func:`metric.core.cli.make_parser` plus the flags that
+    """Parse a tool's command line: :func:`metric.utils.cli.make_parser` plus the flags that
     ``add_flags(parser)`` adds (options may follow the ``KEY VALUE`` overrides). ``required``
     names flags (by dest) that must be given."""
     parser = make_parser(description, config=config)

@@ -32,7 +32,7 @@ STD = (0.229, 0.224, 0.225)
 
 
 def _export_error(message):
-    from metric.core.errors import ExportError  # not importable in the worker's environment
+    from metric.utils.errors import ExportError  # not importable in the worker's environment
 
     return ExportError(message)
 
@@ -68,9 +68,9 @@ def check_images(max_side, image=None):
 
 
 def torch_descriptors(model, images, max_side):
-    """Our PyTorch extraction (:func:`metric.retrieval.extract.describe_images`, one scale, no
+    """Our PyTorch extraction (:func:`metric.engine.extract.describe_images`, one scale, no
     flip): the reference the submission model must reproduce."""
-    from metric.retrieval.extract import describe_images
+    from metric.engine.extract import describe_images
 
     return list(describe_images(model, images, max_side))
 
@@ -103,7 +103,7 @@ def make_kaggle_model(cfg, output, image=None, opset=None, threads=None, min_cos
     """Build the submission zip ``output`` for the model of ``cfg`` (weights ``TEST.WEIGHTS``,
     longer image side ``TEST.IM_SIZE``). Returns a report with every check's numbers; raises
     :class:`ExportError` if a check fails or the inputs are unusable."""
-    from metric.core.errors import MetricError
+    from metric.utils.errors import MetricError
     from metric.export.onnx import DEFAULT_OPSET, diff_stats, export_onnx, load_export_model, verify_onnx
     from metric.export.tensorflow import convert_onnx_to_tf, keep_log, run_worker, tf_python
 

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from metric.core.errors import ExportError
+from metric.utils.errors import ExportError
 from metric.datasets.transforms import decode_image, resize_longer, resize_shorter, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def load_export_model(cfg):
     """The model of ``cfg`` with the weights ``cfg.TEST.WEIGHTS``, in eval mode. Unlike training,
     export insists that the weights fit the embedding model exactly (only the classifier, which is
     not exported, may differ or be missing)."""
-    from metric.core.checkpoint import load_inference_weights
+    from metric.checkpoint import load_inference_weights
     from metric.modeling import build_model
 
     path = cfg.TEST.WEIGHTS

@@ -45,7 +45,7 @@ CALIBRATION_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"  # o
 
 
 def _export_error(message):
-    from metric.core.errors import ExportError  # not importable in the worker's environment
+    from metric.utils.errors import ExportError  # not importable in the worker's environment
 
     return ExportError(message)
 
@@ -188,7 +188,7 @@ def convert_onnx_to_tf(onnx_path, out_dir, tflite=False, fp16=False, keep_nchw=F
     onnxruntime by more than ``tol`` relative (default :data:`metric.export.onnx.REL_TOL`).
     On failure nothing is written but the worker's log, kept as ``failed_log`` (default
     ``OUTDIR.failed.log``) and named in the error."""
-    from metric.core.errors import MetricError
+    from metric.utils.errors import MetricError
     from metric.export.onnx import REL_TOL, diff_stats, onnx_signature, run_onnxruntime
 
     tol = REL_TOL if tol is None else tol

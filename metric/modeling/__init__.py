@@ -1,5 +1,6 @@
 """Models: backbones, heads, layers, losses and their builders."""
 
-from metric.modeling import registries  # noqa: F401  (fills the registries)
+# Importing the implementation packages fills the registries of metric.modeling.registries.
+from metric.modeling import backbones, heads, layers, losses  # noqa: F401
 from metric.modeling.builders import build_backbone, build_head, build_loss, build_model  # noqa: F401
 from metric.modeling.model import MetricModel  # noqa: F401

@@ -2,7 +2,7 @@
 
 import torch
 
-from metric.core.errors import ConfigError
+from metric.utils.errors import ConfigError
 from metric.modeling.layers.margin_policy import dynamic_margins, scheduled_margin
 from metric.modeling.losses.combined import CombinedLoss
 from metric.modeling.model import MetricModel

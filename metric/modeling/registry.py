@@ -2,7 +2,8 @@
 
 import difflib
 
-from metric.core.errors import ConfigError
+from metric.config import register_name_source
+from metric.utils.errors import ConfigError
 
 
 class Registry:
@@ -17,13 +18,16 @@ class Registry:
 
         POOL_LAYERS.get("gempool")  # -> the class
 
-    An unknown name raises :class:`ConfigError` listing the known names.
+    An unknown name raises :class:`ConfigError` listing the known names. A registry made with a
+    config ``key`` is also what :func:`metric.config.validate` checks that key's value against.
     """
 
     def __init__(self, what, key=None):
         self.what = what
         self.key = key
         self._items = {}
+        if key:  # the config checker asks this registry which names KEY allows
+            register_name_source(key, self)
 
     def register(self, *names):
         def deco(obj):

@@ -20,7 +20,7 @@ import uuid
 
 import numpy as np
 
-from metric.core.errors import FeatureStoreError, MetricError
+from metric.utils.errors import FeatureStoreError, MetricError
 from metric.retrieval.search import as_matrix, check_dims, check_topk, search
 from metric.retrieval.store import load_features, read_json_object
 

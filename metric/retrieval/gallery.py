@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from metric.core.errors import DataError
+from metric.utils.errors import DataError
 from metric.retrieval.groundtruth import read_glr_solution
 from metric.retrieval.results import check_output_file, read_results_csv, read_scores_csv
 

@@ -16,7 +16,7 @@ import pickle
 
 import numpy as np
 
-from metric.core.errors import MetricError
+from metric.utils.errors import MetricError
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import uuid
 
 import numpy as np
 
-from metric.core.errors import MetricError
+from metric.utils.errors import MetricError
 from metric.retrieval.groundtruth import (
     labels_for_ids,
     read_glr_solution,

@@ -34,7 +34,7 @@ import logging
 
 import numpy as np
 
-from metric.core.errors import MetricError
+from metric.utils.errors import MetricError
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import torch
 
-from metric.core.errors import MetricError
+from metric.utils.errors import MetricError
 
 logger = logging.getLogger(__name__)
 

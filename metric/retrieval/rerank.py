@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from metric.core.errors import MetricError
+from metric.utils.errors import MetricError
 from metric.retrieval.search import as_matrix, search
 
 logger = logging.getLogger(__name__)

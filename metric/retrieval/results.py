@@ -12,7 +12,7 @@ import uuid
 
 import numpy as np
 
-from metric.core.errors import DataError
+from metric.utils.errors import DataError
 
 RESULTS_HEADER = ("id", "images")
 SCORES_HEADER = ("id", "scores")

@@ -26,7 +26,7 @@ import logging
 import numpy as np
 import torch
 
-from metric.core.errors import DataError, MetricError
+from metric.utils.errors import DataError, MetricError
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import uuid
 
 import numpy as np
 
-from metric.core.errors import FeatureStoreError
+from metric.utils.errors import FeatureStoreError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import math
 
 import torch.nn as nn
 
-from metric.core.errors import ConfigError
+from metric.utils.errors import ConfigError
 from metric.modeling.registries import BACKBONES
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metric.core.errors import ConfigError
+from metric.utils.errors import ConfigError
 from metric.modeling.registries import POOL_LAYERS
 
 

@@ -25,7 +25,7 @@ import re
 
 import yaml
 
-from metric.core.errors import CheckpointError
+from metric.utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

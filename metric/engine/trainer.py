@@ -16,14 +16,14 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from metric.core import checkpoint as cp
-from metric.core import distributed as du
-from metric.core.config import dump_cfg
-from metric.core.errors import CheckpointError, TrainingError
-from metric.core.evaluator import evaluate_retrieval, format_metrics
-from metric.core.logger import FILE_ONLY, StatsWriter, format_seconds, setup_logging
-from metric.core.optimizer import build_optimizer, build_scheduler
-from metric.core.rng import get_rng_state, seed_everything, set_rng_state
+import metric.checkpoint as cp
+from metric.utils import distributed as du
+from metric.config import dump_cfg
+from metric.utils.errors import CheckpointError, TrainingError
+from metric.engine.evaluator import evaluate_retrieval, format_metrics
+from metric.utils.logger import FILE_ONLY, StatsWriter, format_seconds, setup_logging
+from metric.engine.optimizer import build_optimizer, build_scheduler
+from metric.utils.rng import get_rng_state, seed_everything, set_rng_state
 from metric.datasets.loader import build_test_loader, build_train_loader, test_items, train_items
 from metric.modeling import build_loss, build_model
 from metric.modeling.builders import apply_dynamic_margins, apply_margin_schedule
@@ -304,7 +304,7 @@ class Trainer:
         du.barrier()
 
     def evaluate(self, epoch=None):
-        """Retrieval among the TEST images by label (see :mod:`metric.core.evaluator`)."""
+        """Retrieval among the TEST images by label (see :mod:`metric.engine.evaluator`)."""
         metrics = evaluate_retrieval(
             self.model, self.test_loader, self.device, self.amp_dtype, self.channels_last, self.info.is_master
         )

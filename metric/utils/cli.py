@@ -1,7 +1,7 @@
 """Shared plumbing for the thin command-line tools in ``tools/``.
 
 A tool defines ``main(argv)`` and ends with ``sys.exit(run_tool(main))``.
-User errors (:class:`~metric.core.errors.MetricError`) become one line on
+User errors (:class:`~metric.utils.errors.MetricError`) become one line on
 stderr and exit status 2; Ctrl-C becomes exit status 130; bugs keep their
 traceback.
 """
@@ -10,8 +10,8 @@ import argparse
 import os
 import sys
 
-from metric.core.errors import MetricError
-from metric.core.logger import setup_logging
+from metric.utils.errors import MetricError
+from metric.utils.logger import setup_logging
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

@@ -4,7 +4,7 @@ Every user-facing mistake (bad config value, missing file, malformed list line,
 incompatible checkpoint, ...) raises a subclass of :class:`MetricError` with a
 one-line message that names the offending thing and says how to fix it.
 Command-line tools catch these, print the line to stderr and exit with status 2
-(see :func:`metric.core.cli.run_tool`). Bugs keep raising ordinary exceptions.
+(see :func:`metric.utils.cli.run_tool`). Bugs keep raising ordinary exceptions.
 """
 
 

@@ -10,13 +10,13 @@ stores, exact search (top 100), Google Landmark Retrieval mAP@100 against the de
 import logging
 import os
 
-from metric.core.checkpoint import list_checkpoints
-from metric.core.config import load_cfg
-from metric.core.evaluator import evaluate_model
-from metric.core.trainer import train_model
+from metric.checkpoint import list_checkpoints
+from metric.config import load_cfg
+from metric.engine.evaluator import evaluate_model
+from metric.engine.trainer import train_model
 from metric.datasets.demo import make_demo_dataset
 from metric.datasets.listfile import resolve_data_dir
-from metric.retrieval.extract import extract_features
+from metric.engine.extract import extract_features
 from metric.retrieval.gallery import build_gallery
 from metric.retrieval.metrics import evaluate_glr
 from metric.retrieval.rerank import search_stores

@@ -10,12 +10,12 @@ import time
 
 import torch
 
-from metric.core import checkpoint as cp
-from metric.core import distributed as du
-from metric.core.rng import seed_everything
+import metric.checkpoint as cp
+from metric.utils import distributed as du
+from metric.utils.rng import seed_everything
 from metric.datasets.loader import build_test_loader
 from metric.modeling import build_model
-from metric.retrieval.embed import embed_loader, gather_interleaved
+from metric.engine.embed import embed_loader, gather_interleaved
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Validation of a merged config: allowed sets, ranges and cross-key rules, in one place.
-Every problem is a :class:`~metric.core.errors.ConfigError` naming the key, the value and what
+Every problem is a :class:`~metric.utils.errors.ConfigError` naming the key, the value and what
 is allowed."""
 
 import difflib
 
-from metric.core.config import _DEFAULTS, CURRENT_VERSION
-from metric.core.errors import ConfigError
+from metric.config.defaults import _DEFAULTS, CURRENT_VERSION
+from metric.utils.errors import ConfigError
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
 RESNEST_DEPTHS = (50, 101, 200, 269)
@@ -99,17 +99,16 @@ _RULES = {
 }
 
 
-def _registry_rules():
-    """Allowed names that come from the model registries (imported lazily)."""
-    from metric.modeling import registries as r
+# Names whose allowed values come from registries in the layers above (the model registries):
+# a registry created with a config key adds itself here (see
+# :class:`metric.modeling.registry.Registry`), so the names are listed in one place only.
+_NAME_SOURCES = {}
 
-    return {
-        "MODEL.TYPE": r.BACKBONES,
-        "MODEL.HEADS.NAME": r.HEADS,
-        "MODEL.HEADS.POOL_LAYER": r.POOL_LAYERS,
-        "MODEL.HEADS.CLS_LAYER": r.MARGIN_LAYERS,
-        "MODEL.LOSSES.NAME": r.LOSSES,
-    }
+
+def register_name_source(key, registry):
+    """Let ``registry`` (anything with ``__contains__`` and ``names()``) decide the allowed
+    values of the config ``key`` (a name, or a list of names)."""
+    _NAME_SOURCES[key] = registry
 
 
 def _get(c, key):
@@ -177,7 +176,7 @@ def validate(c):
         value = _get(c, key)
         if not ok(value):
             _fail(key, value, allowed)
-    for key, registry in _registry_rules().items():
+    for key, registry in _NAME_SOURCES.items():
         value = _get(c, key)
         for name in value if isinstance(value, list) else [value]:  # MODEL.LOSSES.NAME is a list
             if name not in registry:

@@ -1,89 +1,20 @@
-"""Checkpoints: atomic writes, auto-resume, weight loading.
-
-A checkpoint is ``OUT_DIR/checkpoints/model_epoch_XXXX.pyth`` (XXXX = epochs
-completed), a dict with ``epoch`` (0-based index of the last completed epoch, as
-in the original project), ``model_state``, ``optimizer_state``,
-``scheduler_state``, ``scaler_state``, ``rng_states`` (one entry per process),
-``cfg`` (the merged config as yaml) and ``version``. It is written to a temporary
-name and renamed into place, so a kill at any moment leaves the previous
-checkpoint complete. Every read uses ``torch.load(weights_only=True)``.
-
-:func:`load_weights` also takes the original project's checkpoints and ImageNet
-state dicts (torchvision ResNet, ResNeSt, pycls, timm); which one a file is, is
-decided by its content in :mod:`metric.modeling.weights`.
+"""Putting weights into a model: our checkpoints (resume and inference), the original
+project's, and ImageNet state dicts (torchvision ResNet, ResNeSt, pycls, timm), whose kind is
+decided by content in :mod:`metric.checkpoint.convert`. Missing, unexpected and mis-shaped keys
+are named, never dropped silently.
 """
 
-import glob
 import hashlib
 import logging
 import os
-import re
 
 import torch
 
-from metric.core.errors import CheckpointError
+from metric.checkpoint.convert import convert_state
+from metric.checkpoint.io import read_checkpoint
+from metric.utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_VERSION = 1
-_NAME = "model_epoch_{:04d}.pyth"
-_PATTERN = re.compile(r"model_epoch_(\d{4,})\.pyth$")
-
-
-def checkpoint_dir(out_dir):
-    return os.path.join(out_dir, "checkpoints")
-
-
-def checkpoint_path(out_dir, epoch):
-    """Path of the checkpoint written after 0-based ``epoch``."""
-    return os.path.join(checkpoint_dir(out_dir), _NAME.format(epoch + 1))
-
-
-def list_checkpoints(out_dir):
-    """Complete checkpoints, oldest first (temporary files are ignored)."""
-    found = []
-    for path in glob.glob(os.path.join(checkpoint_dir(out_dir), "model_epoch_*.pyth")):
-        m = _PATTERN.search(os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
-
-
-def save_checkpoint(path, state):
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({**state, "version": CHECKPOINT_VERSION}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def read_checkpoint(path):
-    """``torch.load(path, weights_only=True)`` on CPU, with one-line errors."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for bad files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read weights file {path}: {first}") from None
-
-
-def latest_checkpoint(out_dir):
-    """``(path, state)`` of the newest readable checkpoint, or ``(None, None)``."""
-    for path in reversed(list_checkpoints(out_dir)):
-        try:
-            return path, read_checkpoint(path)
-        except CheckpointError as err:
-            logger.warning("skipping unreadable checkpoint: %s", err)
-    return None, None
 
 
 def model_state_of(obj, source="weights"):
@@ -97,8 +28,10 @@ def model_state_of(obj, source="weights"):
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
+
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
+
 
 
 def _as_model_keys(state, model_keys):
@@ -112,9 +45,11 @@ def _as_model_keys(state, model_keys):
     return state
 
 
+
 # Keys of the margin layer; when only their first dimension (the class count) differs, the
 # weights come from training on other classes and the layer is left as initialized.
 CLASSIFIER_PREFIX = "head.classifier."
+
 
 
 def _class_count_change(key, file_shape, model_shape):
@@ -125,8 +60,10 @@ def _class_count_change(key, file_shape, model_shape):
     )
 
 
+
 def _names(keys, most=10):
     return ", ".join(keys[:most]) + (f", ... ({len(keys) - most} more)" if len(keys) > most else "")
+
 
 
 def load_state(model, state, source="weights", fit=False):
@@ -175,14 +112,13 @@ def load_state(model, state, source="weights", fit=False):
     return missing, unexpected
 
 
+
 def load_weights(model, path, fit=False):
     """Load initial weights into ``model`` (``metric.load_weights``), detecting the file's kind by
-    its content (see :mod:`metric.modeling.weights`): a checkpoint of ours or of the original
+    its content (see :mod:`metric.checkpoint.convert`): a checkpoint of ours or of the original
     pymetric project, a bare model or backbone state dict, a torchvision ResNet, a released
     ResNeSt or a pycls ImageNet state dict, or a timm state dict for a timm backbone.
     Returns ``(missing, unexpected)`` key lists."""
-    from metric.modeling.weights import convert_state
-
     if os.path.isdir(path):
         raise CheckpointError(f"weights path {path} is a folder: name the weights file in it")
     obj = read_checkpoint(path)
@@ -193,8 +129,10 @@ def load_weights(model, path, fit=False):
     return missing, unexpected
 
 
+
 def _is_classifier(key):
     return key.startswith("head.classifier.")
+
 
 
 def load_inference_weights(model, path):
@@ -202,6 +140,7 @@ def load_inference_weights(model, path):
     outside the training-only classifier must match, so a config that does not fit the weights
     (another pooling, a BN neck more or less, ...) is an error instead of a silently different model."""
     return load_weights(model, path, fit=True)
+
 
 
 def load_for_resume(model, state, path):
@@ -215,6 +154,7 @@ def load_for_resume(model, state, path):
             "use a new OUT_DIR, or TRAIN.AUTO_RESUME False and TRAIN.WEIGHTS to start from it"
         )
     unwrap(model).load_state_dict(weights)
+
 
 
 def model_config_differences(saved_yaml, cfg):
@@ -239,6 +179,7 @@ def model_config_differences(saved_yaml, cfg):
     return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
 
 
+
 def weights_digest(model):
     """A short hash of every parameter and buffer (to compare ranks, runs or extractions)."""
     h = hashlib.sha256()
@@ -246,3 +187,4 @@ def weights_digest(model):
         h.update(key.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+

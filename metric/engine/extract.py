@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from metric.core import checkpoint as cp
-from metric.core import distributed as du
-from metric.core.errors import ConfigError, DataError
+import metric.checkpoint as cp
+from metric.utils import distributed as du
+from metric.utils.errors import ConfigError, DataError
 from metric.datasets.listfile import read_list
 from metric.datasets.transforms import center_crop, decode_image, resize_longer, resize_shorter, to_tensor
 from metric.modeling import build_model

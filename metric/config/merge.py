@@ -1,8 +1,8 @@
 """Loading and merging configs: yaml files (with ``_BASE_`` inheritance and the upgrade of
 original-project files), ``KEY VALUE`` overrides, type checks and did-you-mean hints.
 
-The keys themselves and their defaults are in :mod:`metric.core.config`; allowed values are
-checked by :mod:`metric.core.config_check`.
+The keys themselves and their defaults are in :mod:`metric.config`; allowed values are
+checked by :mod:`metric.config.check`.
 """
 
 import ast
@@ -15,9 +15,9 @@ import yaml
 
 from yacs.config import CfgNode
 
-from metric.core.config import _DEFAULTS, CURRENT_VERSION
-from metric.core.config_check import validate
-from metric.core.errors import ConfigError
+from metric.config.defaults import _DEFAULTS, CURRENT_VERSION
+from metric.config.check import validate
+from metric.utils.errors import ConfigError
 
 # Element types of list-valued keys whose default is empty or ambiguous.
 _LIST_ELEMENT_TYPES = {

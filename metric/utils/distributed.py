@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metric.core.errors import ConfigError, MetricError
+from metric.utils.errors import ConfigError, MetricError
 
 logger = logging.getLogger(__name__)
 

@@ -1,12 +1,13 @@
-"""Render docs/CONFIG.md from the comments in metric/core/config.py."""
+"""Render docs/CONFIG.md from the comments in metric/config/defaults.py."""
 
 import re
 
-from metric.core import config as config_mod
+from metric.config import defaults as config_mod
+from metric.config.merge import get_cfg
 
 _HEADER = """# Config reference
 
-Generated from the comments in `metric/core/config.py` by `python tools/gen_config_doc.py`;
+Generated from the comments in `metric/config/defaults.py` by `python tools/gen_config_doc.py`;
 do not edit by hand. Set keys in a yaml file (`--cfg FILE`, which may inherit from others
 with `_BASE_: other.yaml`) or on the command line as `KEY VALUE` pairs after it. Unknown
 keys, wrong types and values outside the allowed set stop the tool with a one-line error.
@@ -17,7 +18,7 @@ def _sections():
     """[(section title, [(key, default, comment)])] in file order."""
     lines = open(config_mod.__file__, encoding="utf-8").read().splitlines()
     sections, current, block = [], None, []
-    defaults = config_mod.get_cfg()
+    defaults = get_cfg()
     for i, line in enumerate(lines):
         if line.startswith("# The machinery, re-exported"):
             break

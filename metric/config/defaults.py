@@ -7,10 +7,10 @@ project so its yaml files merge unchanged.
 
 Use :func:`load_cfg` (or ``metric.load_cfg``) to get a merged, validated copy:
 defaults <- yaml file (with ``_BASE_`` inheritance) <- ``KEY VALUE`` overrides.
-The merge (:mod:`metric.core.config_merge`) checks that every key exists (with a
+The merge (:mod:`metric.config.merge`) checks that every key exists (with a
 did-you-mean hint) and that every value has the right type; :func:`validate`
-(:mod:`metric.core.config_check`) then checks allowed sets, ranges and cross-key
-rules. All problems raise :class:`~metric.core.errors.ConfigError`.
+(:mod:`metric.config.check`) then checks allowed sets, ranges and cross-key
+rules. All problems raise :class:`~metric.utils.errors.ConfigError`.
 """
 
 from yacs.config import CfgNode
@@ -478,15 +478,3 @@ CURRENT_VERSION = 2
 
 _DEFAULTS = _C.clone()
 
-
-# The machinery, re-exported here so that ``metric.core.config`` stays the one import point.
-from metric.core.config_check import RESNEST_DEPTHS, RESNET_DEPTHS, _RULES, validate  # noqa: E402,F401
-from metric.core.config_merge import (  # noqa: E402,F401
-    all_keys,
-    dump_cfg,
-    get_cfg,
-    load_cfg,
-    merge_from_file,
-    merge_from_list,
-    upgrade_original,
-)

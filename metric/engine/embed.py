@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metric.core import distributed as du
+from metric.utils import distributed as du
 
 
 @torch.no_grad()

@@ -1,0 +1,23 @@
+"""Checkpoints and weights: file I/O (:mod:`.io`), loading into a model (:mod:`.load`) and the
+recognition and key mapping of foreign weight files (:mod:`.convert`)."""
+
+from metric.checkpoint.io import (  # noqa: F401
+    CHECKPOINT_VERSION,
+    checkpoint_dir,
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+)
+from metric.checkpoint.load import (  # noqa: F401
+    CLASSIFIER_PREFIX,
+    load_for_resume,
+    load_inference_weights,
+    load_state,
+    load_weights,
+    model_config_differences,
+    model_state_of,
+    unwrap,
+    weights_digest,
+)

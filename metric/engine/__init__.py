@@ -1,0 +1,2 @@
+"""Everything that runs a model: the predictor (config + weights -> eval model and its
+preprocessing), training, evaluation, feature extraction and the demo."""

@@ -1,0 +1,121 @@
+"""The package layers of metric/ (docs/ARCHITECTURE.md): each imports only from the layers below
+it, and no module imports itself back through others. Imports inside functions count too, so a
+cycle cannot hide behind a lazy import."""
+
+import ast
+import os
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metric")
+
+# Layer -> the layers (besides itself) it may import from.
+ALLOWED = {
+    "utils": set(),
+    "config": {"utils"},
+    "modeling": {"utils", "config"},
+    "datasets": {"utils", "config"},
+    "checkpoint": {"utils", "config", "modeling"},
+    "retrieval": {"utils"},
+    "engine": {"utils", "config", "modeling", "datasets", "checkpoint", "retrieval"},
+    "export": {"utils", "config", "modeling", "datasets", "checkpoint", "retrieval", "engine"},
+}
+
+
+def _modules():
+    """{module name: file path} of every module under metric/."""
+    out = {}
+    for dirpath, _, files in os.walk(ROOT):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
+                out[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = path
+    return out
+
+
+def import_graph():
+    """{module: {imported metric modules}} read from the source with ast."""
+    modules = _modules()
+    graph = {}
+    for mod, path in modules.items():
+        package = mod if path.endswith("__init__.py") else mod.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.split(".")[0] == "metric"}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                if target.split(".")[0] != "metric":
+                    continue
+                for alias in node.names:  # `from pkg import submodule` imports the submodule
+                    sub = f"{target}.{alias.name}"
+                    deps.add(sub if sub in modules else target)
+        graph[mod] = {d for d in deps if d in modules and d != mod}
+    return graph
+
+
+def _layer(mod):
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def upward_imports(graph):
+    bad = []
+    for mod, deps in graph.items():
+        layer = _layer(mod)
+        if layer is None:  # metric/__init__: the notebook API, on top of everything
+            continue
+        assert layer in ALLOWED, f"metric/{layer}/ is not a known layer: add it to ALLOWED and docs/ARCHITECTURE.md"
+        for dep in deps:
+            other = _layer(dep)
+            if other is None or (other != layer and other not in ALLOWED[layer]):
+                bad.append(f"{mod} imports {dep}")
+    return sorted(bad)
+
+
+def find_cycle(graph):
+    """One import cycle as a list of modules, or None. A package's ``__init__`` importing its own
+    submodules is not a cycle by itself; a submodule importing its package's ``__init__`` back
+    would make one and is reported."""
+    state = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state:
+                found = visit(dep, stack)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node, [])
+            if found:
+                return found
+    return None
+
+
+def test_no_upward_imports():
+    assert upward_imports(import_graph()) == []
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_checker_catches_violations():
+    """The checks can fail: an upward import and a cycle are both found."""
+    graph = {"metric.utils.a": {"metric.engine.b"}, "metric.engine.b": {"metric.utils.a"}}
+    assert upward_imports(graph) == ["metric.utils.a imports metric.engine.b"]
+    assert find_cycle(graph) == ["metric.engine.b", "metric.utils.a", "metric.engine.b"]
+
