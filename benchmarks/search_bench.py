@@ -112,11 +112,10 @@ def bench_extraction(args):
         return [], {}
     import tempfile
 
-    from torch.utils.data import DataLoader
-
     from metric import build_model, load_cfg
     from metric.datasets.demo import make_demo_dataset
-    from metric.engine.extract import MultiScaleDataset, _collate, extract_descriptors, list_images
+    from metric.engine.extract import list_images
+    from metric.engine.predictor import Predictor, Preprocess
 
     size, batch = args.extract_size, args.extract_batch
     cfg = load_cfg(None, ["MODEL.DEPTH", str(args.extract_depth), "MODEL.HEADS.IN_FEAT", "0",
@@ -127,13 +126,13 @@ def bench_extraction(args):
         make_demo_dataset(tmp + "/data", num_train_classes=2, train_per_class=2, num_heldout_classes=args.extract_images // 8,
                           queries_per_class=1, index_per_class=8, num_distractor_classes=0, image_size=size)
         paths = [p for _, p in list_images(tmp + "/data/index_list.txt")]
-        loader = DataLoader(MultiScaleDataset(paths, size, [1.0]), batch_size=batch, num_workers=args.extract_workers,
-                            collate_fn=_collate)
+        predictor = Predictor(model, "cpu", Preprocess(size))
+        loader = predictor.loader(paths, batch, args.extract_workers)
         x = torch.randn(batch, 3, size, size)
         n_batches = -(-len(paths) // batch)
 
         def ours():
-            extract_descriptors(model, loader, torch.device("cpu"))
+            predictor.run(loader)
 
         @torch.no_grad()
         def bare():

@@ -9,7 +9,8 @@ import torch
 from metric.utils.errors import DataError
 from metric.datasets.dataset import ListDataset
 from metric.datasets.listfile import read_list
-from metric.datasets.transforms import EvalTransform, TrainTransform, decode_image
+from metric.datasets.transforms import TrainTransform, decode_image
+from metric.engine.predictor import ImageViews, Preprocess
 
 
 def _write(path, text):
@@ -86,9 +87,11 @@ def test_class_without_readable_image_fails_clearly(tmp_path):
 
 def test_bad_eval_image_is_marked(tiny_data, tmp_path):
     items = _corrupt_items(tiny_data, tmp_path)
-    ds = ListDataset(items, EvalTransform(36, 32), on_bad="mark")
-    x, label, failed = ds[8]
-    assert failed == 1 and label == 1 and x.shape == (3, 32, 32)
+    ds = ImageViews([p for p, _ in items], Preprocess(36, [1.0, 0.5]))
+    views, index, failed = ds[8]
+    assert failed and index == 8 and views is None
+    views, index, failed = ds[0]
+    assert not failed and [tuple(v.shape) for v in views] == [(3, 30, 36), (3, 15, 18)]
 
 
 def test_augmentation_depends_on_seed_epoch_index_only(tiny_data):
@@ -101,8 +104,10 @@ def test_augmentation_depends_on_seed_epoch_index_only(tiny_data):
     assert not torch.equal(a[2][0], b[2][0])
 
 
-def test_test_transform_resizes_shorter_side_then_center_crops():
+def test_test_preprocess_keeps_aspect_or_center_crops():
     im = np.zeros((40, 80, 3), np.uint8)
     im[:, 38:42] = 255  # a bright centre column survives the center crop
-    x = EvalTransform(20, 16)(im)
+    (whole,) = Preprocess(20)(im)
+    assert whole.shape == (3, 10, 20)
+    (x,) = Preprocess(16, crop=True)(im)
     assert x.shape == (3, 16, 16) and x[0, :, 7:9].mean() > x[0, :, :3].mean()

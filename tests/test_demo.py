@@ -1,8 +1,13 @@
 """The demo pipeline end to end, on a reduced demo data set: training must improve retrieval."""
 
+import json
 import os
 
+import pytest
+
 from metric.engine.demo import DEMO_CONFIG, format_table, run_demo
+from metric.utils.cli import run_tool
+from test_predictor import _tool
 
 
 def test_demo_training_improves_heldout_retrieval(tmp_path):
@@ -22,3 +27,15 @@ def test_demo_training_improves_heldout_retrieval(tmp_path):
     assert os.path.isfile(result["gallery"])
     html = open(result["gallery"], encoding="utf-8").read()
     assert html.count("data:image/jpeg;base64") > 16
+    # one preprocessing: the held-out figures logged by the last training-time evaluation equal
+    # test_metric's and those of extract_features + evaluate on the same list
+    tests = [json.loads(line) for line in open(os.path.join(result["out_dir"], "stats.jsonl"), encoding="utf-8")
+             if '"test_epoch"' in line]
+    store, metrics_json = str(tmp_path / "heldout_store"), str(tmp_path / "heldout.json")
+    test_list = str(tmp_path / "data" / "demo" / "test_list.txt")
+    extra = ["TEST.WEIGHTS", result["checkpoint"], "INFER.INPUT", test_list, "INFER.OUTPUT", store]
+    assert run_tool(_tool("extract_features"), ["--cfg", DEMO_CONFIG] + opts + extra) == 0
+    assert run_tool(_tool("evaluate"), ["--query", store, "--query-labels", test_list, "--json", metrics_json]) == 0
+    extracted = json.load(open(metrics_json, encoding="utf-8"))
+    for key in ("recall@1", "mAP@R"):
+        assert tests[-1][key] == pytest.approx(after[key], abs=1e-6) == pytest.approx(extracted[key], abs=1e-6)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from metric import build_model, load_cfg
 from metric.utils.errors import DataError
 from metric.datasets.transforms import decode_image, resize_longer, to_tensor
-from metric.engine.extract import combine_views, list_images, shard_bounds
+from metric.engine.extract import list_images, shard_bounds
+from metric.engine.predictor import combine_views
 from metric.retrieval.store import load_features
 from tests.conftest import REPO, run_py
 

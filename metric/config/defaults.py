@@ -365,9 +365,10 @@ _C.TEST.SPLIT = "val_list.txt"
 # Total test batch size over all processes. Integer >= 1.
 _C.TEST.BATCH_SIZE = 200
 
-# Evaluation during training: test images are resized so the shorter side is TEST.IM_SIZE, then
-# center-cropped to TRAIN.IM_SIZE. Feature extraction and export: the longer side becomes
-# TEST.IM_SIZE (times each of INFER.SCALES), aspect ratio kept. Integer >= 8.
+# Test-time image size, the same for evaluation during training, tools/test_metric.py, feature
+# extraction and export (one preprocessing): the longer side becomes TEST.IM_SIZE times each of
+# INFER.SCALES, aspect ratio kept (with INFER.CENTER_CROP: the shorter side, then a centred
+# square). Integer >= 8.
 _C.TEST.IM_SIZE = 256
 
 # Weights used by the evaluation and extraction tools ("" = random initialization).

@@ -4,28 +4,15 @@ import logging
 from collections import Counter
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from metric.utils.errors import ConfigError, DataError
 from metric.datasets.dataset import ListDataset
 from metric.datasets.listfile import dataset_list_path, read_list
 from metric.datasets.samplers import PKSampler
-from metric.datasets.transforms import EvalTransform, TrainTransform
+from metric.datasets.transforms import TrainTransform
 
 logger = logging.getLogger(__name__)
-
-
-class ShardSampler(Sampler):
-    """Indices ``rank, rank + world, ...`` in order: every item exactly once over all ranks."""
-
-    def __init__(self, num_items, num_replicas=1, rank=0):
-        self.indices = list(range(rank, num_items, num_replicas))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
 
 
 def _per_process_batch(total, world_size, key):
@@ -102,12 +89,3 @@ def _pk_sampler(cfg, dataset, batch, rank, world_size):
             f"{batch // k} classes x {k} images per process; lower TRAIN.BATCH_SIZE"
         )
     return sampler
-
-
-def build_test_loader(cfg, rank=0, world_size=1, items=None):
-    """In list order, each rank its own slice ``rank::world_size`` (no padding, no repeats)."""
-    items = test_items(cfg) if items is None else items
-    batch = _per_process_batch(cfg.TEST.BATCH_SIZE, world_size, "TEST.BATCH_SIZE")
-    dataset = ListDataset(items, EvalTransform(cfg.TEST.IM_SIZE, cfg.TRAIN.IM_SIZE), on_bad="mark")
-    sampler = ShardSampler(len(dataset), world_size, rank)
-    return _loader(dataset, batch, sampler, cfg, drop_last=False, seed=cfg.RNG_SEED)

@@ -107,13 +107,3 @@ class TrainTransform:
         if self.flip and rng.random() < 0.5:
             im = im[:, ::-1]
         return to_tensor(color_jitter(im, self.jitter, rng))
-
-
-class EvalTransform:
-    """Resize the shorter side to ``resize``, center-crop ``crop``, normalize."""
-
-    def __init__(self, resize, crop):
-        self.resize, self.crop = resize, crop
-
-    def __call__(self, im, rng=None):
-        return to_tensor(center_crop(resize_shorter(im, self.resize), self.crop))

@@ -1,35 +1,47 @@
 """Retrieval evaluation of a model on a labelled list (the TEST split).
 
-Used by the trainer after epochs and by ``tools/test_metric.py``: every test image
-is embedded (L2-normalized), and each one queries all the others; the metrics
-are recall@1/5/10 and mAP@R by label. Never classifier accuracy.
+Used by the trainer after epochs and by ``tools/test_metric.py``. Every test image is described
+by the :class:`~metric.engine.predictor.Predictor` — the same preprocessing, views and
+combination as feature extraction, so the figures equal those of ``tools/extract_features.py`` +
+``tools/evaluate.py`` on the same list — and each one queries all the others; the metrics are
+recall@1/5/10 and mAP@R by label. Never classifier accuracy. Under DDP every rank describes the
+images ``rank::world`` and rank 0 scores them all.
 """
 
 import logging
 import time
 
-import torch
+import numpy as np
 
-import metric.checkpoint as cp
+from metric.datasets.loader import test_items
+from metric.engine.predictor import Predictor
+from metric.retrieval.metrics import labelled_metrics
 from metric.utils import distributed as du
-from metric.utils.rng import seed_everything
-from metric.datasets.loader import build_test_loader
-from metric.modeling import build_model
-from metric.engine.embed import embed_loader, gather_interleaved
 
 logger = logging.getLogger(__name__)
 
 
-def evaluate_retrieval(model, loader, device, amp_dtype=None, channels_last=False, is_master=True):
-    """Metrics dict on rank 0 (``None`` on other ranks). Unreadable images are left out and counted."""
-    from metric.retrieval.metrics import labelled_metrics
+def describe_items(predictor, paths, batch_size, num_workers=0, rank=0, world_size=1):
+    """Descriptors of ``paths`` split over ranks (``rank::world_size``), put back in list order on
+    every rank: ``(embeddings [n, D] float32, failed [n] bool)``; rows of failed images are zero."""
+    loader = predictor.loader(paths, batch_size, num_workers, indices=list(range(rank, len(paths), world_size)))
+    parts = du.all_gather_objects(predictor.run(loader))
+    emb = np.zeros((len(paths), predictor.embedding_dim), np.float32)
+    failed = np.zeros(len(paths), bool)
+    for part_emb, ok, bad in parts:
+        emb[ok] = part_emb
+        failed[bad] = True
+    return emb, failed
 
+
+def evaluate_retrieval(predictor, items, batch_size, num_workers=0, rank=0, world_size=1):
+    """Metrics dict of ``items`` ``[(path, label)]`` on rank 0 (``None`` on other ranks).
+    Unreadable images are left out and counted."""
     t0 = time.time()
-    emb, labels, failed = embed_loader(cp.unwrap(model), loader, device, amp_dtype, channels_last)
-    total = len(loader.dataset)
-    emb, labels, failed = (gather_interleaved(a, total) for a in (emb, labels, failed))
-    if not is_master:
+    emb, failed = describe_items(predictor, [p for p, _ in items], batch_size, num_workers, rank, world_size)
+    if rank != 0:
         return None
+    labels = np.array([label for _, label in items])
     keep = ~failed
     metrics = labelled_metrics(emb[keep], labels[keep])
     metrics.update(num_images=int(keep.sum()), bad_images=int(failed.sum()), time=time.time() - t0)
@@ -45,18 +57,12 @@ def format_metrics(metrics):
 
 
 def evaluate_model(cfg, weights=None):
-    """Build the model of ``cfg`` (seeded with RNG_SEED, so untrained weights equal a training
-    run's initial weights), load ``weights`` or ``TEST.WEIGHTS`` if given, and evaluate it on the
-    TEST split in this process."""
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    seed_everything(cfg.RNG_SEED)
-    model = build_model(cfg)
+    """Evaluate the predictor of ``cfg`` (random weights seeded by ``RNG_SEED`` equal a training
+    run's initial weights; ``weights`` or ``TEST.WEIGHTS`` if given) on the TEST split in this
+    process."""
     weights = weights or cfg.TEST.WEIGHTS
-    if weights:
-        cp.load_inference_weights(model, weights)
-    model.to(device)
-    loader = build_test_loader(cfg, 0, 1)
-    metrics = evaluate_retrieval(model, loader, device)
+    predictor = Predictor.from_cfg(cfg, weights=weights, missing_weights="ok")
+    metrics = evaluate_retrieval(predictor, test_items(cfg), cfg.TEST.BATCH_SIZE, cfg.DATA_LOADER.NUM_WORKERS)
     logger.info("eval%s: %s", f" of {weights}" if weights else " (random weights)", format_metrics(metrics))
     du.barrier()
     return metrics

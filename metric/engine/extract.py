@@ -5,12 +5,11 @@ list's folder, optionally followed by a label that is ignored — or a folder se
 recursively for images. An image's id is its file name without extension (the Kaggle
 convention) or, with ``INFER.ID_MODE relpath``, its path relative to the input.
 
-Preprocessing keeps the aspect ratio: the longer side becomes ``TEST.IM_SIZE * scale``
-for each of ``INFER.SCALES`` (no center crop unless ``INFER.CENTER_CROP``). Each view
-(scale, and its horizontal flip with ``INFER.FLIP``) gives an L2-normalized descriptor;
-views are combined by ``INFER.MULTISCALE_POOL`` — ``mean``, or ``gem``, the signed power
-mean ``sgn(m)|m|^(1/p)`` of ``m = mean(sgn(v)|v|^p)`` with ``p = INFER.MULTISCALE_P`` —
-and L2-normalized again.
+The model, its preprocessing and the combination of views are the
+:class:`~metric.engine.predictor.Predictor`'s (the same as evaluation during training):
+the longer side becomes ``TEST.IM_SIZE * scale`` for each of ``INFER.SCALES`` (aspect ratio
+kept; ``INFER.CENTER_CROP`` crops a centred square), plus horizontal flips with
+``INFER.FLIP``; views are combined by ``INFER.MULTISCALE_POOL`` and L2-normalized.
 
 Sharding: ``INFER.TOTAL_NUM N INFER.CUT_NUM k`` extracts the k-th of N contiguous slices
 into ``INFER.OUTPUT`` (a shard store, merged by ``tools/merge_features.py``). Under
@@ -26,19 +25,13 @@ import hashlib
 import logging
 import os
 import time
-from collections import defaultdict
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
 import metric.checkpoint as cp
 from metric.utils import distributed as du
+from metric.utils.io import abspath, mkdirs
 from metric.utils.errors import ConfigError, DataError
 from metric.datasets.listfile import read_list
-from metric.datasets.transforms import center_crop, decode_image, resize_longer, resize_shorter, to_tensor
-from metric.modeling import build_model
+from metric.engine.predictor import Predictor
 from metric.retrieval.store import check_output, is_complete_store, load_features, merge_stores, save_features
 
 logger = logging.getLogger(__name__)
@@ -95,99 +88,7 @@ def shard_bounds(count, total, cut):
     return min(count, (cut - 1) * per), min(count, cut * per)
 
 
-# --- preprocessing --------------------------------------------------------------
-
-class MultiScaleDataset(Dataset):
-    """``(views, index, failed)``: one normalized tensor per scale, longer side ``size * scale``."""
-
-    def __init__(self, paths, size, scales, center_crop=False):
-        self.paths, self.size, self.scales, self.center_crop = paths, size, list(scales), center_crop
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        im = decode_image(self.paths[i])
-        if im is None:
-            return None, i, True
-        return image_views(im, self.size, self.scales, self.center_crop), i, False
-
-
-def image_views(im, size, scales=(1.0,), crop=False):
-    """The normalized input tensors of an RGB uint8 image, one per scale: longer side
-    ``size * scale`` (aspect ratio kept), or with ``crop`` a centered square of that side."""
-    views = []
-    for s in scales:
-        target = max(8, int(round(size * s)))
-        if crop:
-            views.append(to_tensor(center_crop(resize_shorter(im, target), target)))
-        else:
-            views.append(to_tensor(resize_longer(im, target)))
-    return views
-
-
-def describe_images(model, images, size, scales=(1.0,), flip=False, pool="gem", p=3.0, crop=False):
-    """L2-normalized descriptors [N, D] of decoded RGB images, exactly as the extraction tool
-    computes them (used to check exported models against it)."""
-    batch = [(image_views(im, size, scales, crop), i, False) for i, im in enumerate(images)]
-    emb, _, _ = extract_descriptors(model, [batch], torch.device("cpu"), flip, pool, p)
-    return emb
-
-
-def _collate(batch):
-    return batch
-
-
-def combine_views(descriptors, pool="gem", p=3.0):
-    """Combine L2-normalized view descriptors ``[V, N, D]`` into L2-normalized ``[N, D]``."""
-    if pool == "mean" or len(descriptors) == 1:
-        out = descriptors.mean(0)
-    else:
-        m = (descriptors.sign() * descriptors.abs().pow(p)).mean(0)
-        out = m.sign() * m.abs().pow(1.0 / p)
-    return F.normalize(out, dim=1)
-
-
 # --- extraction -----------------------------------------------------------------
-
-@torch.no_grad()
-def extract_descriptors(model, loader, device, flip=False, pool="gem", p=3.0, amp_dtype=None, progress=None):
-    """Run ``model`` over a :class:`MultiScaleDataset` loader.
-
-    Returns ``(embeddings [n_ok, D] float32, ok_indices, failed_indices)``. Within a batch,
-    views of equal shape are forwarded together (images of one aspect ratio batch fully).
-    """
-    model.eval()
-    out_rows, ok, failed = [], [], []
-    for batch in loader:
-        good = [(views, i) for views, i, bad in batch if not bad]
-        failed += [i for _, i, bad in batch if bad]
-        if good:
-            n_views = len(good[0][0])
-            per_view = []
-            for v in range(n_views):
-                desc = [None] * len(good)
-                groups = defaultdict(list)
-                for j, (views, _) in enumerate(good):
-                    groups[tuple(views[v].shape)].append(j)
-                for members in groups.values():
-                    x = torch.stack([good[j][0][v] for j in members]).to(device, non_blocking=True)
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        e = F.normalize(model(x).float(), dim=1)
-                        if flip:
-                            e_flip = F.normalize(model(torch.flip(x, dims=[3])).float(), dim=1)
-                    for row, j in enumerate(members):
-                        desc[j] = (e[row], e_flip[row]) if flip else (e[row],)
-                for k in range(len(desc[0])):
-                    per_view.append(torch.stack([d[k] for d in desc]))
-            out_rows.append(combine_views(torch.stack(per_view), pool, p).cpu())
-            ok += [i for _, i in good]
-        if progress is not None:
-            progress.update(len(batch))
-    dim = out_rows[0].shape[1] if out_rows else 0
-    emb = torch.cat(out_rows).numpy() if out_rows else np.zeros((0, dim), np.float32)
-    return emb, ok, failed
-
 
 def settings_digest(cfg, weights_digest):
     """Digest of what determines the descriptors: model weights and extraction settings."""
@@ -205,23 +106,6 @@ def _input_digest(items):
     return h.hexdigest()[:16]
 
 
-def _amp(cfg, device):
-    mode = cfg.INFER.MIXED_PRECISION
-    if mode == "none" or device.type != "cuda":
-        return None
-    return torch.bfloat16 if mode == "bf16" else torch.float16
-
-
-def _model_for(cfg, device):
-    torch.manual_seed(cfg.RNG_SEED)
-    model = build_model(cfg)
-    if cfg.TEST.WEIGHTS:
-        cp.load_inference_weights(model, cfg.TEST.WEIGHTS)
-    else:
-        logger.warning("TEST.WEIGHTS is empty: extracting with randomly initialized weights")
-    return model.to(device).eval()
-
-
 def _existing_matches(path, meta):
     if not is_complete_store(path):
         return False
@@ -229,9 +113,9 @@ def _existing_matches(path, meta):
     return all(old.get(k) == v for k, v in meta.items() if k != "failed_images")
 
 
-def extract_shard(cfg, items, out_dir, shard, model, device, progress=True):
-    """Extract ``items`` (one shard) into the store ``out_dir``; returns its path."""
-    digest = settings_digest(cfg, cp.weights_digest(model))
+def extract_shard(cfg, items, out_dir, shard, predictor, progress=True):
+    """Extract ``items`` (one shard) into the store ``out_dir`` with ``predictor``; returns its path."""
+    digest = settings_digest(cfg, cp.weights_digest(predictor.model))
     meta = {
         "model_digest": digest,
         "weights": cfg.TEST.WEIGHTS,
@@ -245,12 +129,10 @@ def extract_shard(cfg, items, out_dir, shard, model, device, progress=True):
     if _existing_matches(out_dir, meta):
         logger.info("%s is already complete for this model, input and settings: skipped", out_dir)
         return out_dir
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    mkdirs(os.path.dirname(abspath(out_dir)), "feature store")  # through the path manager
     check_output(out_dir)  # fail before the work, not after it
-    dataset = MultiScaleDataset([p for _, p in items], cfg.TEST.IM_SIZE, cfg.INFER.SCALES, cfg.INFER.CENTER_CROP)
-    batch = max(1, cfg.TEST.BATCH_SIZE // du.world_size())
-    loader = DataLoader(dataset, batch_size=batch, num_workers=cfg.DATA_LOADER.NUM_WORKERS, collate_fn=_collate,
-                        pin_memory=False, generator=torch.Generator().manual_seed(0))
+    loader = predictor.loader([p for _, p in items], max(1, cfg.TEST.BATCH_SIZE // du.world_size()),
+                              cfg.DATA_LOADER.NUM_WORKERS)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -258,17 +140,13 @@ def extract_shard(cfg, items, out_dir, shard, model, device, progress=True):
         bar = tqdm(total=len(items), unit="img", desc=f"extract {shard['index']}/{shard['total']}", dynamic_ncols=True)
     t0 = time.time()
     try:
-        emb, ok, failed = extract_descriptors(model, loader, device, cfg.INFER.FLIP, cfg.INFER.MULTISCALE_POOL,
-                                              cfg.INFER.MULTISCALE_P, _amp(cfg, device), bar)
+        emb, ok, failed = predictor.run(loader, bar)
     finally:
         if bar is not None:
             bar.close()
     for i in failed:
         logger.warning("cannot decode image %s: left out of %s", items[i][1], out_dir)
     meta["failed_images"] = [items[i][1] for i in failed]
-    if not ok:
-        dim = cp.unwrap(model).embedding_dim
-        emb = np.zeros((0, dim), np.float32)
     save_features(out_dir, emb, [items[i][0] for i in ok], meta=meta, normalize=len(ok) > 0)
     logger.info("extracted %d images (%d unreadable) into %s in %.1fs", len(ok), len(failed), out_dir,
                 time.time() - t0)
@@ -283,7 +161,7 @@ def extract_features(cfg, progress=True):
     done = False
     try:
         items = list_images(cfg.INFER.INPUT, cfg.INFER.ID_MODE)
-        model = _model_for(cfg, info.device)
+        predictor = Predictor.from_cfg(cfg, device=info.device, missing_weights="warn")
         if info.distributed:
             if cfg.INFER.TOTAL_NUM > 1:
                 raise ConfigError("INFER.TOTAL_NUM > 1 together with torchrun: use one or the other for sharding")
@@ -294,7 +172,7 @@ def extract_features(cfg, progress=True):
         start, stop = shard_bounds(len(items), total, cut)
         logger.info("extracting images %d..%d of %d (shard %d of %d) on %s", start, stop, len(items), cut, total,
                     info.device)
-        extract_shard(cfg, items[start:stop], out_dir, {"index": cut, "total": total}, model, info.device,
+        extract_shard(cfg, items[start:stop], out_dir, {"index": cut, "total": total}, predictor,
                       progress=progress and info.is_master)
         du.barrier()
         if info.distributed:

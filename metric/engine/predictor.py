@@ -1,0 +1,218 @@
+"""The predictor: config + weights -> an eval-mode model on a device, with its preprocessing.
+
+One predictor serves every place that runs a trained model on images: evaluation during
+training and by ``tools/test_metric.py``, feature extraction, ONNX/TensorFlow export, the Kaggle
+model and the notebook API. So the recall@k logged while training is measured with exactly the
+pipeline that is deployed.
+
+Preprocessing (:class:`Preprocess`, from ``TEST.IM_SIZE``, ``INFER.SCALES``,
+``INFER.CENTER_CROP``): for each scale ``s`` the image keeps its aspect ratio and its longer side
+becomes ``TEST.IM_SIZE * s`` (with ``INFER.CENTER_CROP``: the shorter side becomes that size and
+the centred square of that side is cut out). Each view, and its horizontal flip with
+``INFER.FLIP``, gives an L2-normalized descriptor; the views are combined by
+``INFER.MULTISCALE_POOL`` (``mean``, or ``gem``: the signed power mean with
+``p = INFER.MULTISCALE_P``) and L2-normalized again.
+"""
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from metric.checkpoint import load_inference_weights, unwrap
+from metric.datasets.transforms import center_crop, decode_image, resize_longer, resize_shorter, to_tensor
+from metric.modeling import build_model
+from metric.utils.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def autocast_dtype(mode, device, key="INFER.MIXED_PRECISION"):
+    """The autocast dtype of a ``*.MIXED_PRECISION`` setting (``none`` | ``fp16`` | ``bf16``) on
+    ``device``, or ``None`` (float32). Mixed precision is used on CUDA only."""
+    if mode == "none":
+        return None
+    if torch.device(device).type != "cuda":
+        logger.info("%s %s ignored: mixed precision is used on CUDA only", key, mode)
+        return None
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+class Preprocess:
+    """Test-time preprocessing of a decoded RGB uint8 image into one normalized view per scale."""
+
+    def __init__(self, size, scales=(1.0,), crop=False):
+        self.size, self.scales, self.crop = int(size), [float(s) for s in scales], bool(crop)
+
+    @classmethod
+    def from_cfg(cls, cfg):
+        return cls(cfg.TEST.IM_SIZE, cfg.INFER.SCALES, cfg.INFER.CENTER_CROP)
+
+    def __call__(self, im):
+        views = []
+        for s in self.scales:
+            target = max(8, int(round(self.size * s)))
+            if self.crop:
+                views.append(to_tensor(center_crop(resize_shorter(im, target), target)))
+            else:
+                views.append(to_tensor(resize_longer(im, target)))
+        return views
+
+
+class ImageViews(Dataset):
+    """``(views, index, failed)`` of image files: the :class:`Preprocess` views of image ``i``
+    (``None`` and ``failed=True`` when it cannot be decoded). ``index`` is the position in
+    ``paths``, so shards of one list can be run separately and put back together."""
+
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = list(paths), preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        im = decode_image(self.paths[i])
+        if im is None:
+            return None, i, True
+        return self.preprocess(im), i, False
+
+
+def _collate(batch):
+    return batch
+
+
+def combine_views(descriptors, pool="gem", p=3.0):
+    """Combine L2-normalized view descriptors ``[V, N, D]`` into L2-normalized ``[N, D]``."""
+    if pool == "mean" or len(descriptors) == 1:
+        out = descriptors.mean(0)
+    else:
+        m = (descriptors.sign() * descriptors.abs().pow(p)).mean(0)
+        out = m.sign() * m.abs().pow(1.0 / p)
+    return F.normalize(out, dim=1)
+
+
+class Predictor:
+    """A model in eval mode on ``device`` with its preprocessing and descriptor settings.
+
+    Build it from a config with :meth:`from_cfg` (inference) or around a model being trained with
+    :meth:`from_cfg` ``(cfg, model=...)``. :meth:`run` is the one loop that runs a model over
+    images; :meth:`describe` runs it on decoded images in memory.
+    """
+
+    def __init__(self, model, device=None, preprocess=None, flip=False, pool="gem", p=3.0, amp_dtype=None,
+                 channels_last=False):
+        self.model = model
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.preprocess = preprocess or Preprocess(224)
+        self.flip, self.pool, self.p = bool(flip), pool, float(p)
+        self.amp_dtype, self.channels_last = amp_dtype, channels_last
+
+    @classmethod
+    def from_cfg(cls, cfg, weights=None, device=None, model=None, missing_weights="warn", amp_mode=None,
+                 channels_last=False):
+        """The predictor of ``cfg``.
+
+        Without ``model``, the model of ``cfg`` is built with the torch RNG seeded by ``RNG_SEED``
+        (so random weights equal a training run's initial weights; the caller's RNG state is left
+        untouched), ``weights`` (default ``TEST.WEIGHTS``) are loaded with every key outside the
+        training-only classifier required to fit, and it is moved to ``device`` (default: CUDA if
+        available) in eval mode. With no weights, ``missing_weights`` says what happens:
+        ``"error"`` raises :class:`ConfigError`, ``"warn"`` logs a warning, ``"ok"`` logs at info.
+        """
+        if device is None:
+            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device(device)
+        if model is None:
+            model = build_inference_model(cfg, weights, missing_weights).to(device).eval()
+        mode = cfg.INFER.MIXED_PRECISION if amp_mode is None else amp_mode
+        return cls(model, device, Preprocess.from_cfg(cfg), cfg.INFER.FLIP, cfg.INFER.MULTISCALE_POOL,
+                   cfg.INFER.MULTISCALE_P, autocast_dtype(mode, device), channels_last)
+
+    @property
+    def embedding_dim(self):
+        return unwrap(self.model).embedding_dim
+
+    def loader(self, paths, batch_size, num_workers=0, indices=None):
+        """A loader of :class:`ImageViews` over ``paths`` (only ``indices`` of them, if given)."""
+        dataset = ImageViews(paths, self.preprocess)
+        return DataLoader(dataset, batch_size=max(1, batch_size), sampler=indices, num_workers=num_workers,
+                          collate_fn=_collate, pin_memory=False, generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def run(self, loader, progress=None):
+        """Descriptors of every image of an :class:`ImageViews` loader.
+
+        Returns ``(embeddings [n_ok, D] float32, ok_indices, failed_indices)``. Within a batch,
+        views of equal shape are forwarded together. The model's train/eval mode is restored.
+        """
+        model = unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        out_rows, ok, failed = [], [], []
+        try:
+            for batch in loader:
+                good = [(views, i) for views, i, bad in batch if not bad]
+                failed += [i for _, i, bad in batch if bad]
+                if good:
+                    out_rows.append(self._describe_batch(model, [views for views, _ in good]))
+                    ok += [i for _, i in good]
+                if progress is not None:
+                    progress.update(len(batch))
+        finally:
+            model.train(was_training)
+        emb = torch.cat(out_rows).numpy() if out_rows else np.zeros((0, self.embedding_dim), np.float32)
+        return emb, ok, failed
+
+    def _forward(self, model, x):
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return F.normalize(model(x).float(), dim=1)
+
+    def _describe_batch(self, model, views_per_image):
+        """L2-normalized combined descriptors [N, D] (CPU) of N images' view lists."""
+        per_view = []
+        for v in range(len(views_per_image[0])):
+            desc = [None] * len(views_per_image)
+            groups = defaultdict(list)
+            for j, views in enumerate(views_per_image):
+                groups[tuple(views[v].shape)].append(j)
+            for members in groups.values():
+                x = torch.stack([views_per_image[j][v] for j in members])
+                e = self._forward(model, x)
+                e_flip = self._forward(model, torch.flip(x, dims=[3])) if self.flip else None
+                for row, j in enumerate(members):
+                    desc[j] = (e[row], e_flip[row]) if self.flip else (e[row],)
+            for k in range(len(desc[0])):
+                per_view.append(torch.stack([d[k] for d in desc]))
+        return combine_views(torch.stack(per_view), self.pool, self.p).cpu()
+
+    def describe(self, images):
+        """L2-normalized descriptors [N, D] of decoded RGB uint8 images, exactly as extraction
+        computes them (used to check exported models against PyTorch)."""
+        batch = [(self.preprocess(im), i, False) for i, im in enumerate(images)]
+        emb, _, _ = self.run([batch])
+        return emb
+
+
+def build_inference_model(cfg, weights=None, missing_weights="warn"):
+    """The model of ``cfg`` (random weights seeded by ``RNG_SEED``, without touching the caller's
+    RNG) with ``weights`` (default ``TEST.WEIGHTS``) loaded to fit exactly except for the
+    classifier; in eval mode on the CPU. See :meth:`Predictor.from_cfg` for ``missing_weights``."""
+    weights = cfg.TEST.WEIGHTS if weights is None else weights
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.RNG_SEED)
+        model = build_model(cfg)
+    if weights:
+        load_inference_weights(model, weights)
+    elif missing_weights == "error":
+        raise ConfigError("TEST.WEIGHTS is empty: give the trained weights, e.g. TEST.WEIGHTS model.pyth")
+    elif missing_weights == "warn":
+        logger.warning("TEST.WEIGHTS is empty: using randomly initialized weights")
+    else:
+        logger.info("no weights given: using randomly initialized weights (seeded by RNG_SEED)")
+    return model.eval()
