@@ -53,7 +53,7 @@ def make_cfg(args, data_dir, out_dir):
 
 def time_ours(cfg, epochs):
     trainer = Trainer(cfg, DistInfo())
-    trainer._t_start, trainer._iters_done = time.time(), 0
+    trainer.clock.start()  # the ETA's clock, as fit() starts it
     trainer.train_epoch(0)  # warm-up
     rates = []
     for e in range(1, epochs + 1):

@@ -36,7 +36,8 @@ def test_training_writes_config_stats_checkpoints(tiny_data, tmp_path):
     assert 0.0 <= tests[-1]["mAP@R"] <= 1.0 and tests[-1]["num_images"] == 32
     state = _final_state(out)
     assert state["epoch"] == 1 and "OPTIM:" in state["cfg"] and len(state["rng_states"]) == 1
-    assert {"model_state", "optimizer_state", "scaler_state", "scheduler_state"} <= set(state)
+    assert {"model_state", "optimizer_state", "scaler_state"} <= set(state)
+    assert "scheduler_state" not in state  # the schedule is a function of the iteration: nothing to save
     # A second run with AUTO_RESUME finds the work done and changes nothing.
     again = run_py(["tools/train_metric.py", *tiny_opts(tiny_data, out)], check=True)
     assert "training already complete" in again.stdout
@@ -155,3 +156,104 @@ def test_user_errors_exit_2_with_one_line(tiny_data, tmp_path, extra, words):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     for w in words:
         assert w in lines[0]
+
+
+# --- resume: choosing the checkpoint, reading it once -------------------------------------------
+
+def _count_torch_loads(monkeypatch):
+    calls = []
+    real = torch.load
+
+    def counting(f, *args, **kwargs):
+        calls.append(getattr(f, "name", f))  # a path, or a file object opened on it
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    return calls
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_latest_checkpoint_reads_only_the_chosen_one(tmp_path, monkeypatch, caplog):
+    import zipfile
+
+    import metric.checkpoint as cp
+
+    out = str(tmp_path)
+    for epoch in range(4):
+        cp.save_checkpoint(cp.checkpoint_path(out, epoch), {"epoch": epoch, "w": torch.full((64,), float(epoch))})
+    _truncate(cp.checkpoint_path(out, 3))  # cut short by a kill or a full disk
+    calls = _count_torch_loads(monkeypatch)
+    with caplog.at_level("WARNING"):
+        path, state = cp.latest_checkpoint(out)
+    assert path == cp.checkpoint_path(out, 2) and state["epoch"] == 2 and torch.equal(state["w"], torch.full((64,), 2.0))
+    assert calls == [path]  # the truncated one was rejected without torch.load; older ones never opened
+    assert "skipping unreadable checkpoint" in caplog.text and "model_epoch_0004.pyth" in caplog.text
+
+    # A whole zip that torch cannot read passes the cheap check; the read fails, the next older one is used.
+    with zipfile.ZipFile(cp.checkpoint_path(out, 2), "w") as zf:
+        zf.writestr("archive/data.pkl", b"not a pickle")
+    calls.clear()
+    path, state = cp.latest_checkpoint(out)
+    assert state["epoch"] == 1 and calls == [cp.checkpoint_path(out, 2), cp.checkpoint_path(out, 1)]
+
+    # The legacy (pre-zip) torch.save format cannot be checked cheaply; it is read.
+    torch.save({"epoch": 4}, cp.checkpoint_path(out, 4), _use_new_zipfile_serialization=False)
+    assert cp.latest_checkpoint(out)[1]["epoch"] == 4
+    for epoch in range(5):
+        os.remove(cp.checkpoint_path(out, epoch))
+    assert cp.latest_checkpoint(out) == (None, None)
+
+
+@pytest.fixture
+def in_process_training():
+    """Trainer built in this process; its log handlers are removed afterwards."""
+    import logging
+
+    from metric.config import load_cfg
+    from metric.engine.trainer import Trainer
+    from metric.utils.distributed import DistInfo
+
+    root = logging.getLogger()
+    level = root.level
+    yield lambda opts: Trainer(load_cfg(None, opts), DistInfo())
+    for h in list(root.handlers):
+        if getattr(h, "pymetric", False):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+
+
+def test_stats_records_and_resume_reading_one_file(tiny_data, tmp_path, monkeypatch, in_process_training):
+    import metric.checkpoint as cp
+
+    out = str(tmp_path / "run")
+    opts = tiny_opts(tiny_data, out, **{"TEST.DATASET": "", "LOG_PERIOD": 1, "OPTIM.WARMUP_EPOCHS": 1})
+    trainer = in_process_training(opts)
+    trainer.fit()
+    ipe = trainer.iters_per_epoch
+    stats = os.path.join(out, "stats.jsonl")
+    iters, epochs = read_stats(stats, "train_iter"), read_stats(stats, "train_epoch")
+    assert len(iters) == 2 * ipe and len(epochs) == 2
+    fields = [{k for k in r if k != "kind" and not k.startswith("_")} for r in (iters[0], epochs[0])]
+    assert fields[0] == {"epoch", "iter", "iters", "loss", "lr", "im_per_s", "data_time",
+                                                "iter_time", "eta", "loss_cross_entropy"}
+    assert fields[1] == {"epoch", "loss", "lr", "im_per_s", "time", "bad_images", "loss_cross_entropy"}
+    assert [(r["epoch"], r["iter"]) for r in iters] == [(e, i) for e in (1, 2) for i in range(1, ipe + 1)]
+    assert [r["lr"] for r in iters] == pytest.approx([trainer.lr_at(i) for i in range(2 * ipe)], rel=1e-12)
+    assert [r["lr"] for r in epochs] == pytest.approx([trainer.lr_at(ipe), trainer.lr_at(2 * ipe)], rel=1e-12)
+    for e, summary in enumerate(epochs):
+        window = iters[e * ipe:(e + 1) * ipe]
+        assert summary["loss"] == pytest.approx(sum(r["loss"] for r in window) / ipe)
+        assert summary["loss_cross_entropy"] == pytest.approx(sum(r["loss_cross_entropy"] for r in window) / ipe)
+        assert summary["bad_images"] == 0 and summary["im_per_s"] > 0 and summary["time"] > 0
+
+    _truncate(cp.checkpoint_path(out, 1))
+    calls = _count_torch_loads(monkeypatch)
+    resumed = in_process_training(opts + ["OPTIM.MAX_EPOCH", "3"])
+    assert calls == [cp.checkpoint_path(out, 0)]  # the newest complete one, read once
+    assert resumed.start_epoch == 1
+    assert all(g["lr"] == resumed.lr_at(ipe) for g in resumed.optimizer.param_groups)

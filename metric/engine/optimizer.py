@@ -2,8 +2,9 @@
 
 The schedules keep the original (pycls) semantics of ``OPTIM.LR_POLICY``,
 ``STEPS``, ``LR_MULT``, ``GAMMA``, ``WARMUP_EPOCHS`` and ``WARMUP_FACTOR`` as a
-function of the (possibly fractional) epoch; :func:`build_scheduler` wraps that
-function in ``torch.optim.lr_scheduler.LambdaLR`` stepped once per iteration.
+function of the (possibly fractional) epoch. :func:`lr_at` is the learning rate of
+one iteration; the trainer puts it on the parameter groups before every step, so the
+schedule has no state to save: a resumed run recomputes it from the iteration.
 """
 
 import math
@@ -66,11 +67,7 @@ def get_epoch_lr(cfg, epoch):
     return cfg.OPTIM.BASE_LR * lr_factor(cfg, epoch)
 
 
-def build_scheduler(cfg, optimizer, iters_per_epoch):
-    """LambdaLR stepped once per iteration. The lambda is a plain function, so the
-    scheduler's state dict holds only numbers (loadable with ``weights_only=True``)."""
-
-    def factor(step):
-        return lr_factor(cfg, step / iters_per_epoch)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def lr_at(cfg, iteration, iters_per_epoch):
+    """Learning rate of 0-based ``iteration`` (counted over the whole run, ``iters_per_epoch``
+    per epoch): ``BASE_LR * lr_factor(cfg, iteration / iters_per_epoch)``."""
+    return cfg.OPTIM.BASE_LR * lr_factor(cfg, iteration / iters_per_epoch)

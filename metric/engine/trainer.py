@@ -11,20 +11,22 @@ import logging
 import math
 import os
 import platform
-import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import metric.checkpoint as cp
 from metric.utils import distributed as du
+from metric.utils.io import mkdirs
 from metric.config import dump_cfg
-from metric.utils.errors import CheckpointError, TrainingError
+from metric.utils.errors import CheckpointError, ConfigError, TrainingError
 from metric.engine.evaluator import evaluate_retrieval, format_metrics
+from metric.engine.predictor import Predictor, autocast_dtype
 from metric.utils.logger import FILE_ONLY, StatsWriter, format_seconds, setup_logging
-from metric.engine.optimizer import build_optimizer, build_scheduler
+from metric.engine.meters import IterTimer, RunClock, ScalarMeter, Timer
+from metric.engine.optimizer import build_optimizer, lr_at
 from metric.utils.rng import get_rng_state, seed_everything, set_rng_state
-from metric.datasets.loader import build_test_loader, build_train_loader, test_items, train_items
+from metric.datasets.loader import build_train_loader, test_items, train_items
 from metric.modeling import build_loss, build_model
 from metric.modeling.builders import apply_dynamic_margins, apply_margin_schedule
 
@@ -47,20 +49,10 @@ def _train_process(cfg):
         du.cleanup(wait=done)
 
 
-def _amp_dtype(cfg, device):
-    mode = cfg.TRAIN.MIXED_PRECISION
-    if mode == "none":
-        return None
-    if device.type != "cuda":
-        logger.warning("TRAIN.MIXED_PRECISION %s ignored: mixed precision is used on CUDA only", mode)
-        return None
-    return torch.bfloat16 if mode == "bf16" else torch.float16
-
-
 class Trainer:
     def __init__(self, cfg, info):
         self.cfg, self.info, self.device = cfg, info, info.device
-        os.makedirs(cfg.OUT_DIR, exist_ok=True)
+        mkdirs(cfg.OUT_DIR)  # through the path manager: OUT_DIR may be on any storage backend
         setup_logging(cfg.OUT_DIR, info.rank)
         self.stats = StatsWriter(cfg.OUT_DIR, enabled=info.is_master)
         if info.is_master:
@@ -68,14 +60,16 @@ class Trainer:
         self._log_environment()
         seed_everything(cfg.RNG_SEED)
         torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK
-        self.amp_dtype = _amp_dtype(cfg, self.device)
+        self.amp_dtype = autocast_dtype(cfg.TRAIN.MIXED_PRECISION, self.device, "TRAIN.MIXED_PRECISION")
         self.channels_last = cfg.TRAIN.CHANNELS_LAST
 
         # Data first: list-file errors should surface before any model is built.
         self.train_loader = build_train_loader(cfg, info.rank, info.world_size, train_items(cfg))
-        self.test_loader = None
-        if cfg.TEST.DATASET:
-            self.test_loader = build_test_loader(cfg, info.rank, info.world_size, test_items(cfg))
+        # Evaluation runs the extraction pipeline (metric.engine.predictor) on the TEST list.
+        self.test_items = test_items(cfg) if cfg.TEST.DATASET else None
+        if self.test_items is not None and cfg.TEST.BATCH_SIZE % info.world_size:
+            raise ConfigError(f"TEST.BATCH_SIZE={cfg.TEST.BATCH_SIZE} must be divisible by the number of "
+                              f"processes ({info.world_size})")
         self.iters_per_epoch = len(self.train_loader)
 
         model = build_model(cfg).to(self.device)
@@ -89,12 +83,12 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.start_epoch = self._resume_or_load()
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = cfg.OPTIM.BASE_LR
-        # The schedule is a function of the iteration; rebuilding it from the epoch makes a
-        # resumed run follow the same curve even if the number of processes changed.
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.iters_per_epoch)
-        self._set_schedule_step(self.start_epoch * self.iters_per_epoch)
+        # The learning rate is a function of the iteration (set before every step), so a resumed
+        # run follows the same curve even if the number of processes changed.
+        self.set_lr(self.start_epoch * self.iters_per_epoch)
+        # Wall time and iterations done, for the ETA; fit() restarts it. Public so that callers
+        # that drive train_epoch() themselves (benchmarks) can restart it too.
+        self.clock = RunClock()
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids)
@@ -117,22 +111,28 @@ class Trainer:
         logging.getLogger(FILE_ONLY).info("config:\n%s", self.cfg.dump())
         logger.info("merged config written to %s", os.path.join(self.cfg.OUT_DIR, self.cfg.CFG_DEST))
 
-    def _set_schedule_step(self, step):
-        self.scheduler.last_epoch = step
-        factor = self.scheduler.lr_lambdas[0](step)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * factor
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+    def lr_at(self, iteration):
+        """The schedule's learning rate at 0-based ``iteration`` of the whole run."""
+        return lr_at(self.cfg, iteration, self.iters_per_epoch)
+
+    def set_lr(self, iteration):
+        """Put the learning rate of ``iteration`` on every parameter group; returns it."""
+        lr = self.lr_at(iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _resume_or_load(self):
         cfg = self.cfg
         if cfg.TRAIN.AUTO_RESUME:
             # Rank 0 picks the checkpoint and every rank reads that same file, so all start at the
             # same epoch (or fail with one message) even without a shared view of OUT_DIR.
-            path = cp.latest_checkpoint(cfg.OUT_DIR)[0] if self.info.is_master else None
+            # Rank 0 has read its choice already; the others read it once here.
+            path, state = cp.latest_checkpoint(cfg.OUT_DIR) if self.info.is_master else (None, None)
             path = du.all_gather_objects(path)[0]
             if path is not None:
-                state = cp.read_checkpoint(path)
+                if state is None:
+                    state = cp.read_checkpoint(path)
                 changed = cp.model_config_differences(state.get("cfg"), cfg)
                 if changed:
                     raise CheckpointError(
@@ -163,7 +163,7 @@ class Trainer:
         if self.start_epoch >= max_epoch:
             logger.info("training already complete (%d epochs); nothing to do", max_epoch)
             return None
-        self._t_start, self._iters_done = time.time(), 0
+        self.clock.start()
         result = None
         for epoch in range(self.start_epoch, max_epoch):
             self.train_epoch(epoch)
@@ -171,13 +171,13 @@ class Trainer:
             if last or (epoch + 1) % cfg.TRAIN.CHECKPOINT_PERIOD == 0:
                 self.save_checkpoint(epoch)
             period = cfg.TRAIN.EVAL_PERIOD
-            if self.test_loader is not None and (last or (period and (epoch + 1) % period == 0)):
+            if self.test_items is not None and (last or (period and (epoch + 1) % period == 0)):
                 result = self.evaluate(epoch)
         digests = du.all_gather_objects(cp.weights_digest(self.model))
         self.stats.write("final", epoch=max_epoch, weights_digests=digests)
         if len(set(digests)) != 1:
             logger.error("weights differ between processes: %s", digests)
-        logger.info("training done in %s", format_seconds(time.time() - self._t_start))
+        logger.info("training done in %s", format_seconds(self.clock.elapsed()))
         return result
 
     def _step(self, images, labels):
@@ -187,99 +187,107 @@ class Trainer:
         return loss, parts
 
     def train_epoch(self, epoch):
-        cfg, loader = self.cfg, self.train_loader
+        """One pass over the training set: a ``train_iter`` stats record every LOG_PERIOD
+        iterations and at the end, then a ``train_epoch`` record, which is returned."""
+        loader, n_iters = self.train_loader, self.iters_per_epoch
         loader.sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
-        margin = apply_margin_schedule(cfg, cp.unwrap(self.model).head, epoch)
-        if margin is not None:
-            logger.info("epoch %d: margin %.4f (MODEL.HEADS.MARGIN_SCHEDULE)", epoch + 1, margin)
-        names = self.loss_fn.names
-        part_sums, win_parts = [0.0] * len(names), [0.0] * len(names)
+        margin = self._apply_margin_schedule(epoch)
         self.model.train()
-        n_iters, total_iters = self.iters_per_epoch, self.iters_per_epoch * cfg.OPTIM.MAX_EPOCH
-        world = self.info.world_size
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        bad_images, seen = 0, 0
-        win_loss, win_n, win_data, win_time = 0.0, 0, 0.0, 0.0
-        t_epoch = t_last = time.time()
+        window, totals = ScalarMeter(), ScalarMeter()  # since the last log line; the whole epoch
+        epoch_timer, iter_timer, bad_images = Timer(), IterTimer(), 0
         for it, (images, labels, failed) in enumerate(loader):
-            t_data = time.time() - t_last
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            loss, parts = self._step(images, labels)
-            values = torch.stack([loss.detach().float()] + [parts[n].detach().float() for n in names])
-            loss_mean, *part_means = du.all_reduce_mean(values).tolist()
-            if not math.isfinite(loss_mean):
-                raise TrainingError(
-                    f"loss became {loss_mean} at epoch {epoch + 1}, iteration {it + 1}; stopping "
-                    "(the last checkpoint is kept; lower OPTIM.BASE_LR or add warmup)"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.TRAIN.GRAD_CLIP > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.TRAIN.GRAD_CLIP)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
-
+            data_time = iter_timer.data_loaded()
+            lr = self.set_lr(epoch * n_iters + it)
+            values = self._train_step(images, labels, epoch, it)
+            values.update(images=images.shape[0] * self.info.world_size, data_time=data_time,
+                          iter_time=iter_timer.iteration_done())
+            window.add(values)
+            totals.add(values)
+            self.clock.tick()
             bad_images += int(failed.sum())
-            seen += images.shape[0] * world
-            loss_sum += loss_mean
-            part_sums = [a + b for a, b in zip(part_sums, part_means)]
-            win_parts = [a + b for a, b in zip(win_parts, part_means)]
-            self._iters_done += 1
-            now = time.time()
-            win_loss, win_n, win_data, win_time = win_loss + loss_mean, win_n + 1, win_data + t_data, win_time + now - t_last
-            t_last = now
-            if (it + 1) % cfg.LOG_PERIOD == 0 or it + 1 == n_iters:
-                avg_iter = (now - self._t_start) / self._iters_done
-                done = epoch * n_iters + it + 1
-                stats = {
-                    "epoch": epoch + 1,
-                    "iter": it + 1,
-                    "iters": n_iters,
-                    "loss": win_loss / win_n,
-                    "lr": lr,
-                    "im_per_s": images.shape[0] * world * win_n / max(win_time, 1e-9),
-                    "data_time": win_data / win_n,
-                    "iter_time": win_time / win_n,
-                    "eta": format_seconds(avg_iter * (total_iters - done)),
-                }
-                stats.update({f"loss_{n}": v / win_n for n, v in zip(names, win_parts)})
-                if margin is not None:
-                    stats["margin"] = margin
-                if self.device.type == "cuda":
-                    stats["mem_mb"] = int(torch.cuda.max_memory_allocated(self.device) / 2**20)
-                self.stats.write("train_iter", **stats)
-                logger.info(
-                    "epoch %d/%d iter %d/%d  loss %.4f  lr %.5f  %.1f im/s  data %.3fs  eta %s",
-                    epoch + 1, cfg.OPTIM.MAX_EPOCH, it + 1, n_iters, stats["loss"], lr,
-                    stats["im_per_s"], stats["data_time"], stats["eta"],
-                )
-                win_loss, win_n, win_data, win_time = 0.0, 0, 0.0, 0.0
-                win_parts = [0.0] * len(names)
+            if (it + 1) % self.cfg.LOG_PERIOD == 0 or it + 1 == n_iters:
+                self._log_iter(epoch, it, lr, window, margin)
+                window.reset()
         du.average_buffers(cp.unwrap(self.model))
         bad_images = int(du.all_reduce_sum(torch.tensor(bad_images, device=self.device)).item())
-        elapsed = time.time() - t_epoch
+        return self._log_epoch(epoch, totals, epoch_timer.seconds(), bad_images, margin)
+
+    def _apply_margin_schedule(self, epoch):
+        margin = apply_margin_schedule(self.cfg, cp.unwrap(self.model).head, epoch)
+        if margin is not None:
+            logger.info("epoch %d: margin %.4f (MODEL.HEADS.MARGIN_SCHEDULE)", epoch + 1, margin)
+        return margin
+
+    def _train_step(self, images, labels, epoch, it):
+        """One optimizer step; returns ``loss`` and ``loss_<name>`` of each part, averaged over processes."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        loss, parts = self._step(images, labels)
+        names = self.loss_fn.names
+        values = torch.stack([loss.detach().float()] + [parts[n].detach().float() for n in names])
+        loss_mean, *part_means = du.all_reduce_mean(values).tolist()
+        if not math.isfinite(loss_mean):
+            raise TrainingError(
+                f"loss became {loss_mean} at epoch {epoch + 1}, iteration {it + 1}; stopping "
+                "(the last checkpoint is kept; lower OPTIM.BASE_LR or add warmup)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.TRAIN.GRAD_CLIP > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.TRAIN.GRAD_CLIP)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"loss": loss_mean, **{f"loss_{n}": v for n, v in zip(names, part_means)}}
+
+    def _loss_parts(self, meter):
+        return {f"loss_{n}": meter.mean(f"loss_{n}") for n in self.loss_fn.names}
+
+    def _log_iter(self, epoch, it, lr, window, margin):
+        n_iters, max_epoch = self.iters_per_epoch, self.cfg.OPTIM.MAX_EPOCH
+        stats = {
+            "epoch": epoch + 1,
+            "iter": it + 1,
+            "iters": n_iters,
+            "loss": window.mean("loss"),
+            "lr": lr,
+            "im_per_s": window.rate("images", "iter_time"),
+            "data_time": window.mean("data_time"),
+            "iter_time": window.mean("iter_time"),
+            "eta": format_seconds(self.clock.eta(n_iters * max_epoch - (epoch * n_iters + it + 1))),
+            **self._loss_parts(window),
+        }
+        if margin is not None:
+            stats["margin"] = margin
+        if self.device.type == "cuda":
+            stats["mem_mb"] = int(torch.cuda.max_memory_allocated(self.device) / 2**20)
+        self.stats.write("train_iter", **stats)
+        logger.info(
+            "epoch %d/%d iter %d/%d  loss %.4f  lr %.5f  %.1f im/s  data %.3fs  eta %s",
+            epoch + 1, max_epoch, it + 1, n_iters, stats["loss"], lr,
+            stats["im_per_s"], stats["data_time"], stats["eta"],
+        )
+
+    def _log_epoch(self, epoch, totals, seconds, bad_images, margin):
         summary = {
             "epoch": epoch + 1,
-            "loss": float(loss_sum) / n_iters,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "im_per_s": seen / max(elapsed, 1e-9),
-            "time": elapsed,
+            "loss": totals.mean("loss"),
+            # The rate after the epoch's last step: the first one of the next epoch.
+            "lr": self.lr_at((epoch + 1) * self.iters_per_epoch),
+            "im_per_s": totals.sums["images"] / max(seconds, 1e-9),
+            "time": seconds,
             "bad_images": bad_images,
+            **self._loss_parts(totals),
         }
-        summary.update({f"loss_{n}": v / n_iters for n, v in zip(names, part_sums)})
         if margin is not None:
             summary["margin"] = margin
         self.stats.write("train_epoch", **summary)
         logger.info(
             "epoch %d done: loss %.4f  %.1f im/s  %.1fs%s", epoch + 1, summary["loss"], summary["im_per_s"],
-            elapsed, f"  ({bad_images} unreadable images replaced)" if bad_images else "",
+            seconds, f"  ({bad_images} unreadable images replaced)" if bad_images else "",
         )
         return summary
 
@@ -294,7 +302,6 @@ class Trainer:
                 "epoch": epoch,
                 "model_state": model.state_dict(),
                 "optimizer_state": self.optimizer.state_dict(),
-                "scheduler_state": self.scheduler.state_dict(),
                 "scaler_state": self.scaler.state_dict(),
                 "rng_states": rng_states,
                 "cfg": self.cfg.dump(),
@@ -305,9 +312,10 @@ class Trainer:
 
     def evaluate(self, epoch=None):
         """Retrieval among the TEST images by label (see :mod:`metric.engine.evaluator`)."""
-        metrics = evaluate_retrieval(
-            self.model, self.test_loader, self.device, self.amp_dtype, self.channels_last, self.info.is_master
-        )
+        predictor = Predictor.from_cfg(self.cfg, model=self.model, device=self.device,
+                                       channels_last=self.channels_last)
+        metrics = evaluate_retrieval(predictor, self.test_items, self.cfg.TEST.BATCH_SIZE // self.info.world_size,
+                                     self.cfg.DATA_LOADER.NUM_WORKERS, self.info.rank, self.info.world_size)
         if metrics is not None:
             self.stats.write("test_epoch", epoch=None if epoch is None else epoch + 1, **metrics)
             logger.info("eval%s: %s", "" if epoch is None else f" epoch {epoch + 1}", format_metrics(metrics))
