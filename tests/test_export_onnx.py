@@ -2,17 +2,14 @@
 the tool's command line, and one-line errors for bad input."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from metric.utils.cli import run_tool
 from metric.config import load_cfg
-from metric.utils.errors import ExportError
+from metric.utils.errors import ExportError, OutputError
 from metric.datasets import transforms
 from metric.export import kaggle, parse_tool_args
 from metric.export.onnx import (
@@ -26,9 +23,7 @@ from metric.export.onnx import (
     verify_onnx,
 )
 from metric.modeling import build_model
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "tools", "torch2onnx.py")
+from tests.conftest import call_tool, run_py
 
 # A narrow ResNet-18 (width 8) keeps these tests fast; tests/test_export_tf.py uses the full width.
 TINY = [
@@ -93,6 +88,7 @@ def test_extraction_input_keeps_aspect_and_normalizes():
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.slow
 def test_export_matches_torch(tmp_path, dynamic):
     model, _ = tiny_model()
     path = str(tmp_path / "m.onnx")
@@ -111,6 +107,7 @@ def test_export_matches_torch(tmp_path, dynamic):
 
 
 @pytest.mark.parametrize("pool", ["avgpool", "maxpool", "gempool"])
+@pytest.mark.slow
 def test_dynamic_size_pooling(tmp_path, pool):
     """Global pooling must follow the input size, not the size used for tracing."""
     model, _ = tiny_model(pool)
@@ -121,6 +118,7 @@ def test_dynamic_size_pooling(tmp_path, pool):
         assert diff_stats(run_onnxruntime(path, x), run_torch(model, x))["rel"] < 1e-4, (h, w)
 
 
+@pytest.mark.slow
 def test_export_keeps_train_mode_and_bn_neck(tmp_path):
     model, _ = tiny_model(**{"MODEL.HEADS.BN_NECK": True})
     model.train()
@@ -130,6 +128,7 @@ def test_export_keeps_train_mode_and_bn_neck(tmp_path):
     verify_onnx(model, path, (64, 64))
 
 
+@pytest.mark.slow
 def test_verify_detects_a_different_model(tmp_path):
     model, _ = tiny_model(seed=0)
     other, _ = tiny_model(seed=1)
@@ -145,7 +144,7 @@ def test_bad_export_arguments(tmp_path):
         export_onnx(model, str(tmp_path / "m.onnx"), (64, 64), opset=99)
     with pytest.raises(ExportError, match="size"):
         export_onnx(model, str(tmp_path / "m.onnx"), (16, 64))
-    with pytest.raises(ExportError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         export_onnx(model, str(tmp_path / "no" / "m.onnx"), (64, 64))
 
 
@@ -183,23 +182,13 @@ def test_flags_after_config_options():
     assert err.value.code == 2
 
 
-@pytest.fixture(scope="module")
-def torch2onnx_main():
-    """``main`` of tools/torch2onnx.py, loaded by path (tools/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_torch2onnx_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def test_tool_writes_checked_onnx(tmp_path, weights, torch2onnx_main, capsys):
+@pytest.mark.slow
+def test_tool_writes_checked_onnx(tmp_path, weights, capsys):
     path, opts, model = weights
     out = str(tmp_path / "model.onnx")
     argv = ["TEST.WEIGHTS", path] + [str(o) for o in opts] + ["--output", out, "--dynamic"]
-    assert run_tool(torch2onnx_main, argv) == 0
-    printed = capsys.readouterr().out
+    status, printed, _ = call_tool("torch2onnx", argv, capsys)
+    assert status == 0
     assert "onnxruntime vs torch, image" in printed and f"wrote {out}" in printed
     assert onnx_signature(out)["shape"] == [None, 3, None, None]
     x = extraction_input(sample_image(50, 70, seed=9), 64)[None].numpy()
@@ -216,26 +205,28 @@ def test_tool_writes_checked_onnx(tmp_path, weights, torch2onnx_main, capsys):
         (["TEST.WEIGHTS", ""], "TEST.WEIGHTS is empty"),
     ],
 )
-def test_tool_rejects_weights_that_do_not_fit(tmp_path, weights, torch2onnx_main, capsys, change, message):
+def test_tool_rejects_weights_that_do_not_fit(tmp_path, weights, capsys, change, message):
     path, opts, _ = weights
     out = str(tmp_path / "model.onnx")
     argv = ["TEST.WEIGHTS", path] + [str(o) for o in opts] + change + ["--output", out]
-    assert run_tool(torch2onnx_main, argv) == 2
-    err = capsys.readouterr().err
+    status, _, err = call_tool("torch2onnx", argv, capsys)
+    assert status == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_tool_subprocess_exit_code(tmp_path, weights):
     """The real command line, as a user runs it: a mismatching config is one line and status 2."""
     path, opts, _ = weights
-    argv = [sys.executable, TOOL, "TEST.WEIGHTS", path] + [str(o) for o in opts]
+    argv = ["tools/torch2onnx.py", "TEST.WEIGHTS", path] + [str(o) for o in opts]
     argv += ["MODEL.HEADS.REDUCTION_DIM", "8", "--output", str(tmp_path / "m.onnx")]
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+    proc = run_py(argv)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "shape mismatch" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resnest_exports_with_dynamic_size(tmp_path):
     """Split attention uses 4-D tensors only, so ResNeSt exports with dynamic height/width."""
     torch.manual_seed(0)
@@ -248,3 +239,17 @@ def test_resnest_exports_with_dynamic_size(tmp_path):
     for shape in ((2, 3, 64, 64), (1, 3, 96, 64)):
         x = torch.randn(*shape).numpy()
         assert diff_stats(run_onnxruntime(path, x), run_torch(model, x))["rel"] < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("multi_atrous", [False, True])
+def test_dolg_exports_with_dynamic_size(tmp_path, multi_atrous):
+    """DOLG (stage-3 and stage-4 maps, multi-atrous, orthogonal fusion) with dynamic height/width."""
+    model, _ = tiny_model(**{"MODEL.HEADS.NAME": "DOLGHead", "MODEL.DOLG.MULTI_ATROUS": multi_atrous})
+    path = str(tmp_path / "dolg.onnx")
+    export_onnx(model, path, (64, 64), dynamic_hw=True)
+    assert onnx_signature(path)["shape"] == [None, 3, None, None] and onnx_signature(path)["dim"] == 16
+    assert all(r["rel"] < 1e-4 for r in verify_onnx(model, path, (64, 64), dynamic_hw=True))
+    for h, w in [(64, 64), (96, 160), (117, 45)]:
+        x = torch.randn(2, 3, h, w).numpy()
+        assert diff_stats(run_onnxruntime(path, x), run_torch(model, x))["rel"] < 1e-4, (h, w)

@@ -4,15 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from metric.utils.errors import DataError, MetricError
+from metric.utils.errors import DataError, MetricError, OutputError
 from metric.retrieval.results import read_results_csv, read_scores_csv, write_results_csv
 from metric.retrieval.search import resolve_backend, search
 from metric.retrieval.store import load_features, save_features
-
-
-def _unit(rng, n, d):
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from tests.conftest import unit_vectors
 
 
 def _brute(q, x, k):
@@ -24,7 +20,7 @@ def _brute(q, x, k):
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
-    return _unit(rng, 23, 16), _unit(rng, 300, 16)
+    return unit_vectors(rng, 23, 16), unit_vectors(rng, 300, 16)
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
@@ -113,7 +109,7 @@ def test_read_results_errors(tmp_path, text, match):
 
 
 def test_write_results_errors(tmp_path):
-    with pytest.raises(DataError, match="folder .*nodir does not exist"):
+    with pytest.raises(OutputError, match="folder .*nodir does not exist"):
         write_results_csv(tmp_path / "nodir" / "r.csv", ["q"], ["a"], np.array([[0]]))
     with pytest.raises(DataError, match="comma"):
         write_results_csv(tmp_path / "r.csv", ["q,1"], ["a"], np.array([[0]]))

@@ -5,6 +5,7 @@ import sys
 
 from metric.utils.cli import make_parser, run_tool
 from metric.config.doc import render_config_doc
+from metric.utils.io import write_text_atomic
 
 
 def main(argv=None):
@@ -12,8 +13,7 @@ def main(argv=None):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser.add_argument("--output", default=os.path.join(repo, "docs", "CONFIG.md"))
     args = parser.parse_args(argv)
-    with open(args.output, "w", encoding="utf-8") as f:
-        f.write(render_config_doc())
+    write_text_atomic(args.output, render_config_doc(), what="config reference")
     print(f"wrote {args.output}")
 
 

@@ -10,6 +10,7 @@ import difflib
 import logging
 import math
 import os
+import re
 
 import yaml
 
@@ -17,6 +18,7 @@ from yacs.config import CfgNode
 
 from metric.config.defaults import _DEFAULTS, CURRENT_VERSION
 from metric.config.check import validate
+from metric.utils import io
 from metric.utils.errors import ConfigError
 
 # Element types of list-valued keys whose default is empty or ambiguous.
@@ -138,7 +140,16 @@ def _coerce(key, value, default):
             else:
                 out.append(_coerce_scalar(f"{key} element", item, types[-1]))
         return out
+    if key in _TRISTATE_KEYS:  # auto | True | False, stored as text
+        text = str(value)
+        if isinstance(value, (bool, str)) and text.lower() in ("auto", "true", "false"):
+            return text.lower() if text.lower() == "auto" else text.capitalize()
+        raise ConfigError(f"{key}={value!r} is not allowed: expected one of auto | True | False")
     return _coerce_scalar(key, value, type(default))
+
+
+# String keys that also take True / False (yaml booleans): "auto" or a switch.
+_TRISTATE_KEYS = ("OPTIM.NO_DECAY_NORM_BIAS",)
 
 
 def _merge_dict(node, data, prefix, source):
@@ -156,13 +167,13 @@ def _merge_dict(node, data, prefix, source):
 
 
 def _read_yaml(path, seen):
-    path = os.path.abspath(path)
+    path = io.abspath(path)
     if path in seen:
         raise ConfigError(f"config file {path} inherits from itself through _BASE_")
-    if not os.path.isfile(path):
+    if not io.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with io.open_path(path, "r") as f:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -174,7 +185,8 @@ def _read_yaml(path, seen):
     bases = [bases] if isinstance(bases, str) else list(bases)
     chain = []
     for base in bases:
-        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        absolute = os.path.isabs(base) or not io.is_local(base)  # a URI of a storage backend is absolute
+        base_path = base if absolute else os.path.join(os.path.dirname(path), base)
         chain.extend(_read_yaml(base_path, seen | {path}))
     chain.append((path, data))
     return chain
@@ -189,13 +201,40 @@ def upgrade_original(data, source):
     Version 1 called CurricularFace "arcface" (its layer kept an adaptive ``t`` buffer that
     re-weights hard negatives); ours is the additive-angular-margin ArcFace. So an original
     "arcface" becomes "curricularface", and original files train and load as they did there.
+    The DOLG project's ``MODEL.S3_DIM`` / ``S4_DIM`` / ``WITH_MA`` become ``MODEL.DOLG.*``.
+    An ``IN_FEAT`` of 512 on a ResNet whose last map has 2048 x k channels was the width of the
+    original's spatial attention (its ``*_att`` configs): it becomes ``HEADS.ATTENTION spatial``.
     """
     heads = (data.get("MODEL") or {}).get("HEADS") or {}
     if heads.get("CLS_LAYER") == "arcface":
         heads["CLS_LAYER"] = "curricularface"
         _logger.info("%s: original pymetric config (no VERSION): CLS_LAYER arcface -> curricularface", source)
+    model = data.get("MODEL")
+    for old, new in (("S3_DIM", "S3_DIM"), ("S4_DIM", "S4_DIM"), ("WITH_MA", "MULTI_ATROUS")):
+        if isinstance(model, dict) and old in model:  # the authors' DOLG project's names
+            model.setdefault("DOLG", {})[new] = model.pop(old)
+            _logger.info("%s: original config (no VERSION): MODEL.%s -> MODEL.DOLG.%s", source, old, new)
+    if isinstance(model, dict) and isinstance(heads, dict) and "ATTENTION" not in heads \
+            and heads.get("IN_FEAT") == 512 and _original_channels(model) not in (None, 512):
+        heads["ATTENTION"] = "spatial"
+        _logger.info("%s: original pymetric config (no VERSION): IN_FEAT 512 on a %d-channel %s -> "
+                     "MODEL.HEADS.ATTENTION spatial (whose output has 512 channels)", source,
+                     _original_channels(model), model.get("TYPE", _DEFAULTS.MODEL.TYPE))
     data["VERSION"] = CURRENT_VERSION
     return data
+
+
+def _original_channels(model):
+    """Channels of the last feature map of an original file's ResNet-family backbone (``MODEL``
+    dict; defaults for keys it leaves out), or None for other backbones."""
+    t = str(model.get("TYPE", _DEFAULTS.MODEL.TYPE))
+    depth = model.get("DEPTH", _DEFAULTS.MODEL.DEPTH)
+    wide = re.fullmatch(r"resnet(\d+)x(\d+)", t)
+    if wide:
+        return 2048 * int(wide.group(2))
+    if t.startswith("resnest") or (t == "resnet" and isinstance(depth, int) and depth >= 50):
+        return 2048
+    return None
 
 
 def _merge_versioned(node, data, source):
@@ -237,7 +276,8 @@ def merge_from_list(node, opts):
             raise ConfigError(f"unexpected option {key!r} among KEY VALUE overrides (options go before them)")
         # The number of classes has two names (MODEL.NUM_CLASSES is the legacy one): setting
         # either on the command line sets both, whatever the yaml file said.
-        for name in _NUM_CLASSES_KEYS if key in _NUM_CLASSES_KEYS else (key,):
+        # So has the gradient clipping (TRAIN.GRAD_CLIP, OPTIM.CLIP_GRAD_NORM).
+        for name in _ALIASES.get(key, (key,)):
             data = {}
             cur = data
             parts = name.split(".")
@@ -249,6 +289,8 @@ def merge_from_list(node, opts):
 
 
 _NUM_CLASSES_KEYS = ("MODEL.NUM_CLASSES", "MODEL.HEADS.NUM_CLASSES")
+_GRAD_CLIP_KEYS = ("TRAIN.GRAD_CLIP", "OPTIM.CLIP_GRAD_NORM")
+_ALIASES = {k: pair for pair in (_NUM_CLASSES_KEYS, _GRAD_CLIP_KEYS) for k in pair}
 
 
 def _default_of(key):
@@ -275,6 +317,18 @@ def _sync_num_classes(c):
         )
 
 
+def _sync_grad_clip(c):
+    """TRAIN.GRAD_CLIP (the original's name) and OPTIM.CLIP_GRAD_NORM are one setting: the one set
+    (non-zero) gives its value to the other; both set to different values is an error."""
+    a, b = c.TRAIN.GRAD_CLIP, c.OPTIM.CLIP_GRAD_NORM
+    if a == b:
+        return
+    if a and b:
+        raise ConfigError(f"TRAIN.GRAD_CLIP={a:g} and OPTIM.CLIP_GRAD_NORM={b:g} are two names of one setting "
+                          "and disagree; set one of them")
+    c.TRAIN.GRAD_CLIP = c.OPTIM.CLIP_GRAD_NORM = a or b
+
+
 def load_cfg(cfg_file=None, opts=None, validate_cfg=True):
     """Defaults <- ``cfg_file`` <- ``opts``, validated and frozen (``metric.load_cfg``)."""
     c = get_cfg()
@@ -282,6 +336,7 @@ def load_cfg(cfg_file=None, opts=None, validate_cfg=True):
         merge_from_file(c, cfg_file)
     merge_from_list(c, opts)
     _sync_num_classes(c)
+    _sync_grad_clip(c)
     if validate_cfg:
         validate(c)
     c.freeze()
@@ -289,10 +344,7 @@ def load_cfg(cfg_file=None, opts=None, validate_cfg=True):
 
 
 def dump_cfg(c, path):
-    """Write the config as yaml to ``path`` atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(c.dump())
-    os.replace(tmp, path)
+    """Write the config as yaml to ``path`` atomically (:func:`metric.utils.io.write_text_atomic`)."""
+    return io.write_text_atomic(path, c.dump(), what="config")
 
 

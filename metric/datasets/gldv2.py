@@ -4,15 +4,18 @@ GLDv2 ships ``train.csv`` (``id,url,landmark_id``) or ``train_clean.csv``
 (``landmark_id,images`` with space-separated image ids), and stores image ``abc123...``
 at ``train/a/b/c/abc123....jpg``. :func:`convert_gldv2` maps landmark ids to
 contiguous labels and writes ``train_list.txt`` (and optionally a held-out
-``val_list.txt`` of whole classes for retrieval evaluation) plus ``label_map.csv``.
+``val_list.txt`` of whole classes for retrieval evaluation) plus ``label_map.csv``, each written
+atomically (:func:`metric.utils.io.atomic_write`).
 """
 
 import csv
 import logging
 import os
 import random
+import re
 from collections import defaultdict
 
+from metric.utils import io
 from metric.utils.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -23,11 +26,17 @@ def image_relpath(image_id, images_dir="train"):
 
 
 def read_gldv2_csv(path):
-    """``{landmark_id: [image ids]}`` from ``train.csv`` or ``train_clean.csv``."""
-    if not os.path.isfile(path):
+    """``{landmark_id: [image ids]}`` from ``train.csv`` or ``train_clean.csv``.
+
+    Refused with a :class:`DataError` naming the file and line: text that is not UTF-8, a landmark
+    id that is not an integer >= 0, an image id that is too short, looks like a path (``/``,
+    ``\\``, ``..``, a leading ``.``) or holds white space, and an image listed under two landmarks.
+    An image listed twice under one landmark is kept once.
+    """
+    if not io.isfile(path):
         raise DataError(f"GLDv2 csv not found: {path}")
     by_class = defaultdict(list)
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.open_text(path, DataError, "the GLDv2 csv") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -38,18 +47,47 @@ def read_gldv2_csv(path):
         lid_col = cols.index("landmark_id")
         clean = "images" in cols
         img_col = cols.index("images" if clean else "id")
-        for lineno, row in enumerate(reader, 2):
+        owner, names, repeated = {}, {}, 0  # owner: image id -> its landmark (an image has one)
+        for row in reader:
+            lineno = reader.line_num
             if not row:
                 continue
             if len(row) != len(cols):
                 raise DataError(f"{path}:{lineno}: expected {len(cols)} fields, got {len(row)}")
             lid = row[lid_col].strip()
+            if not _INTEGER.fullmatch(lid):
+                raise DataError(f"{path}:{lineno}: landmark id {lid!r} is not an integer >= 0")
+            lid = str(int(lid))  # 007 and 7 are one landmark
+            lid = names.setdefault(lid, lid)  # one string per landmark, however many images
             ids = row[img_col].split() if clean else [row[img_col].strip()]
             for image_id in ids:
-                if len(image_id) < 3:
-                    raise DataError(f"{path}:{lineno}: image id {image_id!r} is too short")
-                by_class[lid].append(image_id)
+                _check_image_id(path, lineno, image_id)
+                first = owner.get(image_id)
+                if first is None:
+                    owner[image_id] = lid
+                    by_class[lid].append(image_id)
+                elif first != lid:
+                    raise DataError(f"{path}:{lineno}: image {image_id!r} is listed under landmark {lid} here and "
+                                    f"under landmark {first} before; an image belongs to one landmark: remove one")
+                else:
+                    repeated += 1
+    if repeated:
+        logger.warning("%s: %d image ids are listed twice under the same landmark: each is kept once", path, repeated)
     return dict(by_class)
+
+
+_INTEGER = re.compile(r"[0-9]+")
+
+
+def _check_image_id(path, lineno, image_id):
+    """A GLDv2 image id is a file name without folders (it becomes ``train/a/b/c/<id>.jpg``)."""
+    if len(image_id) < 3:
+        raise DataError(f"{path}:{lineno}: image id {image_id!r} is too short")
+    if "/" in image_id or "\\" in image_id or ".." in image_id or image_id.startswith("."):
+        raise DataError(f"{path}:{lineno}: image id {image_id!r} looks like a path ('/', '\\', '..' or a leading "
+                        "'.'); an id is a file name without folders or extension, e.g. 6e158a47eb2ca3f6")
+    if not image_id.isprintable() or any(c.isspace() for c in image_id):
+        raise DataError(f"{path}:{lineno}: image id {image_id!r} has white space or control characters")
 
 
 def convert_gldv2(csv_path, out_dir, images_dir="train", min_images=1, val_classes=0, seed=0, check_files=False):
@@ -70,25 +108,24 @@ def convert_gldv2(csv_path, out_dir, images_dir="train", min_images=1, val_class
     val = sorted(random.Random(seed).sample(kept, val_classes), key=_sort_key) if val_classes else []
     val_set = set(val)
     train = [lid for lid in kept if lid not in val_set]
-    os.makedirs(out_dir, exist_ok=True)
+    io.mkdirs(out_dir, "list")
+    io.check_output_path(os.path.join(out_dir, "train_list.txt"), "list file")  # writable, before the work
     missing = 0
 
     def write(name, classes):
         nonlocal missing
-        path = os.path.join(out_dir, name)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
+        with io.atomic_write(os.path.join(out_dir, name), "w", what="list file") as f:
             for label, lid in enumerate(classes):
                 for image_id in by_class[lid]:
                     rel = image_relpath(image_id, images_dir)
-                    if check_files and not os.path.isfile(os.path.join(out_dir, rel)):
+                    if check_files and not io.isfile(os.path.join(out_dir, rel)):
                         missing += 1
                     f.write(f"{rel} {label}\n")
-        os.replace(path + ".tmp", path)
 
     write("train_list.txt", train)
     if val:
         write("val_list.txt", val)
-    with open(os.path.join(out_dir, "label_map.csv"), "w", encoding="utf-8") as f:
+    with io.atomic_write(os.path.join(out_dir, "label_map.csv"), "w", what="label map") as f:
         f.write("landmark_id,label,split\n")
         f.writelines(f"{lid},{i},train\n" for i, lid in enumerate(train))
         f.writelines(f"{lid},{i},val\n" for i, lid in enumerate(val))

@@ -68,17 +68,19 @@ def check_images(max_side, image=None):
 
 
 def torch_descriptors(model, images, max_side):
-    """Our PyTorch extraction (:func:`metric.engine.extract.describe_images`, one scale, no
+    """Our PyTorch extraction (:meth:`metric.engine.predictor.Predictor.describe`, one scale, no
     flip): the reference the submission model must reproduce."""
-    from metric.engine.extract import describe_images
+    from metric.engine.predictor import Predictor, Preprocess
 
-    return list(describe_images(model, images, max_side))
+    return list(Predictor(model, "cpu", Preprocess(max_side)).describe(images))
 
 
 def write_submission_zip(saved_model_dir, path):
-    """Zip ``saved_model_dir`` with its content at the zip's root; atomic."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    """Zip ``saved_model_dir`` with its content at the zip's root; atomic
+    (:func:`metric.utils.io.atomic_local_path`; a write fault is one OutputError line)."""
+    from metric.utils import io  # driver only: the worker cannot import metric
+
+    with io.atomic_local_path(path, "submission zip") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
             z.comment = ZIP_COMMENT
             for folder, dirs, files in os.walk(saved_model_dir):
@@ -93,25 +95,21 @@ def write_submission_zip(saved_model_dir, path):
         missing = {"saved_model.pb", "variables/variables.index"} - names
         if missing:
             raise RuntimeError(f"submission zip lacks {sorted(missing)} at its root")  # a bug, not a user error
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def make_kaggle_model(cfg, output, image=None, opset=None, threads=None, min_cos=MIN_COSINE):
     """Build the submission zip ``output`` for the model of ``cfg`` (weights ``TEST.WEIGHTS``,
     longer image side ``TEST.IM_SIZE``). Returns a report with every check's numbers; raises
     :class:`ExportError` if a check fails or the inputs are unusable."""
-    from metric.utils.errors import MetricError
+    from metric.utils.errors import ExportError, MetricError
     from metric.export.onnx import DEFAULT_OPSET, diff_stats, export_onnx, load_export_model, verify_onnx
     from metric.export.tensorflow import convert_onnx_to_tf, keep_log, run_worker, tf_python
 
-    output = os.path.abspath(output)
+    from metric.utils import io
+
+    output = io.check_output_path(output, "submission zip")  # folder exists and is writable
     check_output_zip(output)
     tf_python()
-    if not os.path.isdir(os.path.dirname(output)):
-        raise _export_error(f"folder of {output} does not exist")
     max_side = cfg.TEST.IM_SIZE
     if list(cfg.INFER.SCALES) != [1.0] or cfg.INFER.FLIP or cfg.INFER.CENTER_CROP:
         raise ExportError(

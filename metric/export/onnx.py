@@ -8,6 +8,7 @@ and with ``dynamic_hw=True`` so are height and width. Output ``embedding``: floa
 Differences are reported as ``max_abs = max |out - ref|`` and ``rel = max_abs / max |ref|``.
 """
 
+import contextlib
 import inspect
 import logging
 import os
@@ -17,8 +18,9 @@ import cv2
 import numpy as np
 import torch
 
+from metric.utils import io
 from metric.utils.errors import ExportError
-from metric.datasets.transforms import decode_image, resize_longer, resize_shorter, to_tensor
+from metric.datasets.transforms import decode_image, resize_shorter, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +61,18 @@ def read_image(path):
 
 
 def extraction_input(im, max_side):
-    """Our test-time extraction preprocessing for a whole image: keep the aspect ratio, resize
-    so the longer side is ``max_side`` (:func:`resize_longer`), normalize. Float32 [3, h, w].
-    The Kaggle model (:mod:`metric.export.kaggle`) reproduces exactly this inside its graph."""
-    return to_tensor(resize_longer(im, max_side))
+    """Our test-time extraction preprocessing for a whole image at one scale
+    (:class:`metric.engine.predictor.Preprocess`): keep the aspect ratio, the longer side becomes
+    ``max_side``, normalize. Float32 [3, h, w]. The Kaggle model (:mod:`metric.export.kaggle`)
+    reproduces exactly this inside its graph."""
+    from metric.engine.predictor import Preprocess
+
+    return Preprocess(max_side)(im)[0]
 
 
 def fixed_size_input(im, size):
     """``im`` for a fixed ``(H, W)`` input: shorter side to ``max(H, W)``, center crop ``H x W``,
-    normalize (for a square size this is the evaluation ``TestTransform(S, S)``)."""
+    normalize (for a square size this is the predictor's ``Preprocess(S, crop=True)``)."""
     h, w = size
     im = resize_shorter(im, max(h, w))
     y, x = (im.shape[0] - h) // 2, (im.shape[1] - w) // 2
@@ -92,18 +97,14 @@ def diff_stats(out, ref):
 
 
 def load_export_model(cfg):
-    """The model of ``cfg`` with the weights ``cfg.TEST.WEIGHTS``, in eval mode. Unlike training,
-    export insists that the weights fit the embedding model exactly (only the classifier, which is
-    not exported, may differ or be missing)."""
-    from metric.checkpoint import load_inference_weights
-    from metric.modeling import build_model
+    """The predictor's model of ``cfg`` with the weights ``cfg.TEST.WEIGHTS``, in eval mode on the
+    CPU (:func:`metric.engine.predictor.build_inference_model`). Export insists on weights that fit
+    the embedding model exactly (only the classifier, which is not exported, may differ)."""
+    from metric.engine.predictor import build_inference_model
 
-    path = cfg.TEST.WEIGHTS
-    if not path:
+    if not cfg.TEST.WEIGHTS:
         raise ExportError("TEST.WEIGHTS is empty: give the trained weights to export, e.g. TEST.WEIGHTS model.pyth")
-    model = build_model(cfg)
-    load_inference_weights(model, path)
-    return model.eval()
+    return build_inference_model(cfg, missing_weights="error")
 
 
 class EmbeddingModel(torch.nn.Module):
@@ -126,9 +127,11 @@ def _check_size(size):
     return int(size[0]), int(size[1])
 
 
-def export_onnx(model, path, size=(224, 224), opset=DEFAULT_OPSET, dynamic_hw=False):
+def export_onnx(model, path, size=(224, 224), opset=DEFAULT_OPSET, dynamic_hw=False, atomic=True):
     """Write ``model`` (eval mode, embedding only) to the ONNX file ``path`` and check it with
-    ``onnx.checker``. The file is written under a temporary name and renamed into place."""
+    ``onnx.checker``. The file is written under a temporary name and renamed into place
+    (:func:`metric.utils.io.atomic_local_path`); with ``atomic=False`` ``path`` is written
+    directly (it is then the caller's temporary)."""
     import onnx
 
     h, w = _check_size(size)
@@ -140,12 +143,11 @@ def export_onnx(model, path, size=(224, 224), opset=DEFAULT_OPSET, dynamic_hw=Fa
     kwargs = {}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False  # the TorchScript exporter: no onnxscript needed, mature dynamic axes
-    out_dir = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(out_dir):
-        raise ExportError(f"output folder {out_dir} does not exist")
-    tmp = f"{path}.tmp-{os.getpid()}"
+    if atomic:
+        path = io.check_output_path(path, "ONNX file")
+    target = io.atomic_local_path(path, "ONNX file") if atomic else contextlib.nullcontext(path)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with target as tmp, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
             torch.onnx.export(
                 wrapped,
@@ -158,12 +160,9 @@ def export_onnx(model, path, size=(224, 224), opset=DEFAULT_OPSET, dynamic_hw=Fa
                 do_constant_folding=True,
                 **kwargs,
             )
-        onnx.checker.check_model(tmp, full_check=True)
-        os.replace(tmp, path)
+            onnx.checker.check_model(tmp, full_check=True)
     finally:
         model.train(was_training)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     logger.info("wrote %s (opset %d, input %s)", path, opset, "N x 3 x H x W" if dynamic_hw else f"N x 3 x {h} x {w}")
     return path
 
@@ -262,18 +261,10 @@ def export_checked_onnx(cfg, output, size=None, opset=DEFAULT_OPSET, dynamic_hw=
     it, check it (:func:`verify_onnx`) and only then move it to ``output``. ``size`` defaults to
     the evaluation crop ``TRAIN.IM_SIZE`` squared. Returns ``(signature, check results)``."""
     size = _check_size(size or (cfg.TRAIN.IM_SIZE, cfg.TRAIN.IM_SIZE))
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise ExportError(f"output folder {out_dir} does not exist")
-    if os.path.isdir(output):
-        raise ExportError(f"output {output} is a folder; give the path of the .onnx file to write")
+    output = io.check_output_path(output, "ONNX file")
     model = load_export_model(cfg)
-    tmp = f"{output}.tmp-{os.getpid()}.onnx"
-    try:
-        export_onnx(model, tmp, size, opset, dynamic_hw)
+    with io.atomic_local_path(output, "ONNX file") as tmp:
+        export_onnx(model, tmp, size, opset, dynamic_hw, atomic=False)
         results = verify_onnx(model, tmp, size, dynamic_hw, image)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return onnx_signature(output), results
+        signature = onnx_signature(tmp)
+    return signature, results

@@ -188,6 +188,7 @@ def convert_onnx_to_tf(onnx_path, out_dir, tflite=False, fp16=False, keep_nchw=F
     onnxruntime by more than ``tol`` relative (default :data:`metric.export.onnx.REL_TOL`).
     On failure nothing is written but the worker's log, kept as ``failed_log`` (default
     ``OUTDIR.failed.log``) and named in the error."""
+    from metric.utils import io
     from metric.utils.errors import MetricError
     from metric.export.onnx import REL_TOL, diff_stats, onnx_signature, run_onnxruntime
 
@@ -198,10 +199,9 @@ def convert_onnx_to_tf(onnx_path, out_dir, tflite=False, fp16=False, keep_nchw=F
     onnx_path, out_dir = os.path.abspath(onnx_path), os.path.abspath(out_dir.rstrip("/") or "/")
     sig = onnx_signature(onnx_path)
     check_output_dir(out_dir)
+    io.check_output_path(out_dir, "TensorFlow export", folder=True)  # parent exists and is writable
     tf_python()  # fail early with the setup command
     parent = os.path.dirname(out_dir)
-    if not os.path.isdir(parent):
-        raise _export_error(f"parent folder of {out_dir} does not exist")
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     work = os.path.join(tmp, "_work")

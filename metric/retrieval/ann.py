@@ -5,21 +5,21 @@ An index of type ``T`` lives in a folder (by default the store's own folder) as
 store's digest and count, the SHA-256 of the index file and the recall@k
 measured at build time. :func:`load_ann_index` refuses an index whose store has
 changed since (rebuild it) or whose file does not match its json. Both files
-are written to temporary names and renamed into place, the json last.
+are written atomically (:func:`metric.utils.io.atomic_write`), the json last;
+faiss reads the index from a local file (:func:`metric.utils.io.get_local_path`).
 
 Recall@k is ``|approx top-k ∩ exact top-k| / k`` averaged over sample queries
 (rows of a query store when given, else random rows of the index itself).
 """
 
 import hashlib
-import json
 import logging
 import math
 import os
-import uuid
 
 import numpy as np
 
+from metric.utils import io
 from metric.utils.errors import FeatureStoreError, MetricError
 from metric.retrieval.search import as_matrix, check_dims, check_topk, search
 from metric.retrieval.store import load_features, read_json_object
@@ -59,7 +59,7 @@ def default_pq_m(dim):
 
 def _file_sha256(path):
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with io.open_path(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
@@ -145,9 +145,11 @@ def build_ann_index(store_path, index_type="ivfpq", out_dir=None, nlist=None, m=
 
     _check_type(index_type)
     store = load_features(store_path, mmap=True)
-    out_dir = os.path.abspath(out_dir or store.path)
-    if not os.path.isdir(out_dir):
+    out_dir = io.abspath(out_dir or store.path)
+    if not io.isdir(out_dir):
         raise MetricError(f"index output folder {out_dir} does not exist; create it first")
+    for path in ann_paths(out_dir, index_type):
+        io.check_output_path(path, "index")  # writable, before the long build
     n, dim = len(store), store.dim
     if n == 0:
         raise FeatureStoreError(f"store {store.path} is empty; nothing to index")
@@ -196,7 +198,7 @@ def build_ann_index(store_path, index_type="ivfpq", out_dir=None, nlist=None, m=
     if query_path is not None:
         queries = load_features(query_path, mmap=True).embeddings
         check_dims(queries, store.embeddings)
-        params["recall_queries"] = os.path.abspath(query_path)
+        params["recall_queries"] = io.abspath(query_path)
     else:
         queries = store.embeddings
         params["recall_queries"] = "index sample"
@@ -210,23 +212,28 @@ def build_ann_index(store_path, index_type="ivfpq", out_dir=None, nlist=None, m=
     params["recall"] = recall_at_k(approx, exact, recall_k)
 
     index_path, json_path = ann_paths(out_dir, index_type)
-    tag = uuid.uuid4().hex[:8]
-    tmp_index, tmp_json = f"{index_path}.tmp-{tag}", f"{json_path}.tmp-{tag}"
-    try:
-        faiss.write_index(index, tmp_index)
-        params["index_sha256"] = _file_sha256(tmp_index)
-        with open(tmp_json, "w", encoding="utf-8") as f:
-            json.dump(params, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp_index, index_path)
-        os.replace(tmp_json, json_path)
-    finally:
-        for p in (tmp_index, tmp_json):
-            if os.path.exists(p):
-                os.remove(p)
+    params["index_sha256"] = _write_index(faiss, index, index_path)
+    io.write_json_atomic(json_path, params, what="index description", indent=1, sort_keys=True)
     params["index_path"] = index_path
     logger.info("saved %s with recall@%d = %.4f", index_path, recall_k, params["recall"])
     return params
+
+
+def _write_index(faiss, index, path):
+    """Write a faiss index atomically through the path manager (streamed, no second copy in
+    memory); returns the SHA-256 of the bytes written."""
+    digest = hashlib.sha256()
+    with io.atomic_write(path, "wb", what="index") as f:
+
+        def write(data):
+            digest.update(data)
+            f.write(data)
+            return len(data)
+
+        writer = faiss.PyCallbackIOWriter(write)
+        faiss.write_index(index, writer)
+        del writer  # flushes the writer's buffer
+    return digest.hexdigest()
 
 
 def find_ann_type(index_dir, index_type=None):
@@ -234,7 +241,7 @@ def find_ann_type(index_dir, index_type=None):
     if index_type is not None:
         _check_type(index_type)
         return index_type
-    found = [t for t in ANN_TYPES if os.path.isfile(ann_paths(index_dir, t)[1])]
+    found = [t for t in ANN_TYPES if io.isfile(ann_paths(index_dir, t)[1])]
     if not found:
         raise FeatureStoreError(f"no approximate index in {index_dir}; build one with tools/build_index.py")
     if len(found) > 1:
@@ -248,10 +255,10 @@ def load_ann_index(store, index_type=None, index_dir=None):
 
     if not hasattr(store, "meta"):
         store = load_features(store, mmap=True)
-    index_dir = os.path.abspath(index_dir or store.path)
+    index_dir = io.abspath(index_dir or store.path)
     index_type = find_ann_type(index_dir, index_type)
     index_path, json_path = ann_paths(index_dir, index_type)
-    if not os.path.isfile(json_path) or not os.path.isfile(index_path):
+    if not io.isfile(json_path) or not io.isfile(index_path):
         raise FeatureStoreError(f"no {index_type} index in {index_dir}; build one with tools/build_index.py --type {index_type}")
     params = read_json_object(json_path, "rebuild the index")
     if params.get("store_digest") != _store_digest(store) or params.get("count") != len(store):
@@ -261,5 +268,5 @@ def load_ann_index(store, index_type=None, index_dir=None):
         )
     if params.get("index_sha256") != _file_sha256(index_path):
         raise FeatureStoreError(f"{index_path} does not match {json_path} (interrupted build?); rebuild the index")
-    index = faiss.read_index(index_path)
+    index = faiss.read_index(io.get_local_path(index_path))
     return index, params

@@ -13,12 +13,12 @@ import base64
 import html
 import logging
 import os
-import uuid
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
+from metric.utils import io
 from metric.utils.errors import DataError
 from metric.retrieval.groundtruth import read_glr_solution
 from metric.retrieval.results import check_output_file, read_results_csv, read_scores_csv
@@ -176,14 +176,6 @@ def build_gallery(results_path, query_root, index_root, output, gt_path=None, sc
     text = render_gallery(rows, query_finder, index_finder, relevant, thumb_size,
                           title=f"retrieval results: {os.path.basename(results_path)}",
                           progress=progress)
-    output = os.path.abspath(os.fspath(output))
-    tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    output = io.write_text_atomic(output, text, what="gallery")
     logger.info("gallery of %d queries written to %s", len(rows), output)
     return output

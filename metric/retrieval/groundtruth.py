@@ -17,6 +17,7 @@ import pickle
 import numpy as np
 
 from metric.utils.errors import MetricError
+from metric.utils.io import isfile, open_path, open_text
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +25,10 @@ USAGES = ("Public", "Private", "Ignored")
 
 
 def _open_text(path, what):
-    if not os.path.isfile(path):
+    if not isfile(path):
         raise MetricError(f"{what} {path!r} does not exist or is not a file; check the path")
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
-    except UnicodeDecodeError as err:
-        raise MetricError(f"{what} {path!r} is not UTF-8 text ({err.reason})") from None
+    with open_text(path, MetricError, f"the {what}") as lines:
+        return "".join(lines)
 
 
 def read_glr_solution(path):
@@ -126,9 +124,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 def restricted_load(path):
     """Load a pickle of plain data through :class:`RestrictedUnpickler`."""
-    if not os.path.isfile(path):
+    if not isfile(path):
         raise MetricError(f"ground-truth file {path!r} does not exist or is not a file; check the path")
-    with open(path, "rb") as f:
+    with open_path(path, "rb") as f:
         try:
             return RestrictedUnpickler(f, source=path).load()
         except MetricError:

@@ -12,13 +12,11 @@ exactly the keys of the JSON output; :func:`format_table` renders them and :func
 writes them atomically.
 """
 
-import json
 import logging
-import os
-import uuid
 
 import numpy as np
 
+from metric.utils import io
 from metric.utils.errors import MetricError
 from metric.retrieval.groundtruth import (
     labels_for_ids,
@@ -199,26 +197,12 @@ def format_table(mode, metrics):
 
 
 def check_json_path(path):
-    """Fail early (before scoring) when the JSON output cannot be written there."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(os.path.dirname(path)):
-        raise MetricError(f"folder of --json {path} does not exist; create it or choose another path")
-    if os.path.isdir(path):
-        raise MetricError(f"--json {path} is a folder; give a file path")
-    return path
+    """Fail early (before scoring) when the JSON output cannot be written there
+    (:class:`~metric.utils.errors.OutputError`); returns the absolute path."""
+    return io.check_output_path(path, "--json")
 
 
 def write_json(path, metrics):
-    """Write ``metrics`` as JSON, atomically (temporary file, then ``os.replace``)."""
+    """Write ``metrics`` as JSON (simplejson), atomically (:func:`metric.utils.io.write_json_atomic`)."""
     path = check_json_path(path)
-    folder = os.path.dirname(path)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return io.write_json_atomic(path, metrics, what="metrics JSON", indent=2)

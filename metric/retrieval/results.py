@@ -3,15 +3,15 @@
 Results: header ``id,images``, then one line per query ``qid,<index ids best first,
 space separated>`` (an empty list when a query has no result). The optional scores
 file has the same layout with header ``id,scores`` and the similarity of each
-listed image. Both are written atomically (temporary file, then ``os.replace``).
+listed image. Both are written atomically (:func:`metric.utils.io.atomic_write`) and read
+through the iopath path manager.
 """
 
 import csv
-import os
-import uuid
 
 import numpy as np
 
+from metric.utils import io
 from metric.utils.errors import DataError
 
 RESULTS_HEADER = ("id", "images")
@@ -19,28 +19,15 @@ SCORES_HEADER = ("id", "scores")
 
 
 def check_output_file(path, what="output"):
-    """Raise when the folder of an output file does not exist."""
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if not os.path.isdir(folder):
-        raise DataError(f"{what} folder {folder} does not exist; create it or choose another {what} path")
-    if os.path.isdir(path):
-        raise DataError(f"{what} {path} is a folder; give a file path")
+    """Raise :class:`~metric.utils.errors.OutputError` when an output file cannot be written
+    (:func:`metric.utils.io.check_output_path`); returns its absolute path."""
+    return io.check_output_path(path, what)
 
 
-def _atomic_write_lines(path, lines):
-    check_output_file(path)
-    path = os.path.abspath(os.fspath(path))
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _atomic_write_lines(path, lines, what="results"):
+    path = check_output_file(path, what)
+    with io.atomic_write(path, "w", newline="", what=what) as f:
+        f.writelines(lines)
     return path
 
 
@@ -75,16 +62,16 @@ def write_results_csv(path, query_ids, index_ids, indices, scores=None, scores_p
         lines = [",".join(SCORES_HEADER) + "\n"]
         for q, row, ok in zip(query_ids, scores, valid):
             lines.append(f"{q},{' '.join(f'{v:.6f}' for v in row[ok])}\n")
-        _atomic_write_lines(scores_path, lines)
+        _atomic_write_lines(scores_path, lines, "scores")
     return out
 
 
 def _read_two_columns(path, header, what):
-    if not os.path.isfile(path):
+    if not io.isfile(path):
         raise DataError(f"{what} file {path} does not exist")
     rows = {}
     first_line = {}
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.open_path(path, "r", encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         try:
             head = next(reader, None)

@@ -3,18 +3,24 @@
 A tool defines ``main(argv)`` and ends with ``sys.exit(run_tool(main))``.
 User errors (:class:`~metric.utils.errors.MetricError`) become one line on
 stderr and exit status 2; Ctrl-C becomes exit status 130; bugs keep their
-traceback.
+traceback. A write fault that escaped the writers' own checks (an ``OSError`` such as a full
+disk, a read-only file system or a missing permission, possibly wrapped by a library) is a
+user error too: one line naming the path and the cause, exit status 2.
 """
 
 import argparse
+import errno
 import os
 import sys
 
 from metric.utils.errors import MetricError
+from metric.utils.io import describe_os_error, find_os_error
 from metric.utils.logger import setup_logging
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+# OS errors that are a fault of the environment (not a bug): reported in one line by run_tool.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -54,6 +60,18 @@ def make_parser(description, config=True):
     return parser
 
 
+def one_line(err):
+    """The message of a user error. One raised in a DataLoader worker comes back from torch as
+    "Caught DataError in DataLoader worker process 0." followed by the worker's traceback: its last
+    line holds the original message."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        name = type(err).__module__ + "." + type(err).__qualname__ + ": "
+        text = last[len(name):] if last.startswith(name) else last
+    return text
+
+
 def run_tool(main, argv=None):
     """Run ``main(argv)`` and map its outcome to an exit status. Logging goes to stdout
     (warnings and progress; ``main`` may reconfigure it, e.g. to add a log file)."""
@@ -61,9 +79,20 @@ def run_tool(main, argv=None):
     try:
         status = main(argv)
     except MetricError as err:
-        sys.stderr.write(f"error: {err}\n")
+        # An error every process finds alike (metric.engine.precheck) is printed by local rank 0
+        # of each node only; the other torchrun ranks exit quietly.
+        if not (getattr(err, "every_rank", False) and os.environ.get("LOCAL_RANK", "0") != "0"):
+            sys.stderr.write(f"error: {one_line(err)}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        err = find_os_error(exc)
+        if err is None or err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        verb = "access" if err.errno in (errno.EACCES, errno.EPERM) else "write"  # reads may be denied too
+        where = f" {err.filename}" if err.filename else ""
+        sys.stderr.write(f"error: cannot {verb}{where}: {describe_os_error(err)}\n")
+        return EXIT_USER_ERROR
     return 0 if status is None else int(status)

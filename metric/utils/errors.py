@@ -34,3 +34,17 @@ class FeatureStoreError(MetricError):
 
 class ExportError(MetricError):
     """A model cannot be exported or the exported model disagrees with PyTorch."""
+
+
+class OutputError(MetricError):
+    """An output cannot be written: its folder is missing or not writable, the path is of the
+    wrong kind, or the write failed (full disk, read-only file system, permission denied)."""
+
+
+class OutputBusyError(OutputError):
+    """An output (a training OUT_DIR, a feature store) is locked by another run that writes it."""
+
+
+class DistributedError(MetricError):
+    """A process group cannot be joined, or a collective failed because a peer process died, was
+    stopped or is stuck (it timed out after ``DIST.TIMEOUT_S`` or lost its connection)."""
