@@ -38,8 +38,11 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
 
 def test_latest_checkpoint_skips_temporary_and_unreadable(tmp_path, caplog):
     out = str(tmp_path)
-    cp.save_checkpoint(cp.checkpoint_path(out, 0), {"epoch": 0})
-    cp.save_checkpoint(cp.checkpoint_path(out, 1), {"epoch": 1})
+    def state(epoch):
+        return {"epoch": epoch, "model_state": {"w": torch.zeros(2)}, "optimizer_state": {}}
+
+    cp.save_checkpoint(cp.checkpoint_path(out, 0), state(0))
+    cp.save_checkpoint(cp.checkpoint_path(out, 1), state(1))
     with open(os.path.join(cp.checkpoint_dir(out), ".model_epoch_0003.pyth.tmp123"), "wb") as f:
         f.write(b"partial")
     with open(cp.checkpoint_path(out, 2), "wb") as f:

@@ -71,8 +71,8 @@ def _corrupt_items(tiny_data, tmp_path):
 def test_bad_training_image_is_replaced_by_same_class(tiny_data, tmp_path):
     items = _corrupt_items(tiny_data, tmp_path)
     ds = ListDataset(items, TrainTransform(24), seed=0, on_bad="replace")
-    x, label, failed = ds[8]
-    assert label == 1 and failed == 1 and x.shape == (3, 24, 24)
+    x, label, failed, bad = ds[8]
+    assert label == 1 and failed == 1 and x.shape == (3, 24, 24) and bad.tolist()[0] == 8
     assert ds[8][2] == 1  # counted every time it is drawn, never crashes
     assert ds[0][2] == 0
 

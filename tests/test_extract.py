@@ -78,6 +78,7 @@ def test_combine_views_gem_and_mean():
     assert torch.allclose(combine_views(v[:1], "gem"), v[0])
 
 
+@pytest.mark.slow
 def test_single_scale_descriptor_equals_manual_forward(tiny_data, tmp_path, weights):
     out = str(tmp_path / "store")
     proc = _extract(weights, os.path.join(tiny_data, "test.txt"), out)
@@ -96,6 +97,7 @@ def test_single_scale_descriptor_equals_manual_forward(tiny_data, tmp_path, weig
     assert np.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_multiscale_flip_shards_and_torchrun_equal_single_process(tiny_data, tmp_path, weights):
     src = os.path.join(tiny_data, "test.txt")
     ms = ["INFER.SCALES", "[0.75, 1.0, 1.25]", "INFER.FLIP", "True"]
@@ -124,6 +126,7 @@ def test_multiscale_flip_shards_and_torchrun_equal_single_process(tiny_data, tmp
         assert np.allclose(other.embeddings, ref.embeddings, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_unreadable_image_is_reported_listed_and_left_out(tiny_data, tmp_path, weights):
     data = str(tmp_path / "data")
     shutil.copytree(tiny_data, data)
@@ -136,8 +139,16 @@ def test_unreadable_image_is_reported_listed_and_left_out(tiny_data, tmp_path, w
     store = load_features(out)
     assert len(store) == 32 and "broken" not in store.ids
     assert [os.path.basename(p) for p in store.meta["failed_images"]] == ["broken.jpg"]
+    # still unreadable: the store is complete; readable now: extracted again, and said so
+    assert "skipped" in (lambda p: p.stdout + p.stderr)(_extract(weights, data, out))
+    shutil.copy(os.path.join(data, "img", "0_0.jpg"), os.path.join(data, "img", "broken.jpg"))
+    again = _extract(weights, data, out)
+    assert again.returncode == 0 and "readable now" in again.stdout + again.stderr
+    store = load_features(out)
+    assert len(store) == 33 and "broken" in store.ids and store.meta["failed_images"] == []
 
 
+@pytest.mark.slow
 def test_rerun_skips_a_complete_store_and_redoes_a_changed_one(tiny_data, tmp_path, weights):
     src, out = os.path.join(tiny_data, "test.txt"), str(tmp_path / "store")
     assert _extract(weights, src, out).returncode == 0
@@ -173,6 +184,7 @@ def test_bad_input_exits_2(tiny_data, tmp_path, weights, opts, words, capsys):
         assert w in line[0]
 
 
+@pytest.mark.slow
 def test_infer_sh_runs_shards_skips_done_ones_and_merges(tiny_data, tmp_path, weights):
     out = str(tmp_path / "feats")
     cmd = ["bash", os.path.join(REPO, "tools", "infer.sh"), "--cfg", os.path.join(REPO, "configs", "metric", "demo_cpu.yaml"),

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from metric.utils.errors import ConfigError
 from metric.datasets.samplers import PKSampler, max_pk_batches
+from tests.conftest import free_port, run_py, tiny_opts
 
 
 def long_tail_labels(num_classes=30, seed=0):
@@ -103,6 +104,7 @@ def _spawned_rank(rank, world, init_file, out_dir, labels):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_split_the_epoch(tmp_path):
     mp.spawn(_spawned_rank, args=(2, str(tmp_path / "init"), str(tmp_path), LABELS), nprocs=2, join=True)
     got = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
@@ -117,7 +119,6 @@ def test_two_gloo_processes_split_the_epoch(tmp_path):
 def test_loader_uses_pk_batches(tiny_data, tmp_path):
     from metric.config import load_cfg
     from metric.datasets.loader import build_train_loader
-    from tests.conftest import tiny_opts
 
     opts = tiny_opts(tiny_data, str(tmp_path), **{"TRAIN.SAMPLER": "pk", "TRAIN.NUM_INSTANCES": 2,
                                                   "TRAIN.BATCH_SIZE": 8})
@@ -129,22 +130,18 @@ def test_loader_uses_pk_batches(tiny_data, tmp_path):
     labels = [loader.dataset.items[i][1] for i in indices]
     for start in range(0, len(labels), 4):
         assert sorted(Counter(labels[start:start + 4]).values()) == [2, 2]
-    _, batch_labels, _ = next(iter(loader))
+    _, batch_labels, _, _ = next(iter(loader))
     assert batch_labels.tolist() == labels[:4]
     with pytest.raises(ConfigError, match="TRAIN.BATCH_SIZE=8 gives 2 images per process"):
         build_train_loader(cfg, rank=0, world_size=4)
 
 
+@pytest.mark.slow
 def test_two_process_training_with_pk_sampler_and_triplet_only(tiny_data, tmp_path):
     """DDP with only a pairwise loss: the classifier gets a zero gradient, ranks stay identical."""
-    import socket
-
     from metric.utils.logger import read_stats
-    from tests.conftest import run_py, tiny_opts
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(tmp_path / "run")
     opts = tiny_opts(tiny_data, out, **{"TEST.DATASET": "", "TRAIN.SAMPLER": "pk", "TRAIN.NUM_INSTANCES": 2,
                                         "MODEL.LOSSES.NAME": "triplet", "OPTIM.MAX_EPOCH": 1})

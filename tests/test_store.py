@@ -8,6 +8,7 @@ import pytest
 
 from metric.utils.errors import FeatureStoreError
 from metric.retrieval import store as store_mod
+from metric.utils import io as io_mod
 from metric.retrieval.store import (
     import_features,
     is_complete_store,
@@ -87,7 +88,7 @@ def test_replace_existing_store_and_refuse_user_folder(tmp_path):
 
 
 def test_replace_without_rename_exchange(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_mod, "_rename_exchange", lambda a, b: False)
+    monkeypatch.setattr(io_mod, "_rename_exchange", lambda a, b: False)
     x, ids = _data()
     path = save_features(tmp_path / "s", x, ids)
     save_features(path, x[:3], ids[:3])
@@ -107,7 +108,7 @@ def test_killed_during_write_leaves_old_store(tmp_path, monkeypatch):
         real_write(p, data)
 
     monkeypatch.setattr(store_mod, "_write_bytes", write_then_die)
-    monkeypatch.setattr(store_mod.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(io_mod.shutil, "rmtree", lambda *a, **k: None)
     with pytest.raises(KeyboardInterrupt):
         save_features(path, x[:4] * 2, ids[:4])
     with pytest.raises(KeyboardInterrupt):

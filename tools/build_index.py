@@ -3,18 +3,25 @@
 
     python tools/build_index.py --index IDIR --type ivfpq [--nlist N --m M --nbits B --nprobe P]
     python tools/build_index.py --index IDIR --type hnsw [--hnsw-m M --ef-construction E --ef-search S]
+    python tools/build_index.py --index IDIR --type knn [--knn K] [--device cuda]   (exact k-NN graph for
+        k-reciprocal re-ranking: tools/search.py --rerank kreciprocal with --kr-k1 <= K uses it)
 """
 
 import sys
 
+from metric.retrieval.store import add_verify_option, apply_verify_option
 from metric.utils.cli import make_parser, run_tool
 from metric.retrieval.ann import ANN_TYPES, build_ann_index
+from metric.retrieval.knn_graph import build_store_graph
 
 
 def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0], config=False)
     parser.add_argument("--index", required=True, help="index feature store folder")
-    parser.add_argument("--type", default="ivfpq", choices=ANN_TYPES, help="index type (default ivfpq)")
+    parser.add_argument("--type", default="ivfpq", choices=ANN_TYPES + ("knn",), help="index type (default ivfpq)")
+    parser.add_argument("--knn", type=int, default=20, metavar="K",
+                        help="knn: neighbours per item besides itself, at least the --kr-k1 to serve (default 20)")
+    parser.add_argument("--device", default=None, help="knn: torch device, e.g. cpu or cuda (default: CUDA if any)")
     parser.add_argument("--output-dir", default=None, help="where to save the index (default: the store folder)")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
     parser.add_argument("--m", type=int, default=None, help="PQ sub-quantizers, must divide the dimension (default D/8)")
@@ -28,7 +35,15 @@ def main(argv=None):
     parser.add_argument("--sample", type=int, default=1000, help="queries in the recall check (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for training and recall samples")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verify_option(parser)
     args = parser.parse_args(argv)
+    apply_verify_option(args)
+    if args.type == "knn":
+        desc = build_store_graph(args.index, args.knn, out_dir=args.output_dir, device=args.device,
+                                 progress=not args.no_progress)
+        print(f"built k-NN graph of {desc['count']} items, {desc['width']} neighbours each (itself included): "
+              f"{desc['path']}")
+        return
     params = build_ann_index(
         args.index, args.type, out_dir=args.output_dir, nlist=args.nlist, m=args.m, nbits=args.nbits,
         nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,

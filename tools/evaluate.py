@@ -11,6 +11,7 @@ Prints a table; ``--json FILE`` also writes the metrics (fractions in [0, 1]).
 
 import sys
 
+from metric.retrieval.store import add_verify_option, apply_verify_option
 from metric.utils.cli import make_parser, run_tool
 from metric.retrieval.metrics import check_json_path, evaluate, format_table, write_json
 
@@ -24,7 +25,9 @@ def main(argv=None):
     parser.add_argument("--query-labels", help="labels of the query store: lines 'NAME LABEL'")
     parser.add_argument("--index-labels", help="labels of the index store: lines 'NAME LABEL'")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
+    add_verify_option(parser)
     args = parser.parse_args(argv)
+    apply_verify_option(args)
     if args.json:
         check_json_path(args.json)
 

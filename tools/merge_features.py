@@ -6,6 +6,7 @@
 
 import sys
 
+from metric.retrieval.store import add_verify_option, apply_verify_option
 from metric.utils.cli import make_parser, run_tool
 from metric.retrieval.store import load_features, merge_stores
 
@@ -14,7 +15,9 @@ def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0], config=False)
     parser.add_argument("stores", nargs="+", help="store folders; shard stores are put in shard order")
     parser.add_argument("--output", required=True, help="merged store folder to write")
+    add_verify_option(parser)
     args = parser.parse_args(argv)
+    apply_verify_option(args)
     path = merge_stores(args.stores, args.output)
     store = load_features(path)
     failed = len(store.meta.get("failed_images", []))

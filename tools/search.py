@@ -3,13 +3,20 @@
 
     python tools/search.py --query QDIR --index IDIR --topk 100 --output results.csv \
         [--scores scores.csv] [--backend auto|faiss|torch] [--ann [--ann-type ivfpq|hnsw]] \
-        [--qe K --qe-alpha A] [--dba K --dba-alpha A]
+        [--qe K --qe-alpha A] [--dba K --dba-alpha A] \
+        [--rerank [dba] [qe] [superglobal | kreciprocal]] [--sg-m M --sg-k K --sg-beta B] \
+        [--kr-k1 K1 --kr-k2 K2 --kr-lambda L --kr-graph auto|saved|compute]
+
+Re-rankers run in the order DBA, search, alpha-QE, then SuperGlobal or k-reciprocal
+(docs/RETRIEVAL.md lists their parameters and costs).
 """
 
 import sys
 
+from metric.retrieval.store import add_verify_option, apply_verify_option
 from metric.utils.cli import make_parser, run_tool
 from metric.retrieval.rerank import search_stores
+from metric.retrieval.rerank_plan import GRAPH_MODES, RERANKERS
 from metric.retrieval.search import BACKENDS
 
 
@@ -29,20 +36,39 @@ def main(argv=None):
     parser.add_argument("--ann-dir", default=None, help="folder of the approximate index (default: the index store)")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (default: as built)")
     parser.add_argument("--ef-search", type=int, default=None, help="HNSW search depth (default: as built)")
+    parser.add_argument("--rerank", nargs="+", default=None, choices=RERANKERS, metavar="NAME",
+                        help="re-rankers, in this order: dba qe, then superglobal or kreciprocal "
+                             "(QE/DBA default K=2 unless --qe/--dba K)")
     parser.add_argument("--qe", type=int, default=0, metavar="K", help="alpha-query-expansion with K neighbours")
     parser.add_argument("--qe-alpha", type=float, default=3.0, metavar="A", help="QE weight exponent (default 3)")
     parser.add_argument("--dba", type=int, default=0, metavar="K", help="database-side augmentation with K neighbours")
     parser.add_argument("--dba-alpha", type=float, default=3.0, metavar="A", help="DBA weight exponent (default 3)")
+    parser.add_argument("--sg-m", type=int, default=400, metavar="M", help="SuperGlobal: candidates re-ranked (400)")
+    parser.add_argument("--sg-k", type=int, default=9, metavar="K", help="SuperGlobal: neighbours per candidate (9)")
+    parser.add_argument("--sg-beta", type=float, default=0.15, metavar="B", help="SuperGlobal: neighbour weight (0.15)")
+    parser.add_argument("--kr-k1", type=int, default=20, metavar="K1", help="k-reciprocal: k1 (20)")
+    parser.add_argument("--kr-k2", type=int, default=6, metavar="K2", help="k-reciprocal: k2, local expansion (6)")
+    parser.add_argument("--kr-lambda", type=float, default=0.3, metavar="L",
+                        help="k-reciprocal: weight of the original distance (0.3)")
+    parser.add_argument("--kr-graph", default="auto", choices=GRAPH_MODES,
+                        help="k-reciprocal index graph: the saved one if valid (auto), only the saved one, or "
+                             "compute it (default auto)")
+    parser.add_argument("--graph-dir", default=None, help="folder of the saved k-NN graph (default: the index store)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verify_option(parser)
     args = parser.parse_args(argv)
+    apply_verify_option(args)
+    rerank_params = dict(sg_m=args.sg_m, sg_k=args.sg_k, sg_beta=args.sg_beta, kr_k1=args.kr_k1, kr_k2=args.kr_k2,
+                         kr_lambda=args.kr_lambda, kr_graph=args.kr_graph, graph_dir=args.graph_dir)
     summary = search_stores(
         args.query, args.index, args.output, topk=args.topk, scores_path=args.scores, backend=args.backend,
         device=args.device, chunk_size=args.chunk_size, query_chunk_size=args.batch, ann=args.ann,
         ann_type=args.ann_type, ann_dir=args.ann_dir, nprobe=args.nprobe, ef_search=args.ef_search,
-        qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba, dba_alpha=args.dba_alpha,
-        progress=not args.no_progress,
+        qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba, dba_alpha=args.dba_alpha, rerank=args.rerank,
+        rerank_params=rerank_params, progress=not args.no_progress,
     )
-    print(f"searched {summary['queries']} queries in {summary['index']} index items, top-{summary['topk']}")
+    print(f"searched {summary['queries']} queries in {summary['index']} index items, top-{summary['topk']}"
+          + (f", re-ranked with {' + '.join(summary['rerank'])}" if summary["rerank"] else ""))
     print(f"results: {summary['output']}")
     if "scores" in summary:
         print(f"scores: {summary['scores']}")

@@ -4,14 +4,18 @@ recognition and key mapping of foreign weight files (:mod:`.convert`)."""
 from metric.checkpoint.io import (  # noqa: F401
     CHECKPOINT_VERSION,
     checkpoint_dir,
+    check_resumable,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
     read_checkpoint,
     save_checkpoint,
+    state_checksum,
+    verify_checkpoint,
 )
 from metric.checkpoint.load import (  # noqa: F401
     CLASSIFIER_PREFIX,
+    config_differences,
     load_for_resume,
     load_inference_weights,
     load_state,

@@ -9,9 +9,18 @@
 ``pycls_resnet``      a bare pycls ResNet state dict or a pycls ImageNet checkpoint: pycls keys
                       (``stem.*``, ``s1.b1.*``) without the ``backbone.`` prefix (+ ``head.fc.*``)
 ``torchvision_resnet`` a torchvision (or timm) ResNet/ResNeXt state dict: ``conv1.weight``,
-                      ``bn1.*``, ``layer1.0.conv1.weight``, ..., ``fc.*``
+                      ``bn1.*``, ``layer1.0.conv1.weight``, ..., ``fc.*``; also a converted SimCLR
+                      checkpoint (``{'state_dict': ...}``, same keys): into a wide ResNet
+                      (``MODEL.TYPE resnet50x1`` ...) by name, ``fc.*`` dropped with a log line
 ``resnest_imagenet``  a released ResNeSt state dict: ``conv1.0.weight``,
                       ``layer1.0.conv2.conv.weight``, ..., ``fc.*``
+``dolg``              a checkpoint (or state dict) of the authors' DOLG project: ``globalmodel.*``
+                      (a pycls ResNet), ``localmodel.*``, ``pool_g.p``, ``fc_t.*``, ``fc.*``,
+                      ``desc_cls.*``; loads into ``MODEL.TYPE resnet`` + ``MODEL.HEADS.NAME DOLGHead``
+``clip``              a whole CLIP / OpenCLIP model (``visual.conv1.weight``, ``visual.class_embedding``,
+                      ...): its image encoder into ``MODEL.TYPE vit``, the text tower ignored
+``clip_visual``       a CLIP image encoder alone (``conv1.weight``, ``class_embedding``,
+                      ``transformer.resblocks.*``); see :mod:`metric.checkpoint.clip`
 ``state_dict``        any other dict of tensors (loaded by name, into the backbone if its keys
                       are backbone keys)
 
@@ -25,6 +34,7 @@ import re
 
 import yaml
 
+from metric.checkpoint.clip import CLIP_FORMATS, clip_to_ours, detect_clip
 from metric.utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +50,9 @@ _TV_BLOCK_RE = re.compile(r"layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.\d)\.(.+)
 def detect_format(obj, state):
     """The format name of a loaded file ``obj`` whose model state dict is ``state``."""
     keys = set(state)
+    if "fc_t.weight" in keys and any(k.startswith("globalmodel.") for k in keys) \
+            and any(k.startswith("localmodel.") for k in keys):
+        return "dolg"
     pycls_trunk = "stem.conv.weight" in keys and any(k.startswith("s1.b1.") for k in keys)
     if any(k.startswith("backbone.") for k in keys) and not pycls_trunk:
         if isinstance(obj, dict) and "model_state" in obj and "version" not in obj:
@@ -51,6 +64,9 @@ def detect_format(obj, state):
         return "resnest_imagenet"
     if "conv1.weight" in keys and "layer1.0.conv1.weight" in keys:
         return "torchvision_resnet"
+    clip = detect_clip(keys)
+    if clip:
+        return clip
     return "state_dict"
 
 
@@ -76,12 +92,65 @@ def torchvision_to_pycls(state):
     return out
 
 
+# The authors' DOLG module names -> ours (the first matching prefix applies).
+_DOLG_PREFIXES = (
+    ("globalmodel.", "backbone."),
+    ("pool_g.", "head.pool_layer."),
+    ("fc_t.", "head.global_fc."),
+    ("fc.", "head.embedding_layer."),
+    ("desc_cls.", "head.classifier."),
+    ("localmodel.aspp.aspp.", "head.local_branch.multi_atrous.convs."),
+    ("localmodel.aspp.im_pool.", "head.local_branch.multi_atrous.image_pool."),
+    ("localmodel.aspp.conv_after.", "head.local_branch.multi_atrous.fuse."),
+    ("localmodel.", "head.local_branch."),
+)
+
+
+def dolg_to_ours(state):
+    """Rename the keys of an authors' DOLG state dict onto a ``MetricModel`` with a pycls ResNet
+    backbone and a :class:`~metric.modeling.heads.dolg_head.DOLGHead` (see ``_DOLG_PREFIXES``;
+    ``desc_cls`` is their CurricularFace margin layer). Unknown keys keep their names."""
+    out = {}
+    for key, value in state.items():
+        for old, new in _DOLG_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+def _check_dolg(obj, state, model, kind, source):
+    if kind != "resnet":
+        _refuse("dolg", "MODEL.TYPE resnet (its global model is a pycls ResNet)", kind, source)
+    epoch = obj.get("epoch") if isinstance(obj, dict) else None
+    logger.info("%s: checkpoint of the authors' DOLG project (epoch %s)", source, epoch)
+    head = getattr(model, "head", None)
+    if not getattr(head, "uses_stages", False):
+        logger.info("%s: a DOLG checkpoint into a %s: only its backbone (globalmodel.*) fits", source,
+                    type(head).__name__)
+        return
+    theirs = any(k.startswith("localmodel.aspp.") for k in state)
+    ours = getattr(getattr(head, "local_branch", None), "multi_atrous", None) is not None
+    if theirs != ours:
+        raise CheckpointError(
+            f"{source}: the DOLG checkpoint was trained {'with' if theirs else 'without'} the multi-atrous "
+            f"module (localmodel.aspp.*), this model {'has' if ours else 'has not'}; set MODEL.DOLG.MULTI_ATROUS "
+            f"{theirs}"
+        )
+
+
 def _backbone_kind(backbone):
     from metric.modeling.backbones.resnest import ResNeSt
     from metric.modeling.backbones.resnet import ResNet
+    from metric.modeling.backbones.resnet_wide import WideResNet
     from metric.modeling.backbones.timm_backbone import TimmBackbone
 
-    for cls, kind in ((ResNet, "resnet"), (ResNeSt, "resnest"), (TimmBackbone, "timm")):
+    if isinstance(backbone, WideResNet):
+        return "wide_resnet"
+    from metric.modeling.backbones.vit import VisionTransformer
+
+    for cls, kind in ((ResNet, "resnet"), (ResNeSt, "resnest"), (TimmBackbone, "timm"), (VisionTransformer, "vit")):
         if isinstance(backbone, cls):
             return kind
     return type(backbone).__name__
@@ -119,8 +188,15 @@ def convert_state(obj, state, model, source="weights"):
     kind = _backbone_kind(backbone) if backbone is not None else None
     if fmt == "pymetric_original":
         _compare_original_cfg(obj, model, source)
+    if fmt == "dolg" and backbone is not None:
+        _check_dolg(obj, state, model, kind, source)
+        return fmt, dolg_to_ours(state)
     if fmt in ("pymetric", "pymetric_original") or backbone is None:
         return fmt, state
+    if fmt in CLIP_FORMATS:
+        if kind != "vit":
+            _refuse(fmt, "MODEL.TYPE vit", kind, source)
+        return fmt, clip_to_ours(fmt, state, backbone, source)
     if kind == "timm":  # timm's own key names; its classifier is left out (the backbone has none)
         own = set(backbone.state_dict())
         state = {"model." + k: v for k, v in state.items()}
@@ -131,9 +207,11 @@ def convert_state(obj, state, model, source="weights"):
             state = {k: v for k, v in state.items() if k in own}
     elif fmt == "state_dict":
         return fmt, state
+    elif fmt == "torchvision_resnet" and kind == "wide_resnet":  # torchvision's own layout: names kept
+        state = _drop(state, ("fc.",), source, "classifier (fc)")
     elif fmt == "torchvision_resnet":
         if kind != "resnet":
-            _refuse(fmt, "MODEL.TYPE resnet (RESNET.STRIDE_1X1 False) or timm", kind, source)
+            _refuse(fmt, "MODEL.TYPE resnet (RESNET.STRIDE_1X1 False), resnet50x1 .. resnet152x2 or timm", kind, source)
         _drop(state, ("fc.",), source, "ImageNet classifier")  # for the log line
         state = torchvision_to_pycls(state)
         _check_stride_convention(backbone, source)

@@ -6,12 +6,12 @@ are named, never dropped silently.
 
 import hashlib
 import logging
-import os
 
 import torch
 
 from metric.checkpoint.convert import convert_state
 from metric.checkpoint.io import read_checkpoint
+from metric.utils import io
 from metric.utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -24,14 +24,16 @@ def model_state_of(obj, source="weights"):
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{source}: not a checkpoint or state dict (expected a dict of tensors or {'model_state': ...})")
+        raise CheckpointError(f"{source}: not a checkpoint or state dict (expected a dict of tensors, "
+                              "or a dict with 'model_state')")
+    wrapped = sum(k.startswith("module.") for k in obj)
+    if wrapped:
+        logger.info("%s: 'module.' prefix (a DataParallel / DDP wrapper) removed from %d keys", source, wrapped)
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
-
 
 
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
-
 
 
 def _as_model_keys(state, model_keys):
@@ -51,7 +53,6 @@ def _as_model_keys(state, model_keys):
 CLASSIFIER_PREFIX = "head.classifier."
 
 
-
 def _class_count_change(key, file_shape, model_shape):
     return (
         key.startswith(CLASSIFIER_PREFIX)
@@ -60,10 +61,8 @@ def _class_count_change(key, file_shape, model_shape):
     )
 
 
-
 def _names(keys, most=10):
     return ", ".join(keys[:most]) + (f", ... ({len(keys) - most} more)" if len(keys) > most else "")
-
 
 
 def load_state(model, state, source="weights", fit=False):
@@ -74,6 +73,9 @@ def load_state(model, state, source="weights", fit=False):
     model = unwrap(model)
     own = model.state_dict()
     state = _as_model_keys(state, own)
+    adapt = getattr(getattr(model, "backbone", None), "adapt_state_dict", None)
+    if adapt is not None:  # e.g. a ViT's positional embedding made for another image size
+        state = adapt(state, prefix="backbone.", source=source)
     if not any(k in own for k in state):
         raise CheckpointError(f"{source}: none of its {len(state)} keys belong to this model (wrong file or config?)")
     skipped, bad = [], []
@@ -112,14 +114,13 @@ def load_state(model, state, source="weights", fit=False):
     return missing, unexpected
 
 
-
 def load_weights(model, path, fit=False):
     """Load initial weights into ``model`` (``metric.load_weights``), detecting the file's kind by
     its content (see :mod:`metric.checkpoint.convert`): a checkpoint of ours or of the original
     pymetric project, a bare model or backbone state dict, a torchvision ResNet, a released
     ResNeSt or a pycls ImageNet state dict, or a timm state dict for a timm backbone.
     Returns ``(missing, unexpected)`` key lists."""
-    if os.path.isdir(path):
+    if io.isdir(path):
         raise CheckpointError(f"weights path {path} is a folder: name the weights file in it")
     obj = read_checkpoint(path)
     state = model_state_of(obj, source=path)
@@ -129,10 +130,8 @@ def load_weights(model, path, fit=False):
     return missing, unexpected
 
 
-
 def _is_classifier(key):
     return key.startswith("head.classifier.")
-
 
 
 def load_inference_weights(model, path):
@@ -140,7 +139,6 @@ def load_inference_weights(model, path):
     outside the training-only classifier must match, so a config that does not fit the weights
     (another pooling, a BN neck more or less, ...) is an error instead of a silently different model."""
     return load_weights(model, path, fit=True)
-
 
 
 def load_for_resume(model, state, path):
@@ -156,10 +154,9 @@ def load_for_resume(model, state, path):
     unwrap(model).load_state_dict(weights)
 
 
-
-def model_config_differences(saved_yaml, cfg):
-    """Dotted MODEL.* / RESNET.* / BN.* keys whose values differ between a checkpoint's stored
-    config and ``cfg`` (keys present in only one of them are ignored)."""
+def config_differences(saved_yaml, cfg, sections=("MODEL", "RESNET", "BN"), ignore=()):
+    """Dotted keys of ``sections`` whose values differ between a checkpoint's stored config and
+    ``cfg`` (keys present in only one of them, and keys in ``ignore``, are left out)."""
     import yaml
 
     saved = yaml.safe_load(saved_yaml or "") or {}
@@ -174,10 +171,26 @@ def model_config_differences(saved_yaml, cfg):
                 out[f"{prefix}{k}"] = v
         return out
 
-    a, b = flat({k: saved.get(k, {}) for k in ("MODEL", "RESNET", "BN")}), flat(
-        {k: current.get(k, {}) for k in ("MODEL", "RESNET", "BN")})
-    return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+    def pick(c):
+        return flat({k: c.get(k, {}) for k in sections if "." not in k}) | {
+            k: _get_dotted(c, k) for k in sections if "." in k}
 
+    a, b = pick(saved), pick(current)
+    return sorted(k for k in a.keys() & b.keys() if a[k] != b[k] and k not in ignore)
+
+
+def _get_dotted(d, key):
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def model_config_differences(saved_yaml, cfg):
+    """Dotted MODEL.* / RESNET.* / BN.* keys whose values differ between a checkpoint's stored
+    config and ``cfg`` (keys present in only one of them are ignored)."""
+    return config_differences(saved_yaml, cfg)
 
 
 def weights_digest(model):

@@ -4,6 +4,7 @@ import logging
 from collections import defaultdict
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from metric.utils.errors import DataError
@@ -11,18 +12,23 @@ from metric.datasets.transforms import decode_image
 
 logger = logging.getLogger(__name__)
 
-MAX_DECODE_RETRIES = 20
+# Indices of unreadable images reported per sample (more are counted, not listed).
+MAX_TRACKED_BAD = 4
 
 
 class ListDataset(Dataset):
-    """``[(path, label)]`` -> ``(image tensor, label, failed)``.
+    """``[(path, label)]`` -> ``(image tensor, label, failed, bad)``.
 
-    ``failed`` counts images that could not be decoded while producing this sample;
-    it travels with the batch so callers can report it whatever the number of workers.
-    A bad image is always logged. With ``on_bad="replace"`` (training) it is replaced by
-    another image *of the same class*, so the label never shifts; with ``on_bad="mark"``
-    (evaluation) a black image is returned with ``failed=1`` and the caller must drop it.
-    Random transforms draw from a generator seeded by (seed, epoch, index).
+    ``failed`` counts images that could not be decoded while producing this sample and ``bad``
+    holds their indices (up to :data:`MAX_TRACKED_BAD`, padded with -1); both travel with the
+    batch, so callers can report and persist them whatever the number of workers. A bad image is
+    logged once per process. With ``on_bad="replace"`` (training) it is replaced by another image
+    *of the same class*, so the label never shifts: the first readable image of a permutation of
+    the class drawn from the sample's generator. Which image that is depends only on (seed,
+    epoch, index) and which files are readable; the set of bad images already known
+    (:meth:`add_known_bad`, e.g. restored from a checkpoint) only saves decoding them again. With
+    ``on_bad="mark"`` a black image is returned with ``failed=1`` and the caller must drop it.
+    Random transforms draw from the same generator.
     """
 
     def __init__(self, items, transform, seed=0, on_bad="replace"):
@@ -33,9 +39,14 @@ class ListDataset(Dataset):
         self.on_bad = on_bad
         self._by_class = None
         self._bad = set()
+        self._logged = set()
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+
+    def add_known_bad(self, indices):
+        """Indices of images known to be unreadable (they are not decoded again)."""
+        self._bad.update(int(i) for i in indices)
 
     def __len__(self):
         return len(self.items)
@@ -52,24 +63,78 @@ class ListDataset(Dataset):
             self._by_class = dict(by_class)
         return self._by_class[label]
 
+    def _decode(self, index):
+        """The image at ``index``, or ``None`` (logged once) if it cannot be decoded."""
+        if index in self._bad:
+            return None
+        im = decode_image(self.items[index][0])
+        if im is None:
+            self._bad.add(index)
+            if index not in self._logged:
+                self._logged.add(index)
+                logger.warning("cannot decode image %s (label %s)", *self.items[index])
+        return im
+
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        path, label = self.items[index]
-        im = decode_image(path) if index not in self._bad else None
-        failed = 0
-        while im is None:
-            failed += 1
-            if index not in self._bad:
-                self._bad.add(index)
-                logger.warning("cannot decode image %s (label %s)", path, label)
+        label = self.items[index][1]
+        bad = []
+        im = self._decode(index)
+        if im is None:
+            bad.append(index)
             if self.on_bad == "mark":
                 im = np.zeros((32, 32, 3), dtype=np.uint8)
-                break
-            members = [i for i in self._class_members(label) if i not in self._bad]
-            if not members or failed > MAX_DECODE_RETRIES:
-                raise DataError(f"no readable image left in class {label} (last tried: {path})")
-            index = members[int(rng.integers(len(members)))]
-            path = self.items[index][0]
-            im = decode_image(path)
+            else:
+                for other in rng.permutation(self._class_members(label)):
+                    if other == index:
+                        continue
+                    im = self._decode(int(other))
+                    if im is not None:
+                        break
+                    bad.append(int(other))
+                if im is None:
+                    raise DataError(f"no readable image left in class {label} "
+                                    f"({len(bad)} images, e.g. {self.items[index][0]})")
         x = self.transform(im, rng)
-        return x, (-1 if label is None else label), failed
+        tracked = torch.full((MAX_TRACKED_BAD,), -1, dtype=torch.long)
+        tracked[: min(len(bad), MAX_TRACKED_BAD)] = torch.tensor(bad[:MAX_TRACKED_BAD], dtype=torch.long)
+        return x, (-1 if label is None else label), len(bad), tracked
+
+
+# Leading bytes of common image files (JPEG, PNG, GIF, BMP, TIFF; WebP is RIFF....WEBP).
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def looks_like_image(path):
+    """True if the file starts like an image file (a cheap check: 16 bytes are read)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def check_readable_classes(items, source, max_report=5):
+    """Raise :class:`DataError` naming the classes of ``[(path, label)]`` none of whose images
+    can be read, before training starts (else the run would stop mid-epoch with "no readable
+    image left in class N"). Cheap: per class, images are tried until one starts like an image
+    file (usually the first: one 16-byte read per class); a file that does not is decoded, in
+    case it is a format the header check does not know. An image with a good header but broken
+    data is still found only while training (and replaced by another of its class)."""
+    by_class = defaultdict(list)
+    for path, label in items:
+        by_class[label].append(path)
+    bad = [(label, paths) for label, paths in by_class.items()
+           if not any(looks_like_image(p) or decode_image(p) is not None for p in paths)]
+    if bad:
+        label, paths = bad[0]
+        more = ""
+        if len(bad) > 1:
+            shown = ", ".join(str(lab) for lab, _ in bad[1 : 1 + max_report])
+            etc = ", ..." if len(bad) > 1 + max_report else ""
+            more = f"; {len(bad) - 1} more class(es) have none either: {shown}{etc}"
+        raise DataError(
+            f"class {label} of {source} has no readable image: none of its {len(paths)} image(s) can be decoded "
+            f"(e.g. {paths[0]}){more}; replace the images or remove the class's lines"
+        )

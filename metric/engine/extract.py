@@ -31,8 +31,11 @@ from metric.utils import distributed as du
 from metric.utils.io import abspath, mkdirs
 from metric.utils.errors import ConfigError, DataError
 from metric.datasets.listfile import read_list
+from metric.datasets.transforms import decode_image
+from metric.engine.memory import check_extraction_memory
 from metric.engine.predictor import Predictor
-from metric.retrieval.store import check_output, is_complete_store, load_features, merge_stores, save_features
+from metric.retrieval.store import (check_output, is_complete_store, load_features, merge_stores, save_features,
+                                    store_lock)
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +110,19 @@ def _input_digest(items):
 
 
 def _existing_matches(path, meta):
+    """Whether the store at ``path`` is complete and was made from the same model, input and
+    settings, with no image it lists as unreadable readable now (else it is extracted again)."""
     if not is_complete_store(path):
         return False
     old = load_features(path).meta
-    return all(old.get(k) == v for k, v in meta.items() if k != "failed_images")
+    if not all(old.get(k) == v for k, v in meta.items() if k != "failed_images"):
+        return False
+    readable = [p for p in old.get("failed_images") or [] if decode_image(p) is not None]
+    if readable:
+        logger.info("%s lists %d unreadable images that are readable now (e.g. %s): extracting it again",
+                    path, len(readable), readable[0])
+        return False
+    return True
 
 
 def extract_shard(cfg, items, out_dir, shard, predictor, progress=True):
@@ -154,13 +166,27 @@ def extract_shard(cfg, items, out_dir, shard, predictor, progress=True):
 
 
 def extract_features(cfg, progress=True):
-    """What ``tools/extract_features.py`` runs; returns the path of the store written."""
+    """What ``tools/extract_features.py`` runs; returns the path of the store written.
+
+    ``INFER.OUTPUT`` is locked for the whole run (``<INFER.OUTPUT>.lock``, see
+    :func:`metric.retrieval.store.store_lock`) by the process that writes it: the only one, or
+    rank 0 under torchrun (before it joins the process group); a second run on the same store
+    stops with one line naming the first one's pid."""
     if not cfg.INFER.INPUT or not cfg.INFER.OUTPUT:
         raise ConfigError("set INFER.INPUT (a list file or an image folder) and INFER.OUTPUT (the store folder)")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _extract(cfg, progress)
+    mkdirs(os.path.dirname(abspath(cfg.INFER.OUTPUT).rstrip("/")), "feature store")
+    with store_lock(cfg.INFER.OUTPUT, fix="choose another INFER.OUTPUT"):
+        return _extract(cfg, progress)
+
+
+def _extract(cfg, progress):
     info = du.init_process(cfg)
     done = False
     try:
         items = list_images(cfg.INFER.INPUT, cfg.INFER.ID_MODE)
+        check_extraction_memory(cfg, info.device, info.world_size)  # an estimate: refuse what cannot fit
         predictor = Predictor.from_cfg(cfg, device=info.device, missing_weights="warn")
         if info.distributed:
             if cfg.INFER.TOTAL_NUM > 1:

@@ -9,30 +9,40 @@ Layout of a store folder::
                      failed_images, shard = {"index": k, "total": n}, ...)
 
 A store is complete exactly when ``meta.json`` exists: the writer fills a hidden
-temporary sibling folder, writes ``meta.json`` last, then renames the folder into
-place. An existing store is replaced by swapping the two folders, so a kill at
-any moment leaves either the old complete store or the new one under ``out_dir``
-(on Linux the swap is one ``renameat2(RENAME_EXCHANGE)`` call; elsewhere two
-renames, and a store interrupted between them is found again by
-:func:`load_features`, which names the folder set aside).
+temporary sibling folder ``.<name>.tmp<pid>`` (:func:`metric.utils.io.atomic_folder`), writes
+``meta.json`` last, then renames the folder into place. An existing store is replaced by
+swapping the two folders, so a kill at any moment leaves either the old complete store or the
+new one under ``out_dir`` (on Linux the swap is one ``renameat2(RENAME_EXCHANGE)`` call;
+elsewhere two renames, and a store interrupted between them is found again by
+:func:`load_features`, which names the folder set aside). Temporaries of killed writers are
+removed by the next write of the same store (:func:`metric.utils.io.clean_stale_temps`).
+One writer per store: writing (saving, merging, importing, an extraction run) holds an OS lock
+on ``<store>.lock`` next to it (:func:`store_lock`); a second writer stops with one line naming
+the first one's pid, and a killed writer leaves no lock behind.
+
+The embeddings are written with ordinary buffered writes (``.npy`` header, then the rows in
+blocks), never through a writable memory map: a full disk is then an ``OSError`` reported in
+one line (:class:`~metric.utils.errors.OutputError`), not a SIGBUS that kills the process.
+Reading memory-maps ``embeddings.npy`` (through :func:`metric.utils.io.get_local_path` when the
+store is on another storage backend); every other file goes through the iopath path manager.
 
 Ids are non-empty strings without whitespace, unique within a store. ``digest``
 is the SHA-256 of the embedding bytes and the ids; an approximate index built on
 a store records it so that an index of a changed store is refused.
 """
 
-import ctypes
-import ctypes.util
+import contextlib
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
-import shutil
-import uuid
 
 import numpy as np
 
+from metric.utils import io, lock
 from metric.utils.errors import FeatureStoreError
 
 logger = logging.getLogger(__name__)
@@ -48,8 +58,8 @@ RESERVED_META_KEYS = ("format", "version", "dim", "count", "normalized", "digest
 # Extraction settings that must agree between stores that are merged.
 CONSISTENT_META_KEYS = ("model_digest", "scales", "flip")
 _STORE_FILES = {EMBEDDINGS_FILE, IDS_FILE, META_FILE}
-_TMP_TAG = ".tmp-"
-_OLD_TAG = ".old-"
+_OLD_TAG = ".old-"  # a store set aside by an interrupted two-rename replace (metric.utils.io)
+_BLOCK_BYTES = 64 << 20  # rows are written in blocks of about this size
 
 
 @dataclasses.dataclass
@@ -105,7 +115,9 @@ def _as_float32_matrix(embeddings):
 
 def normalize_rows(arr, ids=None):
     """Return a float32 copy of ``arr`` with L2-normalized rows; a zero row is an error naming it."""
-    norms = np.linalg.norm(arr, axis=1)
+    # Sums of squares in float64: in float32 they overflow for values above ~1e19 and the rows
+    # would become zeros; every float32 row has a finite float64 norm.
+    norms = np.sqrt(np.einsum("ij,ij->i", arr, arr, dtype=np.float64))
     bad = np.flatnonzero(~(norms > 0))
     if bad.size:
         which = f"id {ids[bad[0]]!r}" if ids is not None else f"row {bad[0]}"
@@ -113,83 +125,96 @@ def normalize_rows(arr, ids=None):
             f"embedding {which} (and {bad.size - 1} more) has zero norm and cannot be L2-normalized; "
             "drop those items or pass normalize=False"
         )
-    return (arr / norms[:, None]).astype(np.float32, copy=False)
+    return (arr / norms[:, None]).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def _rename_exchange(a, b):
-    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False when unsupported."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
-    try:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return rc == 0
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _is_replaceable(path):
     """True when ``path`` may be replaced: empty, or holding only store files (plus faiss_* files)."""
-    names = os.listdir(path)
+    names = io.ls(path)
     return all(n in _STORE_FILES or n.startswith("faiss_") for n in names)
 
 
 def check_output(out_dir):
-    """The absolute store path, or a FeatureStoreError if a store cannot be written there."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    parent = os.path.dirname(out_dir)
-    if not os.path.isdir(parent):
-        raise FeatureStoreError(f"output folder's parent {parent} does not exist; create it first")
-    if os.path.lexists(out_dir):
-        if not os.path.isdir(out_dir) or os.path.islink(out_dir):
-            raise FeatureStoreError(f"output {out_dir} exists and is not a folder; choose another --output")
-        if not _is_replaceable(out_dir):
-            raise FeatureStoreError(
-                f"output folder {out_dir} exists and is not a feature store; "
-                "choose another output (existing data is never deleted)"
-            )
+    """The absolute store path; :class:`~metric.utils.errors.OutputError` when its parent folder
+    is missing or not writable, FeatureStoreError when ``out_dir`` is something other than a store."""
+    out_dir = io.check_output_path(out_dir, "feature store", folder=True)
+    if io.is_local(out_dir) and os.path.islink(out_dir):
+        raise FeatureStoreError(f"output {out_dir} exists and is not a folder; choose another --output")
+    if io.isdir(out_dir) and not _is_replaceable(out_dir):
+        raise FeatureStoreError(
+            f"output folder {out_dir} exists and is not a feature store; "
+            "choose another output (existing data is never deleted)"
+        )
     return out_dir
 
 
-def _write_store(out_dir, count, dim, ids, fill, meta, normalized):
-    """Write a store atomically. ``fill(memmap)`` writes the rows and returns their SHA-256 object."""
+def _write_npy_rows(f, count, dim, blocks):
+    """Write a float32 [count, dim] ``.npy`` file to the open file ``f``: the header (as
+    ``np.save`` writes it), then the C-ordered rows of ``blocks``. Returns their SHA-256 object."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+              "shape": (int(count), int(dim))}
+    np.lib.format.write_array_header_1_0(f, header)
+    digest = hashlib.sha256()
+    rows = 0
+    for block in blocks:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if not block.size:
+            continue
+        data = memoryview(block).cast("B")
+        digest.update(data)
+        f.write(data)
+        rows += block.shape[0]
+    if rows != count:
+        raise RuntimeError(f"wrote {rows} rows of a store of {count}")  # a bug in the caller
+    return digest
+
+
+def _row_blocks(arr, dim):
+    step = max(1, _BLOCK_BYTES // (4 * max(1, dim)))
+    for start in range(0, arr.shape[0], step):
+        yield arr[start : start + step]
+
+
+def store_lock(out_dir, fix="choose another output folder"):
+    """Hold ``<out_dir>.lock`` next to the store while writing it (:mod:`metric.utils.lock`):
+    another process writing the same store stops at once with one line naming its pid. No lock
+    while the store's parent folder does not exist (the writer reports or creates it)."""
+    parent = os.path.dirname(io.abspath(out_dir).rstrip("/"))
+    if io.is_local(parent) and not os.path.isdir(parent):
+        return contextlib.nullcontext()
+    return lock.sibling_lock(out_dir, f"feature store {out_dir}", fix)
+
+
+def _locks_store(fn):
+    """Decorate a writer of the store named by its ``out_dir`` argument: the store's lock is
+    held for the whole call (reentrant: nested writers of the same store share it)."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with store_lock(sig.bind(*args, **kwargs).arguments["out_dir"]):
+            return fn(*args, **kwargs)
+
+    return locked
+
+
+@_locks_store
+def _write_store(out_dir, count, dim, ids, blocks, meta, normalized):
+    """Write a store atomically; ``blocks`` yields its float32 rows in order, in blocks."""
     out_dir = check_output(out_dir)
     json.dumps(meta or {})  # a meta that cannot be saved fails before the long write
     parent, name = os.path.split(out_dir)
-    tmp = os.path.join(parent, f".{name}{_TMP_TAG}{uuid.uuid4().hex[:8]}")
-    os.mkdir(tmp)
-    try:
+    io.clean_stale_temps(parent, name)
+    with io.atomic_folder(out_dir, what="feature store") as tmp:
         emb_path = os.path.join(tmp, EMBEDDINGS_FILE)
-        if count:
-            mm = np.lib.format.open_memmap(emb_path, mode="w+", dtype=np.float32, shape=(count, dim))
-            digest = fill(mm)
-            mm.flush()
-            del mm
-        else:  # numpy cannot memory-map an empty file
-            np.save(emb_path, np.zeros((0, dim), np.float32), allow_pickle=False)
-            digest = hashlib.sha256()
-        with open(emb_path, "rb+") as f:
-            os.fsync(f.fileno())
+        with io.open_path(emb_path, "wb") as f:
+            digest = _write_npy_rows(f, count, dim, blocks)
+            f.flush()
+            if io.is_local(emb_path):
+                os.fsync(f.fileno())
         ids_bytes = "".join(i + "\n" for i in ids).encode("utf-8")
         digest.update(ids_bytes)
         _write_bytes(os.path.join(tmp, IDS_FILE), ids_bytes)
@@ -206,40 +231,15 @@ def _write_store(out_dir, count, dim, ids, fill, meta, normalized):
         )
         meta_bytes = (json.dumps(full_meta, indent=1, sort_keys=True) + "\n").encode("utf-8")
         _write_bytes(os.path.join(tmp, META_FILE), meta_bytes)
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote feature store %s (%d x %d)", out_dir, count, dim)
     return out_dir
 
 
 def _write_bytes(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    io.write_through(path, data)
 
 
-def _swap_into_place(tmp, out_dir):
-    parent, name = os.path.split(out_dir)
-    if not os.path.exists(out_dir):
-        os.rename(tmp, out_dir)
-    elif _rename_exchange(tmp, out_dir):
-        shutil.rmtree(tmp)  # now holds the old store
-    else:
-        aside = os.path.join(parent, f".{name}{_OLD_TAG}{uuid.uuid4().hex[:8]}")
-        os.rename(out_dir, aside)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            os.rename(aside, out_dir)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
-    _fsync_dir(parent)
-
-
+@_locks_store
 def save_features(out_dir, embeddings, ids, meta=None, normalize=True):
     """Write a feature store at ``out_dir`` atomically and return its absolute path.
 
@@ -265,11 +265,7 @@ def save_features(out_dir, embeddings, ids, meta=None, normalize=True):
     else:
         normalized = bool(np.allclose(np.linalg.norm(arr, axis=1), 1.0, atol=1e-3))
 
-    def fill(mm):
-        mm[:] = arr
-        return hashlib.sha256(memoryview(arr).cast("B"))
-
-    return _write_store(out_dir, arr.shape[0], arr.shape[1], ids, fill, meta, normalized)
+    return _write_store(out_dir, arr.shape[0], arr.shape[1], ids, _row_blocks(arr, arr.shape[1]), meta, normalized)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -278,7 +274,7 @@ def save_features(out_dir, embeddings, ids, meta=None, normalize=True):
 def read_json_object(path, fix):
     """A JSON object from ``path``; a FeatureStoreError ending with ``fix`` if it is not one."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with io.open_path(path, "r") as f:
             obj = json.load(f)
     except (OSError, ValueError) as err:
         raise FeatureStoreError(f"{path} cannot be read as JSON ({err}); {fix}") from None
@@ -289,7 +285,7 @@ def read_json_object(path, fix):
 
 def _read_meta(path):
     meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
+    if not io.isfile(meta_path):
         hint = "an interrupted write or not a feature store; re-run the extraction/import"
         raise FeatureStoreError(f"{path} is not a complete feature store (no {META_FILE}): {hint}")
     meta = read_json_object(meta_path, "re-create the store")
@@ -306,9 +302,9 @@ def _read_meta(path):
 
 
 def _interrupted_hint(path):
-    parent, name = os.path.split(os.path.abspath(path))
+    parent, name = os.path.split(io.abspath(path))
     try:
-        names = os.listdir(parent)
+        names = io.ls(parent)
     except OSError:
         return ""
     aside = sorted(n for n in names if n.startswith(f".{name}{_OLD_TAG}"))
@@ -317,23 +313,27 @@ def _interrupted_hint(path):
     return ""
 
 
-def load_features(path, mmap=True):
-    """Load a complete store; raise FeatureStoreError when it is missing, incomplete or inconsistent."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
+def load_features(path, mmap=True, verify=None):
+    """Load a complete store; raise FeatureStoreError when it is missing, incomplete or inconsistent.
+
+    With ``verify`` (default: on, see :func:`set_store_verification`) the content is checked
+    against ``meta.json`` as well (:func:`verify_store`: digest, finite rows, unit norms)."""
+    path = io.abspath(path)
+    if not io.isdir(path):
         raise FeatureStoreError(f"feature store {path} does not exist{_interrupted_hint(path)}")
     meta = _read_meta(path)
     emb_path = os.path.join(path, EMBEDDINGS_FILE)
     ids_path = os.path.join(path, IDS_FILE)
     for p in (emb_path, ids_path):
-        if not os.path.isfile(p):
+        if not io.isfile(p):
             raise FeatureStoreError(f"feature store {path} lacks {os.path.basename(p)}; re-create it")
     count, dim = meta["count"], meta["dim"]
     try:
+        local = io.get_local_path(emb_path)  # np.memmap needs a local file
         if mmap and count > 0:
-            emb = np.load(emb_path, mmap_mode="r", allow_pickle=False)
+            emb = np.load(local, mmap_mode="r", allow_pickle=False)
         else:
-            emb = np.load(emb_path, allow_pickle=False)
+            emb = np.load(local, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise FeatureStoreError(f"{emb_path} is not a readable .npy array ({err}); re-create the store") from None
     if emb.dtype != np.float32 or emb.shape != (count, dim):
@@ -342,7 +342,7 @@ def load_features(path, mmap=True):
             "the store is inconsistent, re-create it"
         )
     try:
-        with open(ids_path, encoding="utf-8") as f:
+        with io.open_path(ids_path, "r") as f:
             ids = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise FeatureStoreError(f"{ids_path} cannot be read ({err}); re-create the store") from None
@@ -350,9 +350,77 @@ def load_features(path, mmap=True):
         raise FeatureStoreError(
             f"{ids_path} has {len(ids)} ids but {META_FILE} says {count}; the store is inconsistent, re-create it"
         )
-    if len(set(ids)) != count:
-        validate_ids(ids, what=ids_path)
-    return FeatureStore(embeddings=emb, ids=ids, meta=meta, path=path)
+    validate_ids(ids, what=ids_path)
+    store = FeatureStore(embeddings=emb, ids=ids, meta=meta, path=path)
+    if _VERIFY["enabled"] if verify is None else verify:
+        verify_store(store)
+    return store
+
+
+# Whether load_features verifies what it reads (tools' --no-verify turns it off for trusted stores).
+_VERIFY = {"enabled": True}
+_VERIFIED = {}  # (path, size, mtime) of the embeddings -> digest, so one process reads a store once
+_VERIFY_NORM_TOL = 1e-3
+
+
+def set_store_verification(enabled):
+    """Turn the verification of every store read by :func:`load_features` on or off (for trusted
+    stores: ``--no-verify`` of the tools). Returns the previous setting."""
+    previous, _VERIFY["enabled"] = _VERIFY["enabled"], bool(enabled)
+    return previous
+
+
+def add_verify_option(parser):
+    """``--no-verify`` for a tool that reads stores (see :func:`set_store_verification`)."""
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking stores against their meta.json (digest, finite rows, norms): "
+                             "for trusted stores, saves one read of each")
+
+
+def apply_verify_option(args):
+    """Set store verification as the tool's command line asks (on unless ``--no-verify``)."""
+    set_store_verification(not getattr(args, "no_verify", False))
+
+
+def verify_store(store):
+    """Check that a store holds what its ``meta.json`` promises, reading the embeddings once, in
+    blocks: the digest of the rows and ids, finite values, unit norms when ``normalized``.
+    Raises :class:`FeatureStoreError` naming the store and the first offending row."""
+    emb_path = os.path.join(store.path, EMBEDDINGS_FILE)
+    key = None
+    if io.is_local(emb_path):
+        st = os.stat(emb_path)
+        key = (emb_path, st.st_size, st.st_mtime_ns)
+        if _VERIFIED.get(key) == store.meta.get("digest"):
+            return store
+    fix = "re-create it (or pass --no-verify if you trust it as it is)"
+    digest = hashlib.sha256()
+    emb, count = store.embeddings, len(store.ids)
+    step = max(1, _BLOCK_BYTES // (4 * max(1, store.dim)))
+    for start in range(0, count, step):
+        block = np.ascontiguousarray(emb[start : start + step], dtype=np.float32)
+        digest.update(memoryview(block).cast("B"))
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            row = start + int(np.flatnonzero(~finite)[0])
+            raise FeatureStoreError(f"feature store {store.path}: row {row} (id {store.ids[row]!r}) holds NaN or "
+                                    f"infinite values; {fix}")
+        if store.meta.get("normalized"):
+            norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+            off = np.flatnonzero(np.abs(norms - 1.0) > _VERIFY_NORM_TOL)
+            if off.size:
+                row = start + int(off[0])
+                raise FeatureStoreError(
+                    f"feature store {store.path}: row {row} (id {store.ids[row]!r}) has norm {norms[off[0]]:.4g} but "
+                    f"the store says its rows are L2-normalized; {fix}")
+    digest.update("".join(i + "\n" for i in store.ids).encode("utf-8"))
+    expected = store.meta.get("digest")
+    if expected is not None and digest.hexdigest() != expected:
+        raise FeatureStoreError(f"feature store {store.path}: its embeddings or ids do not match the digest in "
+                                f"{META_FILE} (changed or damaged after writing); {fix}")
+    if key is not None:
+        _VERIFIED[key] = expected
+    return store
 
 
 def is_complete_store(path):
@@ -403,21 +471,22 @@ def _order_shards(stores):
     return [by_index[k] for k in range(1, total + 1)]
 
 
+@_locks_store
 def merge_stores(paths, out_dir):
     """Concatenate stores (in shard order when they carry shard meta) into a new store at ``out_dir``."""
-    paths = [os.path.abspath(os.fspath(p)) for p in paths]
+    paths = [io.abspath(p) for p in paths]
     if not paths:
         raise FeatureStoreError("no stores to merge; give at least one store folder")
     if len(set(paths)) != len(paths):
         raise FeatureStoreError("a store is listed twice in the merge inputs; give each once")
-    if os.path.abspath(os.fspath(out_dir)) in paths:
+    if io.abspath(out_dir) in paths:
         raise FeatureStoreError(f"merge output {out_dir} is also an input; choose another output folder")
     stores, bad = [], []
     for p in paths:
         try:
             stores.append(load_features(p, mmap=True))
         except FeatureStoreError as err:
-            bad.append(f"{p} ({'missing' if not os.path.isdir(p) else 'incomplete or inconsistent'})")
+            bad.append(f"{p} (missing)" if not io.isdir(p) else f"{p} (incomplete or inconsistent: {err})")
             logger.debug("cannot load %s: %s", p, err)
     if bad:
         raise FeatureStoreError(f"cannot merge: {len(bad)} store(s) missing or incomplete: {'; '.join(bad)}")
@@ -462,20 +531,9 @@ def merge_stores(paths, out_dir):
     ]
     dim = stores[0].dim
 
-    def fill(mm):
-        digest = hashlib.sha256()
-        row = 0
-        step = max(1, (64 << 20) // (4 * dim))
-        for s in stores:
-            for start in range(0, len(s), step):
-                block = np.ascontiguousarray(s.embeddings[start : start + step])
-                mm[row : row + len(block)] = block
-                digest.update(memoryview(block).cast("B"))
-                row += len(block)
-        return digest
-
+    blocks = (block for s in stores for block in _row_blocks(s.embeddings, dim))
     normalized = all(s.meta.get("normalized", True) for s in stores)
-    return _write_store(out_dir, len(ids), dim, ids, fill, meta, normalized)
+    return _write_store(out_dir, len(ids), dim, ids, blocks, meta, normalized)
 
 
 # ----------------------------------------------------------------------------- importing
@@ -483,10 +541,10 @@ def merge_stores(paths, out_dir):
 
 def read_ids_file(path):
     """Ids from a text file, one per line (surrounding whitespace and a trailing blank line ignored)."""
-    if not os.path.isfile(path):
+    if not io.isfile(path):
         raise FeatureStoreError(f"ids file {path} does not exist")
     try:
-        with open(path, encoding="utf-8-sig") as f:
+        with io.open_path(path, "r", encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f.read().splitlines()]
     except UnicodeDecodeError:
         raise FeatureStoreError(f"ids file {path} is not UTF-8 text") from None
@@ -495,12 +553,13 @@ def read_ids_file(path):
     return validate_ids(lines, what=f"ids file {path}")
 
 
+@_locks_store
 def import_features(embeddings_path, ids_path, out_dir, normalize=True, meta=None):
     """Make a store from an ``.npy`` [N, D] array and an ids file; return the loaded store."""
-    if not os.path.isfile(embeddings_path):
+    if not io.isfile(embeddings_path):
         raise FeatureStoreError(f"embeddings file {embeddings_path} does not exist")
     try:
-        emb = np.load(embeddings_path, mmap_mode="r", allow_pickle=False)
+        emb = np.load(io.get_local_path(embeddings_path), mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as err:
         raise FeatureStoreError(
             f"{embeddings_path} is not a numeric .npy array ({err}); save it with numpy.save"
@@ -510,7 +569,7 @@ def import_features(embeddings_path, ids_path, out_dir, normalize=True, meta=Non
         raise FeatureStoreError(
             f"{embeddings_path} has shape {emb.shape} but {ids_path} has {len(ids)} ids; need [N, D] with N = {len(ids)}"
         )
-    full_meta = {"imported_from": os.path.abspath(embeddings_path)}
+    full_meta = {"imported_from": io.abspath(embeddings_path)}
     full_meta.update(meta or {})
     path = save_features(out_dir, emb, ids, meta=full_meta, normalize=normalize)
     return load_features(path)

@@ -2,14 +2,20 @@
 
 Rank 0 logs INFO to stdout (warnings and errors to stderr) and to ``OUT_DIR/log.txt``;
 other ranks log warnings only. :class:`StatsWriter` appends one JSON object per line to
-``OUT_DIR/stats.jsonl`` (rank 0 only); :func:`read_stats` parses it back.
+``OUT_DIR/stats.jsonl`` (rank 0 only, with simplejson); :func:`read_stats` parses it back.
+Both files go through the iopath path manager (:mod:`metric.utils.io`), so ``OUT_DIR`` may be
+on any registered storage backend.
 """
 
-import json
 import logging
 import math
 import os
 import sys
+
+import simplejson
+
+from metric.utils import io
+from metric.utils.errors import DataError
 
 _FORMAT = "[%(asctime)s %(name)s] %(message)s"
 
@@ -55,8 +61,10 @@ def setup_logging(out_dir=None, rank=0):
         console.pymetric = True
         root.addHandler(console)
     if out_dir and rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(out_dir, "log.txt"))
+        io.mkdirs(out_dir)
+        log_path = os.path.join(out_dir, "log.txt")
+        with io.write_errors(log_path, "log file"):
+            fh = logging.FileHandler(log_path) if io.is_local(log_path) else _PathLogHandler(log_path)
         fh.setFormatter(logging.Formatter(_FORMAT))
         fh.pymetric = True
         root.addHandler(fh)
@@ -74,6 +82,20 @@ def _clean(value):
     return value
 
 
+class _PathLogHandler(logging.StreamHandler):
+    """A log file on a non-local storage backend, appended to through the path manager."""
+
+    def __init__(self, path):
+        super().__init__(io.open_path(path, "a"))
+
+    def close(self):
+        try:
+            self.flush()
+            self.stream.close()
+        finally:
+            super().close()
+
+
 class StatsWriter:
     """Appends JSON objects, one per line, to ``OUT_DIR/stats.jsonl`` (no-op unless ``enabled``)."""
 
@@ -87,19 +109,45 @@ class StatsWriter:
         if not self.enabled:
             return
         record = {"_type": kind, **_clean(stats)}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=False) + "\n")
+        line = simplejson.dumps(record, sort_keys=False) + "\n"
+        with io.write_errors(self.path, "stats file"), io.open_path(self.path, "a") as f:
+            f.write(line)
+
+    def read(self, kind=None):
+        """The records written so far (optionally only those of one ``_type``)."""
+        if not self.enabled or not io.exists(self.path):
+            return []
+        return read_stats(self.path, kind)
+
+    def truncate(self, epochs_done, keep_final=False):
+        """Keep only the records of the first ``epochs_done`` epochs (a resumed run writes the
+        later ones again, so each is in the file once) and the ``final`` record only with
+        ``keep_final``; returns how many were dropped."""
+        records = self.read()
+        keep = [r for r in records if (keep_final or r.get("_type") != "final")
+                and (r.get("epoch") is None or r["epoch"] <= epochs_done)]
+        if len(keep) != len(records):
+            text = "".join(simplejson.dumps(r, sort_keys=False) + "\n" for r in keep)
+            io.write_text_atomic(self.path, text, what="stats file")
+        return len(records) - len(keep)
 
 
 def read_stats(path, kind=None):
     """The records of a ``stats.jsonl`` file (optionally only those of one ``_type``)."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                if kind is None or rec.get("_type") == kind:
-                    records.append(rec)
+    with io.open_path(path, "r") as f:
+        lines = f.read().split("\n")
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = simplejson.loads(line)
+        except ValueError:
+            if n == len(lines) - 1:  # the unfinished last line of a running or killed job
+                break
+            raise DataError(f"{path}:{n + 1}: not a JSON stats record") from None
+        if kind is None or rec.get("_type") == kind:
+            records.append(rec)
     return records
 
 
