@@ -23,6 +23,7 @@ def _final_state(out_dir):
     return read_checkpoint(list_checkpoints(out_dir)[-1])
 
 
+@pytest.mark.slow
 def test_training_writes_config_stats_checkpoints(tiny_data, tmp_path):
     out = str(tmp_path / "run")
     proc = run_py(["tools/train_metric.py", *tiny_opts(tiny_data, out)], check=True)
@@ -43,6 +44,7 @@ def test_training_writes_config_stats_checkpoints(tiny_data, tmp_path):
     assert "training already complete" in again.stdout
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tiny_data, tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     extra = {"MODEL.HEADS.DROPOUT": 0.2, "TEST.DATASET": ""}  # dropout: RNG state must be restored
@@ -71,6 +73,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "spawn"])
+@pytest.mark.slow
 def test_two_process_training_keeps_ranks_identical(tiny_data, tmp_path, launcher):
     out = str(tmp_path / launcher)
     port = _free_port()
@@ -89,6 +92,7 @@ def test_two_process_training_keeps_ranks_identical(tiny_data, tmp_path, launche
     assert len(read_stats(os.path.join(out, "stats.jsonl"), "train_epoch")) == 2  # rank 0 writes alone
 
 
+@pytest.mark.slow
 def test_corrupt_jpeg_is_counted_not_fatal(tiny_data, tmp_path):
     data = str(tmp_path / "with_bad")
     shutil.copytree(tiny_data, data)
@@ -108,6 +112,7 @@ def test_corrupt_jpeg_is_counted_not_fatal(tiny_data, tmp_path):
     assert "cannot decode image" in proc.stderr
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_epoch_and_iteration(tiny_data, tmp_path, monkeypatch, capsys):
     from metric.modeling.losses.classification import CrossEntropy
 
@@ -130,6 +135,7 @@ def test_non_finite_loss_stops_with_epoch_and_iteration(tiny_data, tmp_path, mon
     assert [os.path.basename(p) for p in list_checkpoints(out)] == ["model_epoch_0001.pyth"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_data, tmp_path):
     out = str(tmp_path / "run")
     run_py(["tools/train_metric.py", *tiny_opts(tiny_data, out, **{"OPTIM.MAX_EPOCH": 1, "TEST.DATASET": ""})],
@@ -149,6 +155,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_data, tmp_path):
         ({"TRAIN.WEIGHTS": "/no/such/weights.pyth"}, ["weights file not found"]),
     ],
 )
+@pytest.mark.slow
 def test_user_errors_exit_2_with_one_line(tiny_data, tmp_path, extra, words):
     proc = run_py(["tools/train_metric.py", *tiny_opts(tiny_data, str(tmp_path / "run"), **extra)])
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -184,12 +191,13 @@ def test_latest_checkpoint_reads_only_the_chosen_one(tmp_path, monkeypatch, capl
 
     out = str(tmp_path)
     for epoch in range(4):
-        cp.save_checkpoint(cp.checkpoint_path(out, epoch), {"epoch": epoch, "w": torch.full((64,), float(epoch))})
+        cp.save_checkpoint(cp.checkpoint_path(out, epoch), _ckpt(epoch))
     _truncate(cp.checkpoint_path(out, 3))  # cut short by a kill or a full disk
     calls = _count_torch_loads(monkeypatch)
     with caplog.at_level("WARNING"):
         path, state = cp.latest_checkpoint(out)
-    assert path == cp.checkpoint_path(out, 2) and state["epoch"] == 2 and torch.equal(state["w"], torch.full((64,), 2.0))
+    assert path == cp.checkpoint_path(out, 2) and state["epoch"] == 2
+    assert torch.equal(state["model_state"]["w"], torch.full((64,), 2.0))
     assert calls == [path]  # the truncated one was rejected without torch.load; older ones never opened
     assert "skipping unreadable checkpoint" in caplog.text and "model_epoch_0004.pyth" in caplog.text
 
@@ -201,11 +209,15 @@ def test_latest_checkpoint_reads_only_the_chosen_one(tmp_path, monkeypatch, capl
     assert state["epoch"] == 1 and calls == [cp.checkpoint_path(out, 2), cp.checkpoint_path(out, 1)]
 
     # The legacy (pre-zip) torch.save format cannot be checked cheaply; it is read.
-    torch.save({"epoch": 4}, cp.checkpoint_path(out, 4), _use_new_zipfile_serialization=False)
+    torch.save(_ckpt(4), cp.checkpoint_path(out, 4), _use_new_zipfile_serialization=False)
     assert cp.latest_checkpoint(out)[1]["epoch"] == 4
     for epoch in range(5):
         os.remove(cp.checkpoint_path(out, epoch))
     assert cp.latest_checkpoint(out) == (None, None)
+
+
+def _ckpt(epoch):
+    return {"epoch": epoch, "model_state": {"w": torch.full((64,), float(epoch))}, "optimizer_state": {}}
 
 
 @pytest.fixture
@@ -227,6 +239,7 @@ def in_process_training():
     root.setLevel(level)
 
 
+@pytest.mark.slow
 def test_stats_records_and_resume_reading_one_file(tiny_data, tmp_path, monkeypatch, in_process_training):
     import metric.checkpoint as cp
 

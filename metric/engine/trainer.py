@@ -7,16 +7,20 @@ epochs, atomic checkpoints and retrieval evaluation on the TEST split
 (recall@k and mAP@R among test images by label, from embeddings only).
 """
 
+import functools
 import logging
 import math
 import os
 import platform
+import traceback
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import metric.checkpoint as cp
 from metric.utils import distributed as du
+from metric.utils import lock
+from metric.engine.precheck import check_training
 from metric.utils.io import mkdirs
 from metric.config import dump_cfg
 from metric.utils.errors import CheckpointError, ConfigError, TrainingError
@@ -24,7 +28,9 @@ from metric.engine.evaluator import evaluate_retrieval, format_metrics
 from metric.engine.predictor import Predictor, autocast_dtype
 from metric.utils.logger import FILE_ONLY, StatsWriter, format_seconds, setup_logging
 from metric.engine.meters import IterTimer, RunClock, ScalarMeter, Timer
+from metric.engine.memory import check_training_memory
 from metric.engine.optimizer import build_optimizer, lr_at
+from metric.engine.param_groups import describe_groups, group_settings, reapply_group_settings
 from metric.utils.rng import get_rng_state, seed_everything, set_rng_state
 from metric.datasets.loader import build_train_loader, test_items, train_items
 from metric.modeling import build_loss, build_model
@@ -34,23 +40,58 @@ logger = logging.getLogger(__name__)
 
 
 def train_model(cfg):
-    """Train as ``cfg`` says; spawns ``NUM_GPUS`` processes when asked and not under torchrun."""
-    return du.launch(_train_process, cfg)
+    """Train as ``cfg`` says; spawns ``NUM_GPUS`` processes when asked and not under torchrun.
+
+    First, in the launching process, the mistakes every process would hit are checked once
+    (:mod:`metric.engine.precheck`). Then OUT_DIR is locked (``OUT_DIR/.lock``, see
+    :mod:`metric.utils.lock`) for the whole run, so a second run on it stops with one line: by
+    the launching process before it spawns any (the spawned processes take no lock), or under
+    torchrun (and hand-launched ranks) by rank 0 alone, before it joins the process group.
+    """
+    lists = check_training(cfg)
+    # A run in this process reuses the lists read by the check; spawned processes read their own.
+    here = cfg.NUM_GPUS <= 1 or du.under_torchrun()
+    fn = functools.partial(_train_process, lists=lists) if here else _train_process
+    if du.under_torchrun() and int(os.environ["RANK"]) != 0:
+        return du.launch(fn, cfg)
+    mkdirs(cfg.OUT_DIR)
+    with lock.folder_lock(cfg.OUT_DIR, f"OUT_DIR {cfg.OUT_DIR}", "choose another OUT_DIR"):
+        return du.launch(fn, cfg)
 
 
-def _train_process(cfg):
+def _train_process(cfg, lists=None):
     info = du.init_process(cfg)
     done = False
     try:
-        result = Trainer(cfg, info).fit()
+        result = Trainer(cfg, info, lists).fit()
         done = True
         return result
+    except RuntimeError as err:
+        # DistributedDataParallel's own collectives run outside the helpers of du: a peer that
+        # died or is stuck ends them with one line too.
+        mapped = None
+        if info.distributed and du.looks_distributed(err):
+            mapped = du.collective_error(_ddp_collective(err), err)
+        if mapped is None:
+            raise
+        raise mapped from None
     finally:
         du.cleanup(wait=done)
 
 
+def _ddp_collective(err):
+    """Which collective of DistributedDataParallel ``err`` came from, by its traceback."""
+    names = {frame.name for frame in traceback.extract_tb(err.__traceback__)}
+    if "backward" in names:
+        return "the gradient all-reduce (DDP backward)"
+    if "__init__" in names:
+        return "the parameter broadcast (DDP setup)"
+    return "a DistributedDataParallel collective (buffer broadcast in forward)"
+
+
 class Trainer:
-    def __init__(self, cfg, info):
+    def __init__(self, cfg, info, lists=None):
+        """``lists``: the ``(train, test)`` items when already read (:mod:`metric.engine.precheck`)."""
         self.cfg, self.info, self.device = cfg, info, info.device
         mkdirs(cfg.OUT_DIR)  # through the path manager: OUT_DIR may be on any storage backend
         setup_logging(cfg.OUT_DIR, info.rank)
@@ -62,11 +103,14 @@ class Trainer:
         torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK
         self.amp_dtype = autocast_dtype(cfg.TRAIN.MIXED_PRECISION, self.device, "TRAIN.MIXED_PRECISION")
         self.channels_last = cfg.TRAIN.CHANNELS_LAST
+        check_training_memory(cfg, self.device, info.world_size)  # an estimate: refuse what cannot fit
 
         # Data first: list-file errors should surface before any model is built.
-        self.train_loader = build_train_loader(cfg, info.rank, info.world_size, train_items(cfg))
+        train_list, test_list = lists or (None, None)
+        self.train_loader = build_train_loader(cfg, info.rank, info.world_size,
+                                               train_items(cfg) if train_list is None else train_list)
         # Evaluation runs the extraction pipeline (metric.engine.predictor) on the TEST list.
-        self.test_items = test_items(cfg) if cfg.TEST.DATASET else None
+        self.test_items = (test_items(cfg) if test_list is None else test_list) if cfg.TEST.DATASET else None
         if self.test_items is not None and cfg.TEST.BATCH_SIZE % info.world_size:
             raise ConfigError(f"TEST.BATCH_SIZE={cfg.TEST.BATCH_SIZE} must be divisible by the number of "
                               f"processes ({info.world_size})")
@@ -81,7 +125,10 @@ class Trainer:
         if margins is not None:
             logger.info("dynamic margins from the class counts: %.4f to %.4f", float(margins.min()), float(margins.max()))
         self.optimizer = build_optimizer(cfg, model)
+        self._group_settings = group_settings(self.optimizer)  # put back after a resume
+        logger.info("parameter groups: %s", describe_groups(self.optimizer))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.bad_indices = set()  # unreadable training images seen (indices into the train list)
         self.start_epoch = self._resume_or_load()
         # The learning rate is a function of the iteration (set before every step), so a resumed
         # run follows the same curve even if the number of processes changed.
@@ -89,9 +136,10 @@ class Trainer:
         # Wall time and iterations done, for the ETA; fit() restarts it. Public so that callers
         # that drive train_epoch() themselves (benchmarks) can restart it too.
         self.clock = RunClock()
+        self._frozen, self._backbone_trainable = None, []
+        self._freeze_backbone(self.start_epoch)  # before DDP, which skips parameters without gradients
         if info.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(model, device_ids=ids)
+            self.model = self._wrap_ddp(model)
         from metric.modeling.complexity import format_complexity, model_complexity
 
         logger.info("model: %s, %s at %d px", cfg.MODEL.TYPE,
@@ -116,11 +164,38 @@ class Trainer:
         return lr_at(self.cfg, iteration, self.iters_per_epoch)
 
     def set_lr(self, iteration):
-        """Put the learning rate of ``iteration`` on every parameter group; returns it."""
+        """Put the learning rate of ``iteration`` on every parameter group, times the group's
+        ``lr_scale`` (layer decay, head multiplier: :mod:`metric.engine.param_groups`); returns
+        the schedule's learning rate."""
         lr = self.lr_at(iteration)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
+
+    def _wrap_ddp(self, model):
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def _freeze_backbone(self, epoch):
+        """TRAIN.FREEZE_BACKBONE_EPOCHS: during the first epochs the backbone runs in eval mode and
+        its parameters do not require gradients (so the optimizer skips them: no update, no weight
+        decay, no state); under DDP the model is wrapped again when that changes."""
+        frozen = epoch < self.cfg.TRAIN.FREEZE_BACKBONE_EPOCHS
+        model = cp.unwrap(self.model)
+        if frozen:
+            model.backbone.eval()
+        if frozen == self._frozen:
+            return
+        if self._frozen is None:  # the first call: which backbone parameters train at all
+            self._backbone_trainable = [p for p in model.backbone.parameters() if p.requires_grad]
+        for p in self._backbone_trainable:
+            p.requires_grad_(not frozen)
+        changed, self._frozen = self._frozen is not None, frozen
+        if frozen or changed:
+            logger.info("epoch %d: backbone %s (TRAIN.FREEZE_BACKBONE_EPOCHS %d)", epoch + 1,
+                        "frozen" if frozen else "trains from now on", self.cfg.TRAIN.FREEZE_BACKBONE_EPOCHS)
+        if changed and self.info.distributed:
+            self.model = self._wrap_ddp(model)
 
     def _resume_or_load(self):
         cfg = self.cfg
@@ -132,15 +207,26 @@ class Trainer:
             path = du.all_gather_objects(path)[0]
             if path is not None:
                 if state is None:
-                    state = cp.read_checkpoint(path)
+                    state = cp.check_resumable(cp.read_checkpoint(path), path)
                 changed = cp.model_config_differences(state.get("cfg"), cfg)
                 if changed:
                     raise CheckpointError(
                         f"{path} was trained with another {changed[0]}; use a new OUT_DIR, or "
                         "TRAIN.AUTO_RESUME False and TRAIN.WEIGHTS to start from it"
                     )
+                self._check_schedule_unchanged(state, path)
                 cp.load_for_resume(self.model, state, path)
-                self.optimizer.load_state_dict(state["optimizer_state"])
+                try:
+                    self.optimizer.load_state_dict(state["optimizer_state"])
+                except ValueError as err:  # another number or size of parameter groups
+                    raise CheckpointError(
+                        f"{path}: its optimizer state does not fit this config's parameter groups ({err}); "
+                        "resume with the OPTIM.* settings it was trained with (OPTIM.NO_DECAY_NORM_BIAS is on "
+                        "for adamw by default: set it False for older adamw checkpoints), or use a new OUT_DIR"
+                    ) from None
+                # The config's learning-rate factors and weight decays (the same unless resumed with
+                # TRAIN.RESUME_CHANGED_CONFIG).
+                reapply_group_settings(self.optimizer, self._group_settings)
                 if state.get("scaler_state"):
                     self.scaler.load_state_dict(state["scaler_state"])
                 rng_states = state.get("rng_states") or []
@@ -150,28 +236,78 @@ class Trainer:
                     logger.warning("checkpoint has RNG states of %d processes, running %d: reseeding",
                                    len(rng_states), self.info.world_size)
                     seed_everything(cfg.RNG_SEED + state["epoch"] + 1)
+                self._restore_bad_images(state.get("bad_images") or [])
                 logger.info("resumed from %s (epoch %d done)", path, state["epoch"] + 1)
+                if self.info.is_master:
+                    done = state["epoch"] + 1
+                    dropped = self.stats.truncate(done, keep_final=done >= cfg.OPTIM.MAX_EPOCH)
+                    if dropped:
+                        logger.info("dropped %d stats records written after that checkpoint", dropped)
                 return state["epoch"] + 1
         if cfg.TRAIN.WEIGHTS:
             cp.load_weights(self.model, cfg.TRAIN.WEIGHTS)
         return 0
 
+    def _check_schedule_unchanged(self, state, path):
+        """Refuse to resume with another optimizer or schedule unless TRAIN.RESUME_CHANGED_CONFIG."""
+        sections = ("OPTIM", "TRAIN.BATCH_SIZE", "TRAIN.GRAD_CLIP", "TRAIN.FREEZE_BACKBONE_EPOCHS")
+        changed = cp.config_differences(state.get("cfg"), self.cfg, sections=sections, ignore=("OPTIM.MAX_EPOCH",))
+        if not changed:
+            return
+        names = ", ".join(changed)
+        if not self.cfg.TRAIN.RESUME_CHANGED_CONFIG:
+            raise CheckpointError(
+                f"{path} was trained with other optimizer/schedule settings ({names}); use the same values, "
+                "a new OUT_DIR, or TRAIN.RESUME_CHANGED_CONFIG True to resume with the new ones"
+            )
+        logger.warning("resuming %s with changed settings (TRAIN.RESUME_CHANGED_CONFIG): %s", path, names)
+
+    def _restore_bad_images(self, paths):
+        """Mark the unreadable images a checkpoint lists as known (they are not decoded again)."""
+        dataset = self.train_loader.dataset
+        index = {p: i for i, (p, _) in enumerate(dataset.items)}
+        known = [index[p] for p in paths if p in index]
+        self.bad_indices.update(known)
+        dataset.add_known_bad(known)
+        if known:
+            logger.info("%d unreadable training images known from the checkpoint", len(known))
+
+    def _eval_due(self, epoch):
+        """Whether the TEST split is evaluated after 0-based ``epoch``."""
+        period = self.cfg.TRAIN.EVAL_PERIOD
+        last = epoch + 1 == self.cfg.OPTIM.MAX_EPOCH
+        return self.test_items is not None and (last or bool(period and (epoch + 1) % period == 0))
+
+    def _missing_evaluation(self):
+        """True if the epoch the run resumed after was due an evaluation that is not in the stats
+        (a kill between its checkpoint and its evaluation); decided on rank 0, shared."""
+        done = self.start_epoch
+        missing = False
+        if self.info.is_master and done > 0 and self._eval_due(done - 1):
+            missing = not any(r.get("epoch") == done for r in self.stats.read("test_epoch"))
+        return du.all_gather_objects(missing)[0]
+
     # -- main loop -------------------------------------------------------------
     def fit(self):
         cfg = self.cfg
         max_epoch = cfg.OPTIM.MAX_EPOCH
-        if self.start_epoch >= max_epoch:
-            logger.info("training already complete (%d epochs); nothing to do", max_epoch)
-            return None
         self.clock.start()
         result = None
+        if self._missing_evaluation():
+            logger.info("the evaluation after epoch %d is missing (stopped before it ran): running it",
+                        self.start_epoch)
+            result = self.evaluate(self.start_epoch - 1)
+        if self.start_epoch >= max_epoch:
+            finished = self.info.is_master and bool(self.stats.read("final"))
+            if du.all_gather_objects(finished)[0]:
+                logger.info("training already complete (%d epochs); nothing to do", max_epoch)
+                return result
         for epoch in range(self.start_epoch, max_epoch):
             self.train_epoch(epoch)
             last = epoch + 1 == max_epoch
             if last or (epoch + 1) % cfg.TRAIN.CHECKPOINT_PERIOD == 0:
                 self.save_checkpoint(epoch)
-            period = cfg.TRAIN.EVAL_PERIOD
-            if self.test_items is not None and (last or (period and (epoch + 1) % period == 0)):
+            if self._eval_due(epoch):
                 result = self.evaluate(epoch)
         digests = du.all_gather_objects(cp.weights_digest(self.model))
         self.stats.write("final", epoch=max_epoch, weights_digests=digests)
@@ -194,9 +330,10 @@ class Trainer:
         loader.dataset.set_epoch(epoch)
         margin = self._apply_margin_schedule(epoch)
         self.model.train()
+        self._freeze_backbone(epoch)
         window, totals = ScalarMeter(), ScalarMeter()  # since the last log line; the whole epoch
         epoch_timer, iter_timer, bad_images = Timer(), IterTimer(), 0
-        for it, (images, labels, failed) in enumerate(loader):
+        for it, (images, labels, failed, bad) in enumerate(loader):
             data_time = iter_timer.data_loaded()
             lr = self.set_lr(epoch * n_iters + it)
             values = self._train_step(images, labels, epoch, it)
@@ -206,6 +343,7 @@ class Trainer:
             totals.add(values)
             self.clock.tick()
             bad_images += int(failed.sum())
+            self.bad_indices.update(bad[bad >= 0].tolist())
             if (it + 1) % self.cfg.LOG_PERIOD == 0 or it + 1 == n_iters:
                 self._log_iter(epoch, it, lr, window, margin)
                 window.reset()
@@ -293,6 +431,9 @@ class Trainer:
 
     def save_checkpoint(self, epoch):
         rng_states = du.all_gather_objects(get_rng_state())
+        # Unreadable training images found by any rank (or worker) so far: resumed runs know them.
+        for part in du.all_gather_objects(sorted(self.bad_indices)):
+            self.bad_indices.update(part)
         if self.info.is_master:
             model = cp.unwrap(self.model)
             bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -304,6 +445,7 @@ class Trainer:
                 "optimizer_state": self.optimizer.state_dict(),
                 "scaler_state": self.scaler.state_dict(),
                 "rng_states": rng_states,
+                "bad_images": [self.train_loader.dataset.items[i][0] for i in sorted(self.bad_indices)],
                 "cfg": self.cfg.dump(),
             }
             path = cp.save_checkpoint(cp.checkpoint_path(self.cfg.OUT_DIR, epoch), state)

@@ -5,17 +5,41 @@ through torchrun's own flags), detected from the ``WORLD_SIZE`` environment
 variable; or ``NUM_GPUS > 1`` without torchrun, in which case :func:`launch`
 spawns that many processes itself, meeting at ``HOST:PORT``. The backend is
 nccl on CUDA and gloo on CPU (``DIST_BACKEND`` overrides).
+
+Never hung: the process group has a timeout (``DIST.TIMEOUT_S``), and a collective of the
+helpers below (or code run under :func:`collective`) whose peer died, was stopped or is stuck
+ends with one :class:`~metric.utils.errors.DistributedError` line naming the rank and the
+collective, instead of waiting forever or a gloo traceback. A rendezvous that cannot be reached
+(a hand-launched worker with a wrong ``MASTER_ADDR``/``MASTER_PORT``) is one line too. Processes
+spawned by :func:`launch` die with their parent; their error lines come back to the parent,
+which reports one (the first process that failed).
+
+Limits: with nccl (CUDA) the timeout is enforced by torch's NCCL watchdog, which aborts the
+stuck process with messages of its own (the launcher then reports which process was killed by
+which signal). Under torchrun the failing rank prints its line and torchrun, which stops the
+other ranks, adds its own summary of the failed workers.
 """
 
+import contextlib
+import ctypes
+import datetime
+import functools
+import json
 import logging
+import multiprocessing.connection as mp_connection
 import os
+import shutil
+import signal
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metric.utils.errors import ConfigError, MetricError
+from metric.utils import errors
+from metric.utils.errors import ConfigError, DistributedError, MetricError
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +86,155 @@ def init_process(cfg):
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=_backend(cfg, device), init_method="env://", device_id=device if device.type == "cuda" else None)
+        _join_group(_backend(cfg, device), device, rank, world, cfg.DIST.TIMEOUT_S)
     return DistInfo(rank, world, local_rank, device)
+
+
+# --- timeouts and dead peers ------------------------------------------------------------------
+
+_timeout_s = None  # DIST.TIMEOUT_S of the group this process joined (for the messages)
+
+
+@contextlib.contextmanager
+def _native_stderr_held():
+    """Hold back what native code writes to stderr in the block (c10d's retry warnings and C++
+    stack traces of a failing rendezvous); it is written out after a block that succeeds and
+    dropped after one that fails (the error says what happened, in one line)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    ok = False
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+            ok = True
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read()
+            if ok and text:
+                sys.stderr.write(text.decode("utf-8", "replace"))
+            elif text:
+                logger.debug("rendezvous output:\n%s", text.decode("utf-8", "replace")[-4000:])
+
+
+def _first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
+def _join_group(backend, device, rank, world, timeout_s):
+    global _timeout_s
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    try:
+        with _native_stderr_held():
+            dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
+    except (RuntimeError, ValueError) as err:  # DistNetworkError, DistStoreError, a missing variable
+        text = str(err).lower()
+        if "address already in use" in text or "eaddrinuse" in text:
+            raise DistributedError(f"rank {rank}: cannot host the process group at {addr}:{port}: the port is in use "
+                                   "(another run?); choose another PORT (MASTER_PORT under torchrun)") from None
+        raise DistributedError(
+            f"rank {rank}: cannot join the process group at {addr}:{port} within {timeout_s} s "
+            f"({_first_line(err)}); check MASTER_ADDR and MASTER_PORT (HOST and PORT when NUM_GPUS spawns the "
+            f"processes) and that all {world} processes were started"
+        ) from None
+    _timeout_s = timeout_s
+
+
+_TIMEOUT_MARKS = ("timed out", "timeout")
+_LOST_MARKS = ("connection closed", "connection reset", "closed by peer", "broken pipe", "connection refused",
+               "socket closed", "end of file")
+
+
+def peer_failure(err):
+    """``"timeout"`` or ``"lost"`` if ``err`` is a collective's failure because a peer is stuck
+    or gone (gloo/c10d report both as RuntimeError, or its subclass DistBackendError), else None."""
+    if not isinstance(err, RuntimeError):
+        return None
+    text = str(err).lower()
+    if any(m in text for m in _TIMEOUT_MARKS):
+        return "timeout"
+    if any(m in text for m in _LOST_MARKS):
+        return "lost"
+    return None
+
+
+def looks_distributed(err):
+    """Whether ``err`` comes from torch.distributed (for catch-alls around code with collectives
+    inside, such as DistributedDataParallel's gradient all-reduce)."""
+    text = str(err).lower()
+    return isinstance(err, dist.DistError) or any(m in text for m in ("gloo", "nccl", "c10d"))
+
+
+def collective_error(name, err):
+    """The one-line :class:`DistributedError` for collective ``name`` that failed with ``err``,
+    or None when ``err`` is not a peer failure."""
+    kind = peer_failure(err)
+    if kind is None:
+        return None
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if kind == "timeout":
+        after = f"{_timeout_s:g} s" if _timeout_s is not None else "the process group's timeout"
+        return DistributedError(
+            f"rank {rank}: {name} timed out after {after} (a peer process died or is stuck); see the other "
+            "processes' output, or raise DIST.TIMEOUT_S if it is only slow"
+        )
+    return DistributedError(
+        f"rank {rank}: {name} failed: a peer process closed its connection (it died or was killed); "
+        "see the other processes' output"
+    )
+
+
+@contextlib.contextmanager
+def collective(name):
+    """Run the block's collectives; a peer failure becomes a one-line :class:`DistributedError`
+    naming this rank and ``name``."""
+    try:
+        yield
+    except DistributedError:
+        raise
+    except RuntimeError as err:
+        mapped = collective_error(name, err) if looks_distributed(err) else None
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def _caller_name(depth):
+    code = sys._getframe(depth + 1).f_code
+    return getattr(code, "co_qualname", code.co_name)
+
+
+def _guarded(op):
+    """Decorate a collective helper: a peer failure names ``op`` and the function that called it."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except DistributedError:
+                raise
+            except RuntimeError as err:
+                mapped = collective_error(f"{op} (in {_caller_name(1)})", err)
+                if mapped is None:
+                    raise
+                raise mapped from None
+
+        return guarded
+
+    return wrap
 
 
 def cleanup(wait=True):
@@ -73,38 +244,155 @@ def cleanup(wait=True):
     if dist.is_available() and dist.is_initialized():
         try:
             if wait:
-                dist.barrier()
+                with collective("the final barrier"):
+                    dist.barrier()
         finally:
             dist.destroy_process_group()
 
 
-def _spawned_worker(local_rank, fn, cfg, world):
+# --- processes spawned by launch() ----------------------------------------------------------
+
+# After the first spawned process fails, the others get this long to end by themselves (they
+# see their peer gone), then SIGTERM, then as long again before SIGKILL (a stopped process).
+_SPAWN_GRACE_S = 3.0
+
+
+def check_processes(cfg):
+    """Refuse a number of processes this machine cannot run, in one line (:class:`ConfigError`):
+    more than the visible GPUs, nccl without CUDA, and without CUDA more CPU processes than CPU
+    cores unless ``DIST.ALLOW_OVERSUBSCRIBE``. Counts ``NUM_GPUS``, or under torchrun this node's
+    ``LOCAL_WORLD_SIZE``."""
+    if under_torchrun():
+        n, what = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "torchrun --nproc_per_node"
+    else:
+        n, what = cfg.NUM_GPUS, "NUM_GPUS"
+    if n <= 1:
+        return n
+    if torch.cuda.is_available():
+        if not under_torchrun() and n > torch.cuda.device_count():
+            raise ConfigError(f"NUM_GPUS={n} but only {torch.cuda.device_count()} GPUs are visible; lower NUM_GPUS")
+        return n
+    if cfg.DIST_BACKEND == "nccl":
+        raise ConfigError("DIST_BACKEND='nccl' needs CUDA, which this machine does not have; use auto or gloo")
+    cores = cpu_cores()
+    if n > cores and not cfg.DIST.ALLOW_OVERSUBSCRIBE:
+        raise ConfigError(
+            f"{what}={n} without CUDA runs {n} CPU processes, but this machine has {cores} CPU cores; "
+            "lower it, or set DIST.ALLOW_OVERSUBSCRIBE True to run them anyway"
+        )
+    return n
+
+
+def cpu_cores():
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _die_with_parent(parent_pid):
+    """Have the kernel kill this spawned process when its parent ends (Linux), so a killed
+    launcher leaves no orphan writing to OUT_DIR after its lock is gone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent ended before the call above
+        os._exit(1)
+
+
+def _error_file(error_dir, rank):
+    return os.path.join(error_dir, f"rank{rank}.json")
+
+
+def _spawned_worker(local_rank, fn, cfg, world, error_dir, parent_pid):
+    _die_with_parent(parent_pid)
     os.environ.update(
         RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world)
     )
     try:
         fn(cfg)
     except MetricError as err:
-        # The child's one-line message; the parent turns the exit code into an error of its own.
-        import sys
-
-        sys.stderr.write(f"error (rank {local_rank}): {err}\n")
+        # The child's one-line message goes to the parent, which reports one for all processes.
+        tmp = _error_file(error_dir, local_rank) + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"type": type(err).__name__, "message": str(err)}, f)
+            os.replace(tmp, _error_file(error_dir, local_rank))
+        except OSError:  # the parent is gone or going (its folder was removed): say it here
+            sys.stderr.write(f"error (rank {local_rank}): {err}\n")
         sys.exit(2)
+
+
+def _child_error(error_dir, err):
+    """The error to raise for spawned process ``err.error_index`` that ended badly: its own
+    (its class and one line) when it left one, else how it ended plus another process's line."""
+    def read(rank):
+        try:
+            with open(_error_file(error_dir, rank), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    own = read(err.error_index)
+    if own is not None:
+        cls = getattr(errors, own.get("type", ""), None)
+        cls = cls if isinstance(cls, type) and issubclass(cls, MetricError) else MetricError
+        return cls(own["message"])
+    how = (f"was killed by signal {err.signal_name}" if getattr(err, "signal_name", None)
+           else f"exited with status {err.exit_code}")
+    others = sorted(n for n in os.listdir(error_dir) if n.endswith(".json"))
+    other = read(int(others[0][len("rank"):-len(".json")])) if others else None
+    tail = f"; then {other['message']}" if other else ""
+    return DistributedError(f"training process {err.error_index} {how} without an error message{tail}")
+
+
+def _wait_for(context):
+    """Wait for the spawned processes. Once one fails, wake any that is stopped (SIGSTOP), so
+    that it sees its peer gone or gets the SIGTERM that follows; torch's join then gives the
+    others the grace period, stops them and raises the first failure."""
+    waiting = {p.sentinel: p for p in context.processes}
+    while waiting:
+        for sentinel in mp_connection.wait(list(waiting)):
+            proc = waiting.pop(sentinel)
+            proc.join()
+            if proc.exitcode != 0:
+                for other in context.processes:
+                    if other.is_alive():
+                        with contextlib.suppress(OSError):
+                            os.kill(other.pid, signal.SIGCONT)
+                waiting = {}
+                break
+    while not context.join(grace_period=_SPAWN_GRACE_S):
+        pass
 
 
 def launch(fn, cfg):
     """Run ``fn(cfg)`` in this process, or in ``NUM_GPUS`` spawned processes when that is > 1
-    and the process was not started by torchrun."""
+    and the process was not started by torchrun. A spawned process's error comes back here as
+    one error (the first process that failed); the others are stopped."""
     if cfg.NUM_GPUS <= 1 or under_torchrun():
         return fn(cfg)
-    if torch.cuda.is_available() and cfg.NUM_GPUS > torch.cuda.device_count():
-        raise ConfigError(f"NUM_GPUS={cfg.NUM_GPUS} but only {torch.cuda.device_count()} GPUs are visible")
+    n = check_processes(cfg)
+    if not torch.cuda.is_available():
+        logger.info("no CUDA: running %d CPU processes with gloo", n)
     os.environ["MASTER_ADDR"] = cfg.HOST
     os.environ["MASTER_PORT"] = str(cfg.PORT)
+    error_dir = tempfile.mkdtemp(prefix="pymetric-errors-")
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
     try:
-        mp.start_processes(_spawned_worker, args=(fn, cfg, cfg.NUM_GPUS), nprocs=cfg.NUM_GPUS, start_method="spawn")
+        context = mp.start_processes(_spawned_worker, args=(fn, cfg, n, error_dir, os.getpid()), nprocs=n,
+                                     join=False, start_method="spawn")
+        spawn_log.setLevel(logging.ERROR)  # its "Terminating process N via signal SIGTERM" lines
+        _wait_for(context)
     except mp.ProcessExitedException as err:
-        raise MetricError(f"training process {err.error_index} exited with status {err.exit_code}") from None
+        raise _child_error(error_dir, err) from None
+    finally:
+        spawn_log.setLevel(level)
+        shutil.rmtree(error_dir, ignore_errors=True)
     return None
 
 
@@ -121,21 +409,28 @@ def _comm_device():
     return torch.device("cpu")
 
 
-def all_reduce_sum(tensor):
-    """Sum over ranks; the result is on the device ``tensor`` came from."""
-    if world_size() == 1:
-        return tensor
+def _all_reduce_sum(tensor):
     out = tensor.detach().to(_comm_device(), copy=True)
     dist.all_reduce(out)
     return out.to(tensor.device)
 
 
+@_guarded("all_reduce")
+def all_reduce_sum(tensor):
+    """Sum over ranks; the result is on the device ``tensor`` came from."""
+    if world_size() == 1:
+        return tensor
+    return _all_reduce_sum(tensor)
+
+
+@_guarded("all_reduce")
 def all_reduce_mean(tensor):
     if world_size() == 1:
         return tensor
-    return all_reduce_sum(tensor) / world_size()
+    return _all_reduce_sum(tensor) / world_size()
 
 
+@_guarded("all_reduce of the buffers")
 def average_buffers(module):
     """Average floating-point buffers (BN running statistics) over ranks, so every rank holds
     the same model for evaluation and checkpoints (DDP keeps parameters, not buffers, in sync)."""
@@ -147,6 +442,7 @@ def average_buffers(module):
             buf.div_(world_size())
 
 
+@_guarded("all_gather_object")
 def all_gather_objects(obj):
     """A list with every rank's ``obj`` (rank order)."""
     if world_size() == 1:
@@ -156,6 +452,7 @@ def all_gather_objects(obj):
     return out
 
 
+@_guarded("barrier")
 def barrier():
     if world_size() > 1:
         dist.barrier()

@@ -1,0 +1,75 @@
+"""Checks of a training run made once, in the launching process, before any process is spawned
+and before anything is written to OUT_DIR.
+
+Mistakes that every process would hit (too many processes for the machine, batch sizes that do
+not divide over them, a run whose estimated memory does not fit, a missing data set folder, a malformed list file, a missing or truncated
+``TRAIN.WEIGHTS`` file) then give one error line within seconds, instead of the same line from
+each of ``NUM_GPUS`` processes after they all started. Config values were validated when the
+config was loaded (registry names included). Not done here: building the model and loading the
+weights into it (too costly for the large backbones), so weights that do not fit the model are
+found by the processes (each reports it, the launcher prints the first).
+
+Under torchrun the launcher is torchrun itself: every rank runs these checks, and their errors
+are marked ``every_rank`` so that only local rank 0 of each node prints the line
+(:func:`metric.utils.cli.run_tool`); torchrun then prints its own summary of the failed workers.
+"""
+
+import os
+
+import torch
+
+from metric.checkpoint import list_checkpoints
+from metric.checkpoint.io import incomplete_reason
+from metric.datasets.loader import build_train_loader, test_items, train_items
+from metric.engine.memory import check_training_memory
+from metric.utils import distributed as du
+from metric.utils import io
+from metric.utils.errors import CheckpointError, ConfigError, MetricError
+
+
+def world_size(cfg):
+    """How many processes the run will have: torchrun's WORLD_SIZE, else NUM_GPUS."""
+    return int(os.environ["WORLD_SIZE"]) if du.under_torchrun() else max(1, cfg.NUM_GPUS)
+
+
+def check_training(cfg):
+    """Raise the first problem every process of a training run would hit (see the module doc).
+    Returns the ``(train, test)`` items read (test None without TEST.DATASET), for a run in this
+    process to reuse."""
+    try:
+        return _check(cfg)
+    except MetricError as err:
+        err.every_rank = True
+        raise
+
+
+def _check(cfg):
+    du.check_processes(cfg)
+    world = world_size(cfg)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    check_training_memory(cfg, device, world)  # each process checks again (with its own device)
+    if cfg.TEST.DATASET and cfg.TEST.BATCH_SIZE % world:
+        raise ConfigError(f"TEST.BATCH_SIZE={cfg.TEST.BATCH_SIZE} must be divisible by the number of "
+                          f"processes ({world})")
+    # The list files (folder, syntax, labels; files when DATA_LOADER.CHECK_FILES) and what the
+    # loader of one process makes of them (batch sizes over `world` processes, the pk sampler).
+    train = train_items(cfg)
+    build_train_loader(cfg, 0, world, train)
+    test = test_items(cfg) if cfg.TEST.DATASET else None
+    _check_weights(cfg)
+    return train, test
+
+
+def _check_weights(cfg):
+    path = cfg.TRAIN.WEIGHTS
+    if not path or (cfg.TRAIN.AUTO_RESUME and list_checkpoints(cfg.OUT_DIR)):
+        return  # no initial weights, or a resumed run (which does not read them)
+    if io.isdir(path):
+        raise CheckpointError(f"TRAIN.WEIGHTS {path} is a folder: name the weights file in it")
+    if not io.isfile(path):
+        raise CheckpointError(f"weights file not found: {path} (TRAIN.WEIGHTS)")
+    if io.is_local(path) and not os.access(path, os.R_OK):
+        raise CheckpointError(f"TRAIN.WEIGHTS file {path} is not readable (permission denied)")
+    reason = incomplete_reason(path)
+    if reason:
+        raise CheckpointError(f"TRAIN.WEIGHTS file {path} is not a complete weights file: {reason}")
