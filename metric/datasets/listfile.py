@@ -1,11 +1,13 @@
 """List files: one image per line, ``relative/path.jpg label`` (the original format).
 
-Paths are relative to the data set folder (absolute paths are kept as they are).
+Paths are relative to the data set folder (absolute paths are kept as they are). The list file
+is read through the iopath path manager; images are decoded by OpenCV from local files.
 """
 
 import logging
 import os
 
+from metric.utils import io
 from metric.utils.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -19,11 +21,11 @@ def read_list(list_path, root=None, num_classes=None, with_labels=True, check_fi
     ``[0, num_classes)``; with ``check_files`` it also fails when images are missing, giving
     their count and the first few.
     """
-    if not os.path.isfile(list_path):
+    if not io.isfile(list_path):
         raise DataError(f"list file not found: {list_path}")
-    root = os.path.dirname(os.path.abspath(list_path)) if root is None else root
+    root = os.path.dirname(io.abspath(list_path)) if root is None else root
     items = []
-    with open(list_path, encoding="utf-8") as f:
+    with io.open_text(list_path, DataError, "the list file") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if not parts:

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from metric.utils.errors import ConfigError, DataError
-from metric.datasets.dataset import ListDataset
+from metric.datasets.dataset import ListDataset, check_readable_classes
 from metric.datasets.listfile import dataset_list_path, read_list
 from metric.datasets.samplers import PKSampler
 from metric.datasets.transforms import TrainTransform
@@ -37,7 +37,10 @@ def _loader(dataset, batch_size, sampler, cfg, drop_last, seed):
 
 def train_items(cfg):
     path, folder = dataset_list_path(cfg.DATA_DIR, cfg.TRAIN.DATASET, cfg.TRAIN.SPLIT)
-    return read_list(path, folder, cfg.MODEL.HEADS.NUM_CLASSES, check_files=cfg.DATA_LOADER.CHECK_FILES)
+    items = read_list(path, folder, cfg.MODEL.HEADS.NUM_CLASSES, check_files=cfg.DATA_LOADER.CHECK_FILES)
+    if cfg.DATA_LOADER.CHECK_FILES:  # a class with no readable image stops the run now, not mid-epoch
+        check_readable_classes(items, path)
+    return items
 
 
 def test_items(cfg):

@@ -12,7 +12,7 @@ import torch
 
 def seed_everything(seed):
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # derived seeds (RNG_SEED + epoch) may pass numpy's 32 bits
     torch.manual_seed(seed)
 
 
