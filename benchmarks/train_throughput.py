@@ -1,7 +1,7 @@
 """Training throughput: our trainer vs a bare hand-written PyTorch loop, and our cv2 data
 pipeline vs an equivalent torchvision/PIL pipeline, measured in one run on the same data.
 
-    python benchmarks/train_throughput.py [--depth 18] [--im-size 128] [--batch 32] [--epochs 2]
+    python benchmarks/train_throughput.py [--depth 18] [--im-size 128] [--batch 32] [--epochs 2] [KEY VALUE ...]
 
 Prints a table; the last line is a key=value summary (ratios > 1 mean ours is faster).
 Not a test: timings are never asserted.
@@ -35,6 +35,9 @@ def parse_args():
     p.add_argument("--per-class", type=int, default=24)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per method (after one warm-up)")
     p.add_argument("--data", default=None, help="data folder (default: a temporary demo set)")
+    p.add_argument("opts", nargs="*", help="config overrides KEY VALUE applied last, e.g. another model: "
+                   "MODEL.TYPE vit MODEL.WIDTH 128 MODEL.LAYERS 2 MODEL.PATCH_SIZE 8 MODEL.EMB_DIM 64 "
+                   "MODEL.HEADS.POOL_LAYER identity")
     return p.parse_args()
 
 
@@ -48,7 +51,7 @@ def make_cfg(args, data_dir, out_dir):
         "DATA_LOADER.NUM_WORKERS", args.workers, "DATA_LOADER.PIN_MEMORY", False, "LOG_PERIOD", 1000,
         "OUT_DIR", out_dir, "TRAIN.AUTO_RESUME", False,
     ]
-    return load_cfg(None, [str(o) for o in opts])
+    return load_cfg(None, [str(o) for o in opts] + list(args.opts))
 
 
 def time_ours(cfg, epochs):
@@ -74,7 +77,7 @@ def time_bare(cfg, epochs):
         loader.sampler.set_epoch(e)
         loader.dataset.set_epoch(e)
         t, n = time.perf_counter(), 0
-        for images, labels, _ in loader:
+        for images, labels, *_ in loader:
             logits, _ = model(images, labels)
             loss = F.cross_entropy(logits, labels)
             opt.zero_grad()
@@ -136,7 +139,9 @@ def main():
                               num_heldout_classes=2, queries_per_class=1, index_per_class=2,
                               num_distractor_classes=1, image_size=max(160, args.im_size))
         cfg = make_cfg(args, data, os.path.join(tmp, "out"))
-        print(f"ResNet-{args.depth} width {args.width}, {args.im_size}px, batch {args.batch}, "
+        model = f"ResNet-{args.depth} width {args.width}" if cfg.MODEL.TYPE == "resnet" else cfg.MODEL.TYPE
+        extra = " " + " ".join(args.opts) if args.opts else ""
+        print(f"{model}{extra}, {args.im_size}px, batch {args.batch}, "
               f"{args.workers} workers, torch threads {torch.get_num_threads()}")
         ours, bare = [], []
         for _ in range(2):  # interleave to share the machine's noise

@@ -86,8 +86,9 @@ def clip_to_ours(fmt, state, backbone, source="weights"):
         other = sorted(k for k in state if not k.startswith("visual."))
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
         if other:
-            logger.info("%s: a whole CLIP model: its text tower and other non-image keys ignored (%d keys: %s%s)",
-                        source, len(other), ", ".join(other[:5]), ", ..." if len(other) > 5 else "")
+            names = sorted({k.split(".")[0] for k in other})
+            logger.info("%s: a whole CLIP model: its text tower and other non-image keys ignored (%d keys: %s)",
+                        source, len(other), ", ".join(names))
     own = backbone.state_dict()
     prefix = "visual." if fmt == "clip" else ""
     adapt = getattr(backbone, "adapt_state_dict", None)

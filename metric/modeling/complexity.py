@@ -17,6 +17,23 @@ from torch.utils.flop_counter import FlopCounterMode
 _ACT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+def _count_cpu_attention():
+    """``FlopCounterMode`` counts the CUDA kernels of ``F.scaled_dot_product_attention`` but not
+    the CPU one (torch 2.x): give it the same formula (the two matrix products of attention)."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_count_cpu_attention()
+
+
 def model_complexity(model, im_size):
     """``{"flops", "macs", "params", "backbone_params", "activations"}`` of ``model`` on one
     ``3 x im_size x im_size`` image (``params`` counts every parameter, the classifier too)."""
