@@ -148,8 +148,73 @@ def bench_extraction(args):
     return rows, {"extract_img_s": ours_ips, "forward_img_s": bare_ips, "extract_vs_forward": ours_ips / bare_ips}
 
 
+@register
+def bench_rerank(args):
+    """Re-ranking of ``--queries`` queries in ``--index`` random unit vectors (default 1,000 x
+    100,000 x 512): αQE and DBA (K=2), SuperGlobal (M=400, K=9) after a top-400 search, and
+    k-reciprocal (k1=20, k2=6): its index k-NN graph (built once per index, can be saved) and the
+    re-ranking given the graph. Each is timed once (``--rerank-repeat``), beside the plain top-k
+    search of the same run (``search_s``) so that ratios survive a busy machine."""
+    if args.skip_rerank:
+        return [], {}
+    from metric.retrieval.knn_graph import build_index_graph
+    from metric.retrieval.kreciprocal import k_reciprocal_rerank
+    from metric.retrieval.rerank import database_augmentation, query_expansion
+    from metric.retrieval.search import search
+    from metric.retrieval.superglobal import superglobal_rerank
+
+    rng = np.random.default_rng(1)
+    xb = random_unit(rng, args.index, args.dim)
+    xq = random_unit(rng, args.queries, args.dim)
+    k = args.topk
+    found = {}
+
+    def run_search():
+        found["s"] = search(xq, xb, k, device="cpu")
+
+    def qe():
+        s, i = search(xq, xb, max(k, 2), device="cpu")
+        search(query_expansion(xq, xb, s, i, 2), xb, k, device="cpu")
+
+    def dba():
+        search(xq, database_augmentation(xb, 2, device="cpu"), k, device="cpu")
+
+    def sg():
+        s, i = search(xq, xb, max(k, 400), device="cpu")
+        superglobal_rerank(xq, xb, s, i, device="cpu")
+
+    def graph():
+        found["graph"] = build_index_graph(xb, 21, device="cpu")
+
+    def kr():
+        k_reciprocal_rerank(xq, xb, k, graph=found["graph"], device="cpu")
+
+    steps = {"search": run_search, "qe": qe, "superglobal": sg, "kr_graph": graph, "kreciprocal": kr}
+    if not args.rerank_skip_dba:
+        steps["dba"] = dba
+    t = {}
+    for name, fn in steps.items():  # the graph is built before k-reciprocal needs it
+        t[name] = best_times({name: fn}, args.rerank_repeat)[name]
+    shape = f"{args.queries} x {args.index} x {args.dim}, top-{k}"
+    notes = {
+        "search": "plain exact search, same data (reference for the ratios)",
+        "qe": "alpha-QE K=2: search, expand, second search",
+        "dba": "DBA K=2: index x index top-3 search, augment, search",
+        "superglobal": "top-400 search + SuperGlobal M=400 K=9 beta=0.15",
+        "kr_graph": "k-NN graph of the index, width 21 + farthest item (once per index)",
+        "kreciprocal": "k-reciprocal k1=20 k2=6 lambda=0.3, graph given",
+    }
+    rows = [(f"rerank: {name}", sec, f"{notes[name]}; {shape}") for name, sec in t.items()]
+    summary = {f"rerank_{name}_s": sec for name, sec in t.items()}
+    summary.update({f"rerank_{name}_vs_search": sec / t["search"] for name, sec in t.items() if name != "search"})
+    return rows, summary
+
+
 def make_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-rerank", action="store_true", help="do not time re-ranking")
+    parser.add_argument("--rerank-skip-dba", action="store_true", help="do not time DBA (an index x index search)")
+    parser.add_argument("--rerank-repeat", type=int, default=1, help="runs of each re-ranking timing (best kept)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--index", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)

@@ -1,6 +1,13 @@
-"""Shared fixtures: a tiny labelled image set and the options of a tiny model."""
+"""Shared test helpers: a tiny labelled image set, the options of tiny models, unit vectors, and
+running the tools in ``tools/`` (in this process, or as a subprocess for the command-line contract).
 
+Tests marked ``slow`` are the end-to-end ones (subprocesses, training for epochs, export);
+``pytest -m "not slow" tests`` leaves them out."""
+
+import importlib.util
+import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -79,3 +86,56 @@ def run_py(args, timeout=600, env=None, check=False):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+# --- tiny models and vectors ------------------------------------------------------------------
+
+# A ResNet-18 of width 4 with an 8-d embedding and 5 classes: builds and runs in milliseconds.
+TINY_MODEL = ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "4", "MODEL.HEADS.IN_FEAT", "0",
+              "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5"]
+
+
+def unit_vectors(rng, n, d):
+    """``n`` random float32 rows of length ``d`` with unit L2 norm, drawn from ``rng`` (a numpy Generator)."""
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago (for torchrun / process groups)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the tools in tools/ ------------------------------------------------------------------------
+
+def load_tool(name):
+    """The module of ``tools/NAME.py``, loaded by path (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def call_tool(name, argv, capsys):
+    """Run ``tools/NAME.py`` in this process as its command line does (``run_tool(main, argv)``;
+    an argparse exit gives its status); returns ``(status, stdout, stderr)`` read from ``capsys``.
+    The logging handlers the tool installs are removed afterwards. The exit status and stderr of
+    the real command line are checked once per tool with :func:`run_py`."""
+    from metric.utils.cli import run_tool
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        status = run_tool(load_tool(name).main, [str(a) for a in argv])
+    except SystemExit as exc:
+        status = exc.code
+    finally:
+        for h in list(root.handlers):
+            if getattr(h, "pymetric", False):
+                root.removeHandler(h)
+                h.close()
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    return status, out, err

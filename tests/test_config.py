@@ -8,7 +8,7 @@ from metric.config import check as config_check
 from metric.config import defaults as config_mod
 from metric.config import all_keys, get_cfg, load_cfg, validate
 from metric.utils.errors import ConfigError
-from tests.conftest import REPO, run_py
+from tests.conftest import REPO, call_tool, run_py
 
 
 def test_defaults_validate():
@@ -79,20 +79,26 @@ def test_bad_config_raises_naming_key(opts, words):
         (["OPTIM.BASELR", "0.1"], ["OPTIM.BASELR", "did you mean OPTIM.BASE_LR"]),
         (["OPTIM.LR_POLICY", "linear"], ["OPTIM.LR_POLICY", "cos | steps | exp"]),
         (["TRAIN.BATCH_SIZE", "big"], ["TRAIN.BATCH_SIZE", "integer"]),
+        (["--cfg", os.path.join(REPO, "configs", "metric", "nope.yaml")], ["config file not found", "nope.yaml"]),
     ],
 )
-def test_train_tool_exits_2_on_config_error(opts, words):
-    proc = run_py(["tools/train_metric.py", *opts])
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+def test_train_tool_exits_2_on_config_error(opts, words, capsys):
+    status, _, err = call_tool("train_metric", opts, capsys)
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     for w in words:
         assert w in lines[0]
 
 
-def test_missing_config_file_exits_2():
-    proc = run_py(["tools/train_metric.py", "--cfg", "configs/metric/nope.yaml"])
-    assert proc.returncode == 2 and "config file not found" in proc.stderr
+@pytest.mark.slow
+def test_train_tool_command_line_exits_2_with_one_line():
+    """The real command line: a config error is exactly one stderr line and exit status 2."""
+    proc = run_py(["tools/train_metric.py", "OPTIM.BASELR", "0.1"])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "did you mean OPTIM.BASE_LR" in lines[0]
 
 
 def test_yaml_types_and_base_inheritance(tmp_path):

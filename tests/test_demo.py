@@ -9,6 +9,8 @@ from metric.engine.demo import DEMO_CONFIG, format_table, run_demo
 from metric.utils.cli import run_tool
 from test_predictor import _tool
 
+pytestmark = pytest.mark.slow  # trains for 20 epochs, then extracts, searches and evaluates
+
 
 def test_demo_training_improves_heldout_retrieval(tmp_path):
     data_params = dict(num_train_classes=24, train_per_class=16, num_heldout_classes=8, queries_per_class=2,

@@ -1,31 +1,20 @@
 """The deterministic demo data generator (metric/datasets/demo.py, tools/make_demo_data.py)."""
 
 import csv
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, run_py
-from metric.utils.cli import run_tool
 from metric.utils.errors import DataError
 from metric.datasets import demo
 from metric.datasets.demo import make_demo_dataset
+from tests.conftest import REPO, call_tool, load_tool, run_py
 
 TINY = dict(num_train_classes=3, train_per_class=3, num_heldout_classes=3, queries_per_class=2,
             index_per_class=3, num_distractor_classes=2, image_size=32)
-TOOL = os.path.join(REPO, "tools", "make_demo_data.py")
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("make_demo_data_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _files(root):
@@ -193,30 +182,29 @@ def test_interrupted_generation_leaves_no_output(tmp_path, monkeypatch):
 
 
 def test_tool(tmp_path, capsys):
-    tool = _tool()
-    assert tool.default_output() == Path(REPO).resolve() / "metric" / "datasets" / "data" / "demo"
+    assert load_tool("make_demo_data").default_output() == Path(REPO).resolve() / "metric" / "datasets" / "data" / "demo"
     out = tmp_path / "demo"
     argv = ["--output", str(out), "--quiet", "--seed", "3", "--num-train-classes", "2",
             "--train-per-class", "2", "--num-heldout-classes", "2", "--index-per-class", "2",
             "--num-distractor-classes", "1", "--image-size", "24"]
-    assert run_tool(tool.main, argv) == 0
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 1 and "generated" in printed[0] and "4 train images" in printed[0]
+    status, printed, _ = call_tool("make_demo_data", argv, capsys)
+    printed = printed.strip().splitlines()
+    assert status == 0 and len(printed) == 1 and "generated" in printed[0] and "4 train images" in printed[0]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["params"]["seed"] == 3 and meta["params"]["queries_per_class"] == 2
 
-    assert run_tool(tool.main, argv) == 0
-    assert "already present" in capsys.readouterr().out
+    status, printed, _ = call_tool("make_demo_data", argv, capsys)
+    assert status == 0 and "already present" in printed
 
-    assert run_tool(tool.main, argv + ["--train-per-class", "3"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
+    status, _, err = call_tool("make_demo_data", argv + ["--train-per-class", "3"], capsys)
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_tool_exit_status_subprocess(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
-    proc = run_py([TOOL, "--output", str(out), "--quiet"], timeout=300)
+    proc = run_py(["tools/make_demo_data.py", "--output", str(out), "--quiet"], timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and list(out.iterdir()) == []

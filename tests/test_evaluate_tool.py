@@ -1,40 +1,19 @@
 """tools/evaluate.py: the three modes write exactly their JSON keys; bad inputs exit 2 with one line."""
 
-import importlib.util
 import json
-import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from metric.utils.cli import run_tool
 from metric.retrieval.metrics import labelled_metrics, rank_index, revisited_map
 from metric.retrieval.store import save_features
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(ROOT, "tools", "evaluate.py")
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
+from tests.conftest import call_tool, run_py, unit_vectors
 
 
 def run(argv, capsys):
-    """Run the tool in-process; returns (exit status, stdout, stderr lines)."""
-    try:
-        status = run_tool(tool.main, argv)
-    except SystemExit as exc:  # argparse
-        status = exc.code
-    out, err = capsys.readouterr()
+    """Run the tool in-process; returns (exit status, stdout, non-blank stderr lines)."""
+    status, out, err = call_tool("evaluate", argv, capsys)
     return status, out, [line for line in err.splitlines() if line.strip()]
 
 
@@ -57,11 +36,6 @@ def glr_files(tmp_path):
     return str(results), str(solution)
 
 
-def normalized(rng, n, d=8):
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 @pytest.fixture
 def revisited_files(tmp_path):
     rng = np.random.default_rng(0)
@@ -71,13 +45,13 @@ def revisited_files(tmp_path):
             "bbx": [0.0, 0.0, 10.0, 10.0]} for i in (5, 7, 9, 11)]
     gt = tmp_path / "gnd_test.pkl"
     gt.write_bytes(pickle.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
-    x, q = normalized(rng, 30), normalized(rng, 4)
+    x, q = unit_vectors(rng, 30, 8), unit_vectors(rng, 4, 8)
     # stores in another order, with 2 distractors in the index and an extra query
     order = rng.permutation(30)
-    distractors = normalized(rng, 2)
+    distractors = unit_vectors(rng, 2, 8)
     save_features(str(tmp_path / "index"), np.concatenate([x[order], distractors]),
                   [imlist[i] for i in order] + ["d1", "d2"])
-    save_features(str(tmp_path / "query"), np.concatenate([q[::-1], normalized(rng, 1)]),
+    save_features(str(tmp_path / "query"), np.concatenate([q[::-1], unit_vectors(rng, 1, 8)]),
                   qimlist[::-1] + ["other"])
     expected = revisited_map(rank_index(q, np.concatenate([x, distractors])), gnd)
     return str(tmp_path / "query"), str(tmp_path / "index"), str(gt), expected
@@ -86,7 +60,7 @@ def revisited_files(tmp_path):
 @pytest.fixture
 def labelled_files(tmp_path):
     rng = np.random.default_rng(1)
-    q, x = normalized(rng, 12), normalized(rng, 20)
+    q, x = unit_vectors(rng, 12, 8), unit_vectors(rng, 20, 8)
     q_lab, x_lab = rng.integers(0, 3, size=12), rng.integers(0, 3, size=20)
     save_features(str(tmp_path / "lq"), q, [f"q{i}" for i in range(12)])
     save_features(str(tmp_path / "lx"), x, [f"x{i}" for i in range(20)])
@@ -201,11 +175,10 @@ def test_bad_files(glr_files, revisited_files, labelled_files, tmp_path, capsys)
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_subprocess_exit_code(glr_files):
     """The real command line: a user error is exactly one stderr line and exit status 2."""
     results, _ = glr_files
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    bad = subprocess.run([sys.executable, TOOL, "--results", results], capture_output=True, text=True,
-                         env=env, timeout=120)
+    bad = run_py(["tools/evaluate.py", "--results", results], timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: --results needs --gt, the retrieval_solution.csv ground truth"]

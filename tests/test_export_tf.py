@@ -24,6 +24,8 @@ from metric.export.onnx import export_onnx, extraction_input, fixed_size_input, 
 from metric.export.tensorflow import MARKER_FILE, check_output_dir, convert_onnx_to_tf, tf_python
 from metric.modeling import build_model
 
+pytestmark = pytest.mark.slow  # every test here runs the exporter end to end
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTS = [
     "MODEL.DEPTH", "18", "MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.POOL_LAYER", "gempool",
@@ -289,3 +291,36 @@ def test_onnx2tf_refuses_foreign_folder_and_missing_env(resnet18, tmp_path):
     env = dict(os.environ, PYMETRIC_TF_VENV=str(tmp_path / "no-venv"))
     proc = run(["tools/onnx2tf.py", onnx_path, str(tmp_path / "out")], env=env)
     one_line_error(proc, f"create it with: bash tools/setup_tf_env.sh {tmp_path / 'no-venv'}")
+
+
+def test_dolg_kaggle_submission(tf_env, tmp_path):
+    """DOLG (stage-3 and stage-4 maps, multi-atrous module, orthogonal fusion) converts to
+    TensorFlow with dynamic sizes: the Kaggle model matches PyTorch extraction on any image size."""
+    opts = OPTS + ["RESNET.WIDTH_PER_GROUP", "16", "RESNET.STEM_WIDTH", "16", "MODEL.HEADS.NAME", "DOLGHead",
+                   "MODEL.DOLG.MULTI_ATROUS", "True"]
+    torch.manual_seed(0)
+    model = build_model(load_cfg(None, opts)).eval()
+    with torch.no_grad():
+        model.head.pool_layer.p.fill_(2.7)
+        model.head.local_branch.bn.running_mean.uniform_(-0.1, 0.1)
+        model.head.local_branch.bn.running_var.uniform_(0.5, 1.5)
+    weights = str(tmp_path / "dolg.pyth")
+    torch.save({"epoch": 1, "model_state": model.state_dict()}, weights)
+    out = str(tmp_path / "submission.zip")
+    proc = run(["tools/make_kaggle_model.py", "TEST.WEIGHTS", weights] + opts + ["--output", out])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kaggle model vs torch extraction" in proc.stdout
+    with zipfile.ZipFile(out) as z:
+        z.extractall(tmp_path / "unzipped")
+    images = [sample_image(151, 203, seed=21), sample_image(64, 48, seed=22)]
+    for i, im in enumerate(images):
+        np.save(tmp_path / f"im{i}.npy", im)
+    got = tf_script(tf_env, tmp_path, """
+        fn = tf.saved_model.load(args["dir"]).signatures["serving_default"]
+        for i, path in enumerate(args["images"]):
+            out[f"d{i}"] = fn(input_image=tf.constant(np.load(path)))["global_descriptor"].numpy()
+    """, dir=str(tmp_path / "unzipped"), images=[str(tmp_path / f"im{i}.npy") for i in range(len(images))])
+    for i, im in enumerate(images):
+        with torch.no_grad():
+            ref = F.normalize(model(extraction_input(im, 64)[None]), dim=1)[0].numpy()
+        assert float(got[f"d{i}"] @ ref) >= 0.9999, (im.shape, float(got[f"d{i}"] @ ref))

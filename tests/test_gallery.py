@@ -1,7 +1,6 @@
 """Result gallery: one row per query, only existing images embedded, placeholders otherwise."""
 
 import base64
-import importlib.util
 import os
 import re
 
@@ -9,18 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from metric.utils.cli import run_tool
 from metric.utils.errors import MetricError
 from metric.retrieval.gallery import ImageFinder, build_gallery
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("visualize_tool", os.path.join(ROOT, "tools", "visualize.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import call_tool
 
 
 def image(path, h=60, w=90, value=100):
@@ -106,13 +96,12 @@ def test_gallery_errors(gallery_data):
 
 def test_visualize_tool(gallery_data, capsys):
     tmp_path, q, x, results, scores, gt = gallery_data
-    tool = load_tool()
     out = tmp_path / "tool.html"
     argv = ["--results", results, "--query-root", q, "--index-root", x, "--gt", gt, "--scores", scores,
             "--topk", "2", "--output", str(out)]
-    assert run_tool(tool.main, argv) == 0
+    assert call_tool("visualize", argv, capsys)[0] == 0
     assert out.read_text(encoding="utf-8").count('<div class="row"') == 3
-    capsys.readouterr()
-    assert run_tool(tool.main, argv[:-1] + [str(tmp_path / "missing" / "x.html")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    status, _, err = call_tool("visualize", argv[:-1] + [str(tmp_path / "missing" / "x.html")], capsys)
+    assert status == 2
+    err = err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:")

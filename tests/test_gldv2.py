@@ -33,11 +33,19 @@ def test_val_classes_are_held_out(tmp_path):
     assert not {line.split()[0] for line in train.splitlines()} & {line.split()[0] for line in val.splitlines()}
 
 
-def test_bad_csv_exits_2(tmp_path):
+def test_bad_csv_is_a_data_error(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("foo,bar\n1,2\n")
     with pytest.raises(DataError, match="expected columns"):
         convert_gldv2(str(bad), str(tmp_path / "o"))
+    assert not os.path.exists(tmp_path / "o" / "train_list.txt")
+
+
+@pytest.mark.slow
+def test_bad_csv_exits_2(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("foo,bar\n1,2\n")
     proc = run_py(["tools/gldv2_to_list.py", "--csv", str(bad), "--output", str(tmp_path / "o")])
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
+    assert "expected columns" in proc.stderr
     assert not os.path.exists(tmp_path / "o" / "train_list.txt")

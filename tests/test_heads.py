@@ -16,11 +16,7 @@ from metric.modeling.layers.margin_policy import dynamic_margins
 from metric.modeling.layers.margins import ArcFace
 from metric.modeling.layers.pooling import IdentityPool
 from metric.modeling.registries import MARGIN_LAYERS, POOL_LAYERS
-from tests.conftest import REPO
-
-TINY = ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "4", "MODEL.HEADS.IN_FEAT", "0",
-        "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5"]
-
+from tests.conftest import REPO, TINY_MODEL
 
 def _train_step(model, num_classes=5):
     model.train()
@@ -36,8 +32,8 @@ def _train_step(model, num_classes=5):
 @pytest.mark.parametrize("cls_layer", MARGIN_LAYERS.names())
 @pytest.mark.parametrize("pool", ["avgmaxpool", "gempool"])
 def test_every_margin_layer_trains_from_config(cls_layer, pool):
-    cfg = load_cfg(None, TINY + ["MODEL.HEADS.CLS_LAYER", cls_layer, "MODEL.HEADS.POOL_LAYER", pool,
-                                 "MODEL.HEADS.SUBCENTERS", "2"])
+    cfg = load_cfg(None, TINY_MODEL + ["MODEL.HEADS.CLS_LAYER", cls_layer, "MODEL.HEADS.POOL_LAYER", pool,
+                                       "MODEL.HEADS.SUBCENTERS", "2"])
     torch.manual_seed(0)
     model = build_model(cfg)
     _train_step(model)

@@ -13,6 +13,7 @@ from metric.utils.errors import ConfigError
 from metric.modeling import build_loss
 from metric.modeling.losses.circle import CircleLoss
 from metric.modeling.losses.triplet import TripletLoss
+from tests.conftest import run_py, tiny_opts
 
 
 def naive_triplet(x, labels, margin, soft, hard, normalize=True):
@@ -184,9 +185,9 @@ def test_bad_loss_and_margin_keys_name_the_key(opts, words):
         assert w in str(err.value)
 
 
+@pytest.mark.slow
 def test_training_with_pk_sampler_two_losses_and_margin_schedule(tiny_data, tmp_path):
     from metric.utils.logger import read_stats
-    from tests.conftest import run_py, tiny_opts
 
     out = str(tmp_path / "run")
     opts = tiny_opts(tiny_data, out, **{

@@ -6,11 +6,7 @@ import torch
 
 from metric.utils.errors import MetricError
 from metric.retrieval.metrics import labelled_metrics
-
-
-def normalized(rng, n, d):
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from tests.conftest import unit_vectors
 
 
 def naive_labelled(q, q_lab, x=None, x_lab=None, ks=(1, 5, 10)):
@@ -51,7 +47,7 @@ def assert_same(got, want):
 @pytest.mark.parametrize("seed", range(4))
 def test_index_mode_matches_naive(seed):
     rng = np.random.default_rng(seed)
-    q, x = normalized(rng, 40, 6), normalized(rng, 70, 6)
+    q, x = unit_vectors(rng, 40, 6), unit_vectors(rng, 70, 6)
     q_lab, x_lab = rng.integers(0, 8, size=40), rng.integers(0, 7, size=70)  # label 7: no match
     want = naive_labelled(q, q_lab, x, x_lab)
     assert want["skipped"] > 0
@@ -62,7 +58,7 @@ def test_index_mode_matches_naive(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_leave_one_out_matches_naive(seed):
     rng = np.random.default_rng(10 + seed)
-    q = normalized(rng, 60, 5)
+    q = unit_vectors(rng, 60, 5)
     labels = rng.integers(0, 4, size=60)  # classes of ~15: R > max(ks)
     labels[0] = 99  # a singleton: skipped
     want = naive_labelled(q, labels)
@@ -73,7 +69,7 @@ def test_leave_one_out_matches_naive(seed):
 
 def test_string_labels_and_duplicates():
     rng = np.random.default_rng(3)
-    q = normalized(rng, 20, 4)
+    q = unit_vectors(rng, 20, 4)
     q = np.concatenate([q, q[:5]])  # exact duplicates: self is excluded by position, not score
     labels = np.array([f"c{i % 3}" for i in range(20)] + [f"c{i % 3}" for i in range(5)])
     # tied scores come from duplicates, which share a label: the order among them does not matter
@@ -90,12 +86,12 @@ def test_perfect_embedding_scores_one():
 def test_no_relevant_item_is_an_error():
     rng = np.random.default_rng(0)
     with pytest.raises(MetricError, match="no query has a relevant item"):
-        labelled_metrics(normalized(rng, 3, 4), [0, 1, 2], normalized(rng, 3, 4), [5, 6, 7])
+        labelled_metrics(unit_vectors(rng, 3, 4), [0, 1, 2], unit_vectors(rng, 3, 4), [5, 6, 7])
 
 
 def test_shape_mismatch_is_an_error():
     rng = np.random.default_rng(0)
     with pytest.raises(MetricError, match="do not match"):
-        labelled_metrics(normalized(rng, 3, 4), [0, 1, 2], normalized(rng, 3, 5), [0, 1, 2])
+        labelled_metrics(unit_vectors(rng, 3, 4), [0, 1, 2], unit_vectors(rng, 3, 5), [0, 1, 2])
     with pytest.raises(MetricError, match="labels"):
-        labelled_metrics(normalized(rng, 3, 4), [0, 1], normalized(rng, 3, 4), [0, 1, 2])
+        labelled_metrics(unit_vectors(rng, 3, 4), [0, 1], unit_vectors(rng, 3, 4), [0, 1, 2])

@@ -1,9 +1,7 @@
 """model_complexity (torch.utils.flop_counter) vs a naive count; it leaves the model and the
 RNG untouched; tools/model_info.py prints it and lists the registries."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -11,11 +9,10 @@ import torch.nn as nn
 
 from metric import build_model, load_cfg
 from metric.modeling.complexity import format_complexity, model_complexity
-from tests.conftest import REPO
+from tests.conftest import TINY_MODEL, call_tool
 
-TINY = ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "4", "MODEL.HEADS.IN_FEAT", "0",
-        "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5", "MODEL.HEADS.BN_NECK", "True",
-        "MODEL.HEADS.DROPOUT", "0.2", "MODEL.HEADS.POOL_LAYER", "gempool", "TRAIN.IM_SIZE", "40"]
+TINY = TINY_MODEL + ["MODEL.HEADS.BN_NECK", "True", "MODEL.HEADS.DROPOUT", "0.2", "MODEL.HEADS.POOL_LAYER", "gempool",
+                     "TRAIN.IM_SIZE", "40"]
 
 
 def _naive_counts(model, im_size):
@@ -72,24 +69,15 @@ def test_resnet50_at_224_matches_published_figure():
     assert format_complexity(c).startswith("FLOPs 8.18 G (4.09 G multiply-adds), params 25.56 M, activations 11.11 M")
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("model_info", os.path.join(REPO, "tools", "model_info.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tool_prints_complexity_lists_names_and_reports_errors(capsys):
-    from metric.utils.cli import run_tool
-
-    tool = _tool()
-    assert run_tool(tool.main, ["--list"]) == 0
-    out = capsys.readouterr().out
+    status, out, _ = call_tool("model_info", ["--list"], capsys)
+    assert status == 0
     assert "resnest269" in out and "timm" in out and "gempool" in out
-    assert run_tool(tool.main, ["--json", *TINY]) == 0
-    info = json.loads(capsys.readouterr().out)
+    status, out, _ = call_tool("model_info", ["--json", *TINY], capsys)
+    assert status == 0
+    info = json.loads(out)
     assert info["im_size"] == 40 and info["flops"] > 0 and info["activations"] > 0
-    assert run_tool(tool.main, TINY) == 0
-    assert "resnet-18 at 40 px:" in capsys.readouterr().out
-    assert run_tool(tool.main, ["MODEL.TYPE", "resnest", "MODEL.DEPTH", "18"]) == 2
-    assert "MODEL.DEPTH=18" in capsys.readouterr().err
+    status, out, _ = call_tool("model_info", TINY, capsys)
+    assert status == 0 and "resnet-18 at 40 px:" in out
+    status, _, err = call_tool("model_info", ["MODEL.TYPE", "resnest", "MODEL.DEPTH", "18"], capsys)
+    assert status == 2 and "MODEL.DEPTH=18" in err

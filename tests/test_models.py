@@ -9,6 +9,7 @@ import torch
 
 from metric import build_model, load_cfg
 from metric.modeling.backbones.resnet import ResNet
+from metric.modeling.heads.linear_head import margin_layer_from_config
 from metric.modeling.layers.margins import ArcFace
 from tests.conftest import REPO
 
@@ -31,14 +32,26 @@ def _forward_backward(model, num_classes, size=64):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, REPO) for p in CONFIGS])
 def test_config_builds_and_trains(path):
+    """The configured backbone and head, with at most 8 classes for the backward pass (the number
+    of classifier rows does not change which parameters get a gradient; a shipped 96k-class head
+    would add several hundred MB of weights, gradients and normalized copies); the classifier
+    with the configured number of classes is then put in and run forward."""
     cfg = load_cfg(path)
+    num_classes = cfg.MODEL.HEADS.NUM_CLASSES
+    few = min(num_classes, 8)
     torch.manual_seed(0)
-    model = build_model(cfg)
-    _forward_backward(model, cfg.MODEL.HEADS.NUM_CLASSES)
+    model = build_model(load_cfg(path, ["MODEL.HEADS.NUM_CLASSES", str(few)]))
+    _forward_backward(model, few)
     model.eval()
     with torch.no_grad():
         emb = model(torch.randn(1, 3, 64, 64))
     assert emb.shape == (1, cfg.MODEL.HEADS.REDUCTION_DIM) and torch.isfinite(emb).all()
+    # the configured number of classes: the classifier built from the config, forward only
+    model.head.classifier = margin_layer_from_config(cfg)
+    model.train()
+    with torch.no_grad():
+        logits, _ = model(torch.randn(2, 3, 64, 64), torch.tensor([0, num_classes - 1]))
+    assert logits.shape == (2, num_classes) and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("pool", ["avgpool", "maxpool", "gempool"])

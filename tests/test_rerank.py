@@ -6,11 +6,7 @@ import pytest
 from metric.utils.errors import MetricError
 from metric.retrieval.rerank import database_augmentation, expand, query_expansion
 from metric.retrieval.search import search
-
-
-def _unit(rng, n, d):
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from tests.conftest import unit_vectors
 
 
 def _naive_expand(v, neighbours, sims, alpha):
@@ -41,7 +37,7 @@ def _naive_dba(x, k, alpha):
 @pytest.mark.parametrize("k,alpha", [(1, 3.0), (5, 3.0), (10, 0.0), (60, 1.5)])
 def test_query_expansion_matches_loop(k, alpha):
     rng = np.random.default_rng(0)
-    q, x = _unit(rng, 9, 12), _unit(rng, 50, 12)
+    q, x = unit_vectors(rng, 9, 12), unit_vectors(rng, 50, 12)
     scores, idx = search(q, x, 100)
     new_q = query_expansion(q, x, scores, idx, k, alpha)
     np.testing.assert_allclose(new_q, _naive_qe(q, x, k, alpha), atol=1e-5)
@@ -51,13 +47,13 @@ def test_query_expansion_matches_loop(k, alpha):
 @pytest.mark.parametrize("k,alpha", [(1, 3.0), (4, 3.0), (7, 0.0), (49, 2.0), (80, 3.0)])
 def test_dba_matches_loop(k, alpha):
     rng = np.random.default_rng(1)
-    x = _unit(rng, 50, 12)
+    x = unit_vectors(rng, 50, 12)
     np.testing.assert_allclose(database_augmentation(x, k, alpha, chunk_size=13), _naive_dba(x, k, alpha), atol=1e-5)
 
 
 def test_dba_with_duplicates_excludes_self():
     rng = np.random.default_rng(2)
-    base = _unit(rng, 10, 6)
+    base = unit_vectors(rng, 10, 6)
     x = np.concatenate([base, base[:3]])  # rows 10..12 duplicate rows 0..2
     out = database_augmentation(x, 2, 3.0, backend="torch")
     # row 10's top-3 are rows 0 and 10 (equal scores, lower index first), then the next one:
@@ -70,7 +66,7 @@ def test_dba_with_duplicates_excludes_self():
 
 def test_missing_neighbours_weight_zero_and_errors():
     rng = np.random.default_rng(3)
-    q, x = _unit(rng, 2, 4), _unit(rng, 5, 4)
+    q, x = unit_vectors(rng, 2, 4), unit_vectors(rng, 5, 4)
     idx = np.array([[1, -1], [-1, -1]])
     sc = np.array([[0.5, 0.9], [0.9, 0.9]], np.float32)
     out = expand(q, x, sc, idx, 1.0)

@@ -1,34 +1,16 @@
 """tools/search.py, import_features.py, merge_features.py, build_index.py: happy paths and exit 2."""
 
-import importlib.util
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from metric.utils.cli import run_tool
 from metric.utils.errors import FeatureStoreError
 from metric.retrieval.ann import load_ann_index
 from metric.retrieval.results import read_results_csv, read_scores_csv
 from metric.retrieval.search import search
 from metric.retrieval.store import load_features, save_features
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def _run(name, args, capsys):
-    status = run_tool(_tool(name), [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
+from tests.conftest import call_tool, run_py
 
 
 @pytest.fixture()
@@ -43,8 +25,8 @@ def stores(tmp_path):
 
 def test_search_tool(stores, capsys):
     tmp, qry, idx = stores
-    status, out, _ = _run("search", ["--query", qry, "--index", idx, "--topk", 7, "--output", tmp / "r.csv",
-                                     "--scores", tmp / "s.csv", "--no-progress"], capsys)
+    status, out, _ = call_tool("search", ["--query", qry, "--index", idx, "--topk", 7, "--output", tmp / "r.csv",
+                                          "--scores", tmp / "s.csv", "--no-progress"], capsys)
     assert status == 0 and "results:" in out
     q, x = load_features(qry), load_features(idx)
     scores, ref = search(q, x, 7)
@@ -52,8 +34,8 @@ def test_search_tool(stores, capsys):
     assert list(res) == q.ids
     assert res["q3"] == [x.ids[j] for j in ref[3]]
     np.testing.assert_allclose(read_scores_csv(tmp / "s.csv")["q3"], scores[3], atol=1e-5)
-    status, _, _ = _run("search", ["--query", qry, "--index", idx, "--topk", 7, "--output", tmp / "r2.csv",
-                                   "--qe", 3, "--dba", 2, "--backend", "faiss", "--no-progress"], capsys)
+    status, _, _ = call_tool("search", ["--query", qry, "--index", idx, "--topk", 7, "--output", tmp / "r2.csv",
+                                        "--qe", 3, "--dba", 2, "--backend", "faiss", "--no-progress"], capsys)
     assert status == 0 and len(read_results_csv(tmp / "r2.csv")["q0"]) == 7
 
 
@@ -61,35 +43,36 @@ def test_import_and_merge_tools(tmp_path, capsys):
     rng = np.random.default_rng(1)
     np.save(tmp_path / "x.npy", rng.standard_normal((6, 4)))
     (tmp_path / "ids.txt").write_text("".join(f"a{i}\n" for i in range(6)))
-    status, out, _ = _run("import_features", ["--embeddings", tmp_path / "x.npy", "--ids", tmp_path / "ids.txt",
-                                              "--output", tmp_path / "a"], capsys)
+    status, out, _ = call_tool("import_features", ["--embeddings", tmp_path / "x.npy", "--ids", tmp_path / "ids.txt",
+                                                   "--output", tmp_path / "a"], capsys)
     assert status == 0 and "imported 6 x 4" in out
     save_features(tmp_path / "b", rng.standard_normal((3, 4)), ["b0", "b1", "b2"])
-    status, out, _ = _run("merge_features", [tmp_path / "a", tmp_path / "b", "--output", tmp_path / "m"], capsys)
+    status, out, _ = call_tool("merge_features", [tmp_path / "a", tmp_path / "b", "--output", tmp_path / "m"], capsys)
     assert status == 0 and load_features(tmp_path / "m").ids == [f"a{i}" for i in range(6)] + ["b0", "b1", "b2"]
 
 
 def test_build_index_tool_and_ann_search(stores, capsys):
     tmp, qry, idx = stores
-    status, out, _ = _run("build_index", ["--index", idx, "--type", "hnsw", "--sample", 20, "--no-progress"], capsys)
+    status, out, _ = call_tool("build_index", ["--index", idx, "--type", "hnsw", "--sample", 20, "--no-progress"],
+                               capsys)
     assert status == 0 and "recall@100" in out
-    status, out, _ = _run("build_index", ["--index", idx, "--type", "ivfpq", "--nlist", 4, "--m", 2, "--nbits", 4,
-                                          "--nprobe", 4, "--query", qry, "--sample", 12, "--no-progress"], capsys)
+    status, out, _ = call_tool("build_index", ["--index", idx, "--type", "ivfpq", "--nlist", 4, "--m", 2, "--nbits", 4,
+                                               "--nprobe", 4, "--query", qry, "--sample", 12, "--no-progress"], capsys)
     assert status == 0, out
     recall = float(out.strip().split()[-1])
     assert 0.0 < recall <= 1.0
-    status, _, err = _run("search", ["--query", qry, "--index", idx, "--output", tmp / "r.csv", "--ann"], capsys)
+    status, _, err = call_tool("search", ["--query", qry, "--index", idx, "--output", tmp / "r.csv", "--ann"], capsys)
     assert status == 2 and "several approximate indexes" in err
-    status, _, _ = _run("search", ["--query", qry, "--index", idx, "--topk", 5, "--output", tmp / "r.csv",
-                                   "--ann", "--ann-type", "hnsw", "--qe", 2, "--no-progress"], capsys)
+    status, _, _ = call_tool("search", ["--query", qry, "--index", idx, "--topk", 5, "--output", tmp / "r.csv",
+                                        "--ann", "--ann-type", "hnsw", "--qe", 2, "--no-progress"], capsys)
     assert status == 0 and len(read_results_csv(tmp / "r.csv")) == 12
 
 
 def test_stale_ann_index_is_refused(stores, capsys):
     tmp, _, idx = stores
     (tmp / "ann").mkdir()
-    status, _, _ = _run("build_index", ["--index", idx, "--type", "hnsw", "--output-dir", tmp / "ann",
-                                        "--sample", 5, "--no-progress"], capsys)
+    status, _, _ = call_tool("build_index", ["--index", idx, "--type", "hnsw", "--output-dir", tmp / "ann",
+                                             "--sample", 5, "--no-progress"], capsys)
     assert status == 0
     load_ann_index(idx, "hnsw", tmp / "ann")
     save_features(idx, np.ones((300, 8)) + np.arange(8), [f"img{i}" for i in range(300)])  # store changed
@@ -123,7 +106,7 @@ def _bad_calls(tmp, qry, idx):
 def test_bad_inputs_exit_2_with_one_line(stores, capsys):
     tmp, qry, idx = stores
     for name, args, match in _bad_calls(tmp, qry, idx):
-        status, _, err = _run(name, args, capsys)
+        status, _, err = call_tool(name, args, capsys)
         assert status == 2, (name, args)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], (name, err)
@@ -131,16 +114,15 @@ def test_bad_inputs_exit_2_with_one_line(stores, capsys):
 
 def test_bad_arguments_exit_2(stores, capsys):
     tmp, qry, idx = stores
-    with pytest.raises(SystemExit) as exc:
-        _run("search", ["--query", qry, "--index", idx, "--output", tmp / "r.csv", "--backend", "nope"], capsys)
-    assert exc.value.code == 2 and "error: argument --backend: invalid choice" in capsys.readouterr().err
+    status, _, err = call_tool("search", ["--query", qry, "--index", idx, "--output", tmp / "r.csv",
+                                          "--backend", "nope"], capsys)
+    assert status == 2 and "error: argument --backend: invalid choice" in err
 
 
+@pytest.mark.slow
 def test_exit_status_in_subprocess(stores):
     tmp, qry, _ = stores
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "search.py"), "--query", str(qry),
-                           "--index", str(tmp / "missing"), "--output", str(tmp / "r.csv")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = run_py(["tools/search.py", "--query", str(qry), "--index", str(tmp / "missing"),
+                   "--output", str(tmp / "r.csv")], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: feature store {tmp / 'missing'} does not exist"]

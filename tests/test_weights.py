@@ -12,13 +12,9 @@ import torchvision
 from metric import build_model, load_cfg, load_weights
 from metric.utils.errors import CheckpointError
 from metric.checkpoint.convert import detect_format, torchvision_to_pycls
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_MODEL
 
 COMPAT = os.path.join(REPO, "tests", "data", "pymetric_state_dict_keys.json")
-TINY = ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "4", "MODEL.HEADS.IN_FEAT", "0",
-        "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5"]
-
-
 def _compat(name):
     with open(COMPAT, encoding="utf-8") as f:
         return [(k, tuple(s)) for k, s in json.load(f)[name]]
@@ -229,11 +225,11 @@ def test_resnest_imagenet_state_dict_ignores_fc(tmp_path, caplog):
 
 
 def test_pycls_resnet_checkpoint(tmp_path):
-    model = build_model(load_cfg(None, TINY))
+    model = build_model(load_cfg(None, TINY_MODEL))
     state = {**model.backbone.state_dict(), "head.fc.weight": torch.zeros(1000, 32), "head.fc.bias": torch.zeros(1000)}
     path = str(tmp_path / "R-18.pyth")
     torch.save({"epoch": 99, "model_state": state, "cfg": "MODEL:\n  TYPE: resnet\n"}, path)
-    dst = build_model(load_cfg(None, TINY + ["RNG_SEED", "3"]))
+    dst = build_model(load_cfg(None, TINY_MODEL + ["RNG_SEED", "3"]))
     missing, unexpected = load_weights(dst, path)
     assert unexpected == [] and all(k.startswith("head.") for k in missing)
     assert torch.equal(dst.backbone.s1.b1.f.a.weight, model.backbone.s1.b1.f.a.weight)
@@ -243,11 +239,12 @@ def test_pycls_resnet_checkpoint(tmp_path):
 
 def test_other_class_count_fine_tunes_everything_else_is_loaded(tmp_path, caplog):
     torch.manual_seed(0)
-    src = build_model(load_cfg(None, TINY + ["MODEL.HEADS.CLS_LAYER", "curricularface"]))
+    src = build_model(load_cfg(None, TINY_MODEL + ["MODEL.HEADS.CLS_LAYER", "curricularface"]))
     path = str(tmp_path / "ours.pyth")
     torch.save({"epoch": 0, "model_state": src.state_dict(), "version": 1}, path)
     torch.manual_seed(1)
-    dst = build_model(load_cfg(None, TINY + ["MODEL.HEADS.CLS_LAYER", "curricularface", "MODEL.HEADS.NUM_CLASSES", "7"]))
+    dst = build_model(load_cfg(None, TINY_MODEL + ["MODEL.HEADS.CLS_LAYER", "curricularface",
+                                                   "MODEL.HEADS.NUM_CLASSES", "7"]))
     before = dst.head.classifier.weight.detach().clone()
     with caplog.at_level(logging.INFO):
         missing, unexpected = load_weights(dst, path)
@@ -261,14 +258,14 @@ def test_other_class_count_fine_tunes_everything_else_is_loaded(tmp_path, caplog
 
 def test_any_other_mismatch_names_the_key(tmp_path):
     path = str(tmp_path / "w.pyth")
-    torch.save(build_model(load_cfg(None, TINY + ["RESNET.STEM_WIDTH", "8"])).state_dict(), path)
+    torch.save(build_model(load_cfg(None, TINY_MODEL + ["RESNET.STEM_WIDTH", "8"])).state_dict(), path)
     with pytest.raises(CheckpointError, match=r"shape mismatch for backbone.stem.conv.weight: file \(8, 3, 7, 7\)"):
-        load_weights(build_model(load_cfg(None, TINY)), path)
+        load_weights(build_model(load_cfg(None, TINY_MODEL)), path)
 
 
 def test_weights_path_that_is_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match="is a folder"):
-        load_weights(build_model(load_cfg(None, TINY)), str(tmp_path))
+        load_weights(build_model(load_cfg(None, TINY_MODEL)), str(tmp_path))
 
 
 def test_config_inside_an_original_checkpoint_is_read_safely(tmp_path, caplog):
@@ -292,7 +289,7 @@ def test_notebook_api(tmp_path):
     fresh = metric.get_cfg()
     assert not fresh.is_frozen() and fresh.MODEL.TYPE == "resnet"
     (tmp_path / "nb.yaml").write_text(ORIGINAL_YAML)
-    cfg = metric.load_cfg(str(tmp_path / "nb.yaml"), opts=TINY[:6] + ["MODEL.HEADS.IN_FEAT", 0])
+    cfg = metric.load_cfg(str(tmp_path / "nb.yaml"), opts=TINY_MODEL[:6] + ["MODEL.HEADS.IN_FEAT", 0])
     assert cfg.is_frozen() and cfg.MODEL.HEADS.CLS_LAYER == "curricularface"
     src = metric.build_model(cfg)
     path = str(tmp_path / "ours.pyth")

@@ -22,6 +22,7 @@ def main(argv=None):
 
         for title, reg in (("backbones (MODEL.TYPE)", r.BACKBONES), ("heads (MODEL.HEADS.NAME)", r.HEADS),
                            ("pool layers (MODEL.HEADS.POOL_LAYER)", r.POOL_LAYERS),
+                           ("attention blocks (MODEL.HEADS.ATTENTION)", r.ATTENTIONS),
                            ("margin layers (MODEL.HEADS.CLS_LAYER)", r.MARGIN_LAYERS),
                            ("losses (MODEL.LOSSES.NAME)", r.LOSSES)):
             print(f"{title}: {', '.join(reg.names())}")
@@ -37,6 +38,8 @@ def main(argv=None):
         name = cfg.MODEL.TYPE + (f"-{cfg.MODEL.DEPTH}" if cfg.MODEL.TYPE in ("resnet", "resnest") else "")
         if cfg.MODEL.TYPE == "timm":
             name += f" {cfg.MODEL.TIMM.NAME}"
+        if cfg.MODEL.TYPE == "vit":
+            name += f" (width {cfg.MODEL.WIDTH}, {cfg.MODEL.LAYERS} blocks, patch {cfg.MODEL.PATCH_SIZE})"
         print(f"{name} at {cfg.TRAIN.IM_SIZE} px: {format_complexity(c)} "
               f"(backbone params {si_units(c['backbone_params'])})")
     return 0

@@ -3,6 +3,7 @@ Every problem is a :class:`~metric.utils.errors.ConfigError` naming the key, the
 is allowed."""
 
 import difflib
+import re
 
 from metric.config.defaults import _DEFAULTS, CURRENT_VERSION
 from metric.utils.errors import ConfigError
@@ -46,6 +47,11 @@ _RULES = {
     "MODEL.HEADS.DYNAMIC_MARGIN_B": _NONNEG,
     "MODEL.HEADS.DYNAMIC_MARGIN_LAMBDA": _POS,
     "MODEL.HEADS.MARGIN_SCHEDULE_MODE": _choices("step", "linear"),
+    "MODEL.LAYERS": _ONE_UP,
+    "MODEL.PATCH_SIZE": _ONE_UP,
+    "MODEL.EMB_DIM": _ONE_UP,
+    "MODEL.DOLG.S3_DIM": _NONNEG,
+    "MODEL.DOLG.S4_DIM": _NONNEG,
     "MODEL.LOSSES.LABEL_SMOOTHING": _PROB,
     "MODEL.LOSSES.CE.SCALE": _NONNEG,
     "MODEL.LOSSES.TRIPLET.MARGIN": _NONNEG,
@@ -74,6 +80,11 @@ _RULES = {
     "OPTIM.WARMUP_FACTOR": _range(0, 1, lo_open=True),
     "OPTIM.WARMUP_EPOCHS": _NONNEG,
     "OPTIM.LR_UPDATE": _choices("iter", "epoch"),
+    "OPTIM.LAYER_DECAY": _range(0, 1, lo_open=True),
+    "OPTIM.HEAD_LR_MULT": _POS,
+    "OPTIM.NO_DECAY_NORM_BIAS": _choices("auto", "True", "False"),
+    "OPTIM.CLIP_GRAD_NORM": _NONNEG,
+    "TRAIN.FREEZE_BACKBONE_EPOCHS": _NONNEG,
     "TRAIN.BATCH_SIZE": _ONE_UP,
     "TRAIN.IM_SIZE": _range(8),
     "TRAIN.COLOR_JITTER": _range(0, 1),
@@ -87,14 +98,18 @@ _RULES = {
     "INFER.TOTAL_NUM": _ONE_UP,
     "INFER.CUT_NUM": _ONE_UP,
     "INFER.ID_MODE": _choices("stem", "relpath"),
-    "INFER.MULTISCALE_POOL": _choices("gem", "mean"),
+    "INFER.MULTISCALE_POOL": _choices("gem", "mean", "max", "sgem"),
     "INFER.MULTISCALE_P": _POS,
+    "INFER.POOL_P": _NONNEG,
+    "INFER.REGIONAL_GEM_P": _POS,
+    "INFER.REGIONAL_GEM_SIZE": _ONE_UP,
     "INFER.MIXED_PRECISION": _choices("none", "bf16", "fp16"),
     "NUM_GPUS": _ONE_UP,
-    "RNG_SEED": _NONNEG,
+    "RNG_SEED": _range(0, 2**32 - 1),  # numpy seeds are 32-bit
     "LOG_PERIOD": _ONE_UP,
     "DIST_BACKEND": _choices("auto", "nccl", "gloo"),
     "PORT": _range(1, 65535),
+    "DIST.TIMEOUT_S": _ONE_UP,
     "VERSION": _choices(CURRENT_VERSION),
 }
 
@@ -132,6 +147,63 @@ def _validate_backbone(c):
         _fail("MODEL.DEPTH", depth, f"{named} (or left out) for MODEL.TYPE {t}")
     if t == "timm" and not c.MODEL.TIMM.NAME:
         _fail("MODEL.TIMM.NAME", "", "a timm model name for MODEL.TYPE timm, e.g. resnet50 or convnext_tiny")
+    if t == "vit":
+        _validate_vit(c)
+    _validate_wide_resnet(c)
+
+
+# The wide ResNets (MODEL.TYPE resnet50x1 ...; registered by the backbone): torchvision
+# bottlenecks, one group.
+WIDE_RESNET_TYPE = re.compile(r"resnet(\d+)x(\d+)$")
+
+
+def _validate_wide_resnet(c):
+    m = WIDE_RESNET_TYPE.match(c.MODEL.TYPE)
+    if not m:
+        return
+    t, named = c.MODEL.TYPE, int(m.group(1))
+    if c.MODEL.DEPTH not in (named, _DEFAULTS.MODEL.DEPTH):
+        _fail("MODEL.DEPTH", c.MODEL.DEPTH, f"{named} (or left out) for MODEL.TYPE {t}")
+    if c.RESNET.NUM_GROUPS != 1:
+        _fail("RESNET.NUM_GROUPS", c.RESNET.NUM_GROUPS, f"1 for MODEL.TYPE {t} (no grouped convolutions)")
+    if c.RESNET.TRANS_FUN == "basic_transform":
+        _fail("RESNET.TRANS_FUN", c.RESNET.TRANS_FUN, f"auto | bottleneck_transform for MODEL.TYPE {t}")
+
+
+def _nearest(value, step):
+    """The multiples of ``step`` next to ``value`` (``"192 or 256"``, or one of them)."""
+    options = sorted({max(step, value // step * step), (value // step + 1) * step})
+    return " or ".join(map(str, options))
+
+
+def _validate_vit(c):
+    """CLIP ViT: WIDTH in whole 64-channel heads, image sizes in whole patches, a vector output."""
+    m = c.MODEL
+    if m.WIDTH < 64 or m.WIDTH % 64:
+        _fail("MODEL.WIDTH", m.WIDTH, f"a multiple of 64 for MODEL.TYPE vit (heads = WIDTH / 64), e.g. {_nearest(m.WIDTH, 64)}")
+    p = m.PATCH_SIZE
+    for key in ("TRAIN.IM_SIZE", "TEST.IM_SIZE"):
+        size = _get(c, key)
+        if size % p:
+            _fail(key, size, f"a multiple of MODEL.PATCH_SIZE={p} for MODEL.TYPE vit, e.g. {_nearest(size, p)}")
+    if m.HEADS.POOL_LAYER != "identity" and m.HEADS.NAME == "LinearHead":
+        _fail("MODEL.HEADS.POOL_LAYER", m.HEADS.POOL_LAYER,
+              "identity for MODEL.TYPE vit (its output is already a vector [N, EMB_DIM])")
+
+
+def _validate_finetune(c):
+    """The attention block needs a map; the two weight-decay rules for norms and biases exclude
+    each other; the two names of the gradient clipping agree (see merge)."""
+    h = c.MODEL.HEADS
+    if h.ATTENTION != "none" and h.POOL_LAYER == "identity":
+        _fail("MODEL.HEADS.ATTENTION", h.ATTENTION,
+              "none with MODEL.HEADS.POOL_LAYER identity (an attention block needs a feature map)")
+    if c.OPTIM.NO_DECAY_NORM_BIAS == "True" and c.BN.USE_CUSTOM_WEIGHT_DECAY:
+        _fail("OPTIM.NO_DECAY_NORM_BIAS", "True",
+              "auto | False with BN.USE_CUSTOM_WEIGHT_DECAY True (which sets the decay of norms and biases itself)")
+    if c.OPTIM.CLIP_GRAD_NORM != c.TRAIN.GRAD_CLIP:
+        raise ConfigError(f"OPTIM.CLIP_GRAD_NORM={c.OPTIM.CLIP_GRAD_NORM:g} and TRAIN.GRAD_CLIP={c.TRAIN.GRAD_CLIP:g} "
+                          "are two names of one setting and disagree; set one of them")
 
 
 # Margin layers that take per-class margins, and those with a margin to schedule.
@@ -170,6 +242,31 @@ def _validate_heads_losses(c):
               f"a multiple of TRAIN.NUM_INSTANCES={k} holding at least 2 classes (>= {2 * k}) for TRAIN.SAMPLER pk")
 
 
+# Smallest image side (px) a backbone is given. ResNet and ResNeSt (padded convolutions and
+# pooling) run on any size, down to 1 px (checked); a timm backbone may downsample by its total
+# stride 32 without padding (ConvNeXt fails below 32 px), so it needs 32.
+MIN_VIEW = 8
+MIN_VIEW_TIMM = 32
+
+
+def _validate_sizes(c):
+    """TRAIN.IM_SIZE and the smallest test view, TEST.IM_SIZE x min(INFER.SCALES), against the
+    smallest side the backbone takes (the test preprocessing would otherwise enlarge it silently
+    to 8 px, and a timm backbone would fail on it after the last epoch)."""
+    timm = c.MODEL.TYPE == "timm"
+    least = MIN_VIEW_TIMM if timm else MIN_VIEW
+    why = " for MODEL.TYPE timm (a total stride of 32)" if timm else ""
+    if c.TRAIN.IM_SIZE < least:
+        _fail("TRAIN.IM_SIZE", c.TRAIN.IM_SIZE, f">= {least}{why}")
+    smallest = min(c.INFER.SCALES)
+    view = int(round(c.TEST.IM_SIZE * smallest))
+    if view < least:
+        raise ConfigError(
+            f"TEST.IM_SIZE={c.TEST.IM_SIZE} x the smallest of INFER.SCALES ({smallest:g}) gives {view} px views, "
+            f"less than {least} px{why}; raise TEST.IM_SIZE or the smallest scale of INFER.SCALES"
+        )
+
+
 def validate(c):
     """Check allowed sets, ranges and cross-key constraints; raise ConfigError on the first problem."""
     for key, (ok, allowed) in _RULES.items():
@@ -189,8 +286,11 @@ def validate(c):
     _validate_heads_losses(c)
     if not c.INFER.SCALES or not all(s > 0 for s in c.INFER.SCALES):
         _fail("INFER.SCALES", list(c.INFER.SCALES), "a non-empty list of numbers > 0, e.g. [0.7071, 1.0, 1.4142]")
+    _validate_sizes(c)
     if c.INFER.CUT_NUM > c.INFER.TOTAL_NUM:
         _fail("INFER.CUT_NUM", c.INFER.CUT_NUM, f"1..INFER.TOTAL_NUM ({c.INFER.TOTAL_NUM})")
+    if c.INFER.REGIONAL_GEM_SIZE % 2 == 0:
+        _fail("INFER.REGIONAL_GEM_SIZE", c.INFER.REGIONAL_GEM_SIZE, "an odd integer >= 1 (paper: 5)")
     steps = c.OPTIM.STEPS
     if list(steps) != sorted(steps) or any(s < 0 for s in steps):
         _fail("OPTIM.STEPS", list(steps), "ascending epochs >= 0, e.g. [0, 30, 60, 90]")
@@ -203,4 +303,5 @@ def validate(c):
         _fail("TRAIN.CROP_SCALE", list(lo_hi), "two numbers 0 < lo <= hi <= 1")
     if c.OPTIM.NESTEROV and c.OPTIM.OPTIMIZER == "sgd" and (c.OPTIM.MOMENTUM <= 0 or c.OPTIM.DAMPENING != 0):
         _fail("OPTIM.NESTEROV", True, "False unless OPTIM.MOMENTUM > 0 and OPTIM.DAMPENING == 0")
+    _validate_finetune(c)
     return c

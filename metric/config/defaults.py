@@ -25,13 +25,17 @@ _C.MODEL = CfgNode()
 
 # Backbone family. resnet: ResNet/ResNeXt in the pycls layout (depth from MODEL.DEPTH);
 # resnest: ResNeSt (depth from MODEL.DEPTH); resnest50 | resnest101 | resnest200 | resnest269:
-# ResNeSt of that depth (the original project's names); timm: any timm model (MODEL.TIMM.NAME).
+# ResNeSt of that depth (the original project's names); timm: any timm model (MODEL.TIMM.NAME);
+# vit: CLIP's vision transformer (MODEL.WIDTH, LAYERS, PATCH_SIZE, EMB_DIM; needs
+# MODEL.HEADS.POOL_LAYER identity); resnet50x1 | resnet50x2 | resnet50x4 | resnet152x1 |
+# resnet152x2: wide ResNet-50/152 in the torchvision layout, stem and stages x1, x2 or x4 as wide
+# (2048 x k output channels; the SimCLR family, the original project's names).
 # All names are listed by `python tools/model_info.py --list` (see docs/MODEL_ZOO.md).
 _C.MODEL.TYPE = "resnet"
 
 # Backbone depth (number of layers). resnet: 18 | 34 | 50 | 101 | 152. resnest: 50 | 101 | 200 |
-# 269. resnest50..resnest269 take the depth from their name (MODEL.DEPTH must be left at 50 or
-# agree with it). Ignored by timm.
+# 269. resnest50..resnest269 and resnet50x1..resnet152x2 take the depth from their name
+# (MODEL.DEPTH must be left at 50 or agree with it). Ignored by timm.
 _C.MODEL.DEPTH = 50
 
 # Number of training classes (legacy alias of MODEL.HEADS.NUM_CLASSES; if only one of the
@@ -49,17 +53,48 @@ _C.MODEL.TIMM.NAME = ""
 # TRAIN.WEIGHTS to a saved timm state dict instead). True | False.
 _C.MODEL.TIMM.PRETRAINED = False
 
+# vit (CLIP's image encoder; the original project's key names): transformer width, i.e. channels
+# of every token (768 for ViT-B, 1024 for ViT-L); the attention has WIDTH / 64 heads. Integer, a
+# multiple of 64. Ignored by the other backbones.
+_C.MODEL.WIDTH = 768
+
+# vit: number of residual attention blocks (12 for ViT-B, 24 for ViT-L). Integer >= 1.
+_C.MODEL.LAYERS = 12
+
+# vit: side of the square patches in pixels (32 for ViT-B/32, 16 for ViT-B/16, 14 for ViT-L/14).
+# TRAIN.IM_SIZE and TEST.IM_SIZE must be multiples of it; other view sides (INFER.SCALES, the
+# shorter side of images whose aspect ratio is kept) are resized up to the next multiple inside
+# the backbone. Integer >= 1.
+_C.MODEL.PATCH_SIZE = 32
+
+# vit: output dimension of the image encoder (its projection `proj` is [WIDTH, EMB_DIM]; 512 for
+# CLIP ViT-B, 768 for ViT-L/14); the head's MODEL.HEADS.IN_FEAT must equal it (or be 0). Integer >= 1.
+_C.MODEL.EMB_DIM = 512
+
+# Further vit options.
+_C.MODEL.VIT = CfgNode()
+
+# vit: gradient checkpointing: recompute each block's activations in the backward pass instead of
+# storing them (less memory for large ViTs, about a third more training compute). True | False.
+_C.MODEL.VIT.GRAD_CHECKPOINT = False
+
 # Head: pooling -> embedding -> margin layer (the classifier used only for training).
 _C.MODEL.HEADS = CfgNode()
 
 # Head architecture. LinearHead: pool -> Linear(IN_FEAT, REDUCTION_DIM) [-> BN] -> margin layer.
+# DOLGHead: DOLG (Yang et al., ICCV 2021) on the backbone's stage-3 and stage-4 maps: GeM global
+# branch, attention-weighted local branch (options in MODEL.DOLG), orthogonal fusion ->
+# Linear(2 * S3_DIM, REDUCTION_DIM) [-> BN] -> margin layer. POOL_LAYER does not apply (the global
+# branch is GeM from GEM_P and GEM_LEARN_P); DROPOUT and BN_NECK act as in LinearHead. Needs a
+# backbone with two stages (resnet, resnest*, timm CNNs). See docs/MODEL_ZOO.md.
 _C.MODEL.HEADS.NAME = "LinearHead"
 
 # Number of classes of the margin layer (labels must lie in [0, NUM_CLASSES)). Integer >= 1.
 _C.MODEL.HEADS.NUM_CLASSES = 1000
 
-# Channels of the backbone's last feature map (2048 for ResNet-50 and deeper, 512 for
-# ResNet-18/34 at width 64). 0 means: take it from the backbone. Integer >= 0.
+# Channels of the map the head pools: the backbone's last feature map (2048 for ResNet-50 and
+# deeper, 512 for ResNet-18/34 at width 64, 2048 x k for resnet50xk), or the output of the
+# attention block (512 with ATTENTION spatial). 0 means: take it from the model. Integer >= 0.
 _C.MODEL.HEADS.IN_FEAT = 2048
 
 # Embedding (descriptor) dimension after the reduction layer. Integer >= 1.
@@ -69,6 +104,14 @@ _C.MODEL.HEADS.REDUCTION_DIM = 512
 # avgmaxpool (average plus maximum) | identity (no pooling, for backbones that already output a
 # vector [N, C] or [N, C, 1, 1]).
 _C.MODEL.HEADS.POOL_LAYER = "avgpool"
+
+# Attention block on the backbone's last feature map, before pooling (LinearHead only; not with
+# POOL_LAYER identity): none | spatial (1x1 conv to 512 -> BN -> ReLU -> 1x1 conv to 1 -> softplus
+# score weighting the L2-normalized 512-channel map, DELG-style; the head then pools 512
+# channels) | soa (second-order non-local attention, SOLAR-style, residual; keeps the width). A
+# file without VERSION (an original one) whose IN_FEAT is 512 on a ResNet with 2048 x k channels
+# gets spatial (the original's *_att configs). See docs/MODEL_ZOO.md.
+_C.MODEL.HEADS.ATTENTION = "none"
 
 # Initial exponent p of gempool (p=1 is average pooling, large p approaches max pooling). Float > 0.
 _C.MODEL.HEADS.GEM_P = 3.0
@@ -142,6 +185,24 @@ _C.MODEL.HEADS.MARGIN_SCHEDULE = []
 # linear (interpolated between neighbouring pairs; the last margin after the last pair).
 _C.MODEL.HEADS.MARGIN_SCHEDULE_MODE = "step"
 
+# DOLG head options (MODEL.HEADS.NAME DOLGHead). The authors' config names (MODEL.S3_DIM,
+# MODEL.S4_DIM, MODEL.WITH_MA) are read as these in files without VERSION.
+_C.MODEL.DOLG = CfgNode()
+
+# Channels of the backbone's stage-3 map (the local branch; also the width of the global
+# descriptor fg): 1024 for ResNet-50 and deeper and for ResNeSt. Must match the backbone; 0 means:
+# take it from the backbone. Integer >= 0.
+_C.MODEL.DOLG.S3_DIM = 0
+
+# Channels of the backbone's stage-4 (last) map (the global branch): 2048 for ResNet-50 and deeper
+# and for ResNeSt. Must match the backbone; 0 means: take it from the backbone. Integer >= 0.
+_C.MODEL.DOLG.S4_DIM = 0
+
+# Multi-atrous module at the start of the local branch: 1x1 conv and three 3x3 convs of
+# dilation 6, 12, 18 (512 channels each) plus an image-pooling branch, concatenated -> 1x1 conv
+# to S3_DIM -> ReLU (the authors' MODEL.WITH_MA). True | False.
+_C.MODEL.DOLG.MULTI_ATROUS = False
+
 # Losses applied to the head's outputs.
 _C.MODEL.LOSSES = CfgNode()
 
@@ -210,6 +271,7 @@ _C.RESNET.NUM_GROUPS = 1
 _C.RESNET.WIDTH_PER_GROUP = 64
 
 # Bottleneck only: put the stride on the 1x1 convolution (True, MSRA) or on the 3x3 (False).
+# The wide ResNets (resnet50x1..resnet152x2) always have it on the 3x3 (torchvision, SimCLR).
 _C.RESNET.STRIDE_1X1 = True
 
 # Output channels of the stem (64 for the standard ResNet; smaller for tiny models). Integer >= 1.
@@ -292,6 +354,28 @@ _C.OPTIM.WARMUP_EPOCHS = 0.0
 # the epoch policy at every epoch start) | epoch (once per epoch, as the original project did).
 _C.OPTIM.LR_UPDATE = "iter"
 
+# Layer-wise learning-rate decay (fine-tuning): a backbone parameter at depth d of the top depth T
+# gets the learning rate times LAYER_DECAY ** (T - d); the head is at T (factor 1, times
+# HEAD_LR_MULT). Depths: vit: 0 for the patch embedding, class token, positional embedding and
+# ln_pre, i + 1 for block i, LAYERS + 1 for ln_post and proj (T); ResNets (resnet, resnest*,
+# wide ResNets): 0 for the stem, i for stage i (1..4), T = 5. 1 turns it off. Float in (0, 1].
+_C.OPTIM.LAYER_DECAY = 1.0
+
+# Learning-rate multiplier of the head (pooling, attention, embedding layer, margin layer)
+# relative to the backbone. Float > 0.
+_C.OPTIM.HEAD_LR_MULT = 1.0
+
+# No weight decay on normalization layers (BN, GN, LN), biases, other parameters with one
+# dimension or one element (GeM p, the class token) and positional embeddings: auto (True with
+# OPTIM.OPTIMIZER adamw, False with sgd) | True | False. BN.USE_CUSTOM_WEIGHT_DECAY, when True,
+# gives these parameters BN.CUSTOM_WEIGHT_DECAY instead (then this key must not be True).
+_C.OPTIM.NO_DECAY_NORM_BIAS = "auto"
+
+# Clip the gradient norm (over all parameters) to this value; 0 turns clipping off. The same
+# setting as TRAIN.GRAD_CLIP (an alias): if only one of the two is set the other follows, if both
+# are set they must agree. Float >= 0.
+_C.OPTIM.CLIP_GRAD_NORM = 0.0
+
 # ---------------------------------------------------------------------------- #
 # Training
 # ---------------------------------------------------------------------------- #
@@ -316,7 +400,8 @@ _C.TRAIN.SAMPLER = "random"
 # Integer >= 1.
 _C.TRAIN.NUM_INSTANCES = 4
 
-# Training crop size in pixels (square). Integer >= 8.
+# Training crop size in pixels (square). Integer >= 8 (>= 32 for MODEL.TYPE timm; a multiple of
+# MODEL.PATCH_SIZE for vit, whose positional embedding is made for this size).
 _C.TRAIN.IM_SIZE = 224
 
 # Random-resized-crop area range (fraction of the image). Two floats in (0, 1], ascending.
@@ -338,6 +423,13 @@ _C.TRAIN.CHECKPOINT_PERIOD = 1
 # Resume from the newest complete checkpoint in OUT_DIR/checkpoints if there is one. True | False.
 _C.TRAIN.AUTO_RESUME = True
 
+# Resuming with another optimizer or schedule (any OPTIM.* key except OPTIM.MAX_EPOCH, or
+# TRAIN.BATCH_SIZE, TRAIN.GRAD_CLIP, TRAIN.FREEZE_BACKBONE_EPOCHS) than the checkpoint was
+# trained with is refused, naming the changed keys;
+# True resumes anyway and logs them. Raising OPTIM.MAX_EPOCH to train longer is always allowed.
+# True | False.
+_C.TRAIN.RESUME_CHANGED_CONFIG = False
+
 # Initial weights: a checkpoint or a state dict file ("" = random initialization).
 _C.TRAIN.WEIGHTS = ""
 
@@ -347,8 +439,15 @@ _C.TRAIN.MIXED_PRECISION = "none"
 # Use the channels_last memory format for the model and inputs. True | False.
 _C.TRAIN.CHANNELS_LAST = False
 
-# Clip the gradient norm to this value (0 turns clipping off). Float >= 0.
+# Clip the gradient norm to this value (0 turns clipping off); the original project's name of
+# OPTIM.CLIP_GRAD_NORM (an alias: both always hold the same value). Float >= 0.
 _C.TRAIN.GRAD_CLIP = 0.0
+
+# Keep the backbone frozen for the first this many epochs (fine-tuning a pretrained backbone: the
+# head learns first): it runs in eval mode (BN statistics fixed), gets no gradients, no weight
+# decay and no optimizer state; from epoch FREEZE_BACKBONE_EPOCHS + 1 on it trains with the
+# schedule's learning rate. 0 turns it off. Integer >= 0.
+_C.TRAIN.FREEZE_BACKBONE_EPOCHS = 0
 
 # ---------------------------------------------------------------------------- #
 # Testing (retrieval evaluation during training, and feature extraction)
@@ -368,7 +467,8 @@ _C.TEST.BATCH_SIZE = 200
 # Test-time image size, the same for evaluation during training, tools/test_metric.py, feature
 # extraction and export (one preprocessing): the longer side becomes TEST.IM_SIZE times each of
 # INFER.SCALES, aspect ratio kept (with INFER.CENTER_CROP: the shorter side, then a centred
-# square). Integer >= 8.
+# square). Integer >= 8; TEST.IM_SIZE x the smallest of INFER.SCALES must be >= 8 too (>= 32 for
+# MODEL.TYPE timm). For vit a multiple of MODEL.PATCH_SIZE.
 _C.TEST.IM_SIZE = 256
 
 # Weights used by the evaluation and extraction tools ("" = random initialization).
@@ -379,7 +479,8 @@ _C.TEST.WEIGHTS = ""
 # ---------------------------------------------------------------------------- #
 _C.DATA_LOADER = CfgNode()
 
-# Data loader worker processes per training process (0 loads in the main process). Integer >= 0.
+# Data loader worker processes per training process (0 loads in the main process). Integer >= 0;
+# refused at start if the processes of a machine would start more than max(8, 4 x CPU cores).
 _C.DATA_LOADER.NUM_WORKERS = 4
 
 # Pin host memory for faster copies to the GPU. True | False.
@@ -426,11 +527,31 @@ _C.INFER.SCALES = [1.0]
 _C.INFER.FLIP = False
 
 # How the L2-normalized descriptors of the scales (and flips) are combined before the final L2
-# normalization: gem (signed power mean with exponent INFER.MULTISCALE_P) | mean.
+# normalization: gem (signed power mean with exponent INFER.MULTISCALE_P) | mean | max
+# (SuperGlobal's Scale-GeM with p = infinity, the element-wise maximum: the authors' default) |
+# sgem (Scale-GeM with a finite p = INFER.MULTISCALE_P, shifted by the image's smallest value;
+# the paper uses p = 10).
 _C.INFER.MULTISCALE_POOL = "gem"
 
-# Exponent of the gem combination of scales. Float > 0.
+# Exponent of the gem (and sgem) combination of scales. Float > 0.
 _C.INFER.MULTISCALE_P = 3.0
+
+# SuperGlobal GeM+ (Shao et al., ICCV 2023): 0 keeps the head's own pooling; a value > 0 replaces
+# it at test time (extraction, tools/test_metric.py, export; not evaluation during training) by
+# GeM with this fixed exponent (paper: 4.6). Needs a head that pools the backbone's feature map
+# (LinearHead, not identity pooling). Float >= 0.
+_C.INFER.POOL_P = 0.0
+
+# SuperGlobal Regional-GeM before the pooling, at test time like INFER.POOL_P: each feature-map
+# position becomes 0.5 x + 0.5 GeM (exponent INFER.REGIONAL_GEM_P) of its INFER.REGIONAL_GEM_SIZE
+# square neighbourhood (stride 1, reflection padding). True | False.
+_C.INFER.REGIONAL_GEM = False
+
+# Exponent of Regional-GeM (paper: 2.5). Float > 0.
+_C.INFER.REGIONAL_GEM_P = 2.5
+
+# Window of Regional-GeM in feature-map positions (paper: 5). Odd integer >= 1.
+_C.INFER.REGIONAL_GEM_SIZE = 5
 
 # Center-crop a square of the scaled size instead of keeping the whole image (the retrieval
 # default keeps the aspect ratio and the whole image). True | False.
@@ -438,6 +559,21 @@ _C.INFER.CENTER_CROP = False
 
 # Mixed precision of extraction on CUDA: none | bf16 | fp16. Ignored on CPU.
 _C.INFER.MIXED_PRECISION = "none"
+
+# ---------------------------------------------------------------------------- #
+# Distributed processes
+# ---------------------------------------------------------------------------- #
+_C.DIST = CfgNode()
+
+# Seconds a process waits for its peers in a collective (all-reduce, barrier, ...) and in the
+# rendezvous before it gives up with one error line naming its rank and the collective (a peer
+# that died, was stopped or is stuck). Generous by default for slow GPU collectives (30 min).
+# Integer >= 1.
+_C.DIST.TIMEOUT_S = 1800
+
+# Without CUDA, NUM_GPUS > 1 (or torchrun --nproc_per_node) runs that many CPU processes with
+# gloo; more processes than CPU cores is refused unless this is True. True | False.
+_C.DIST.ALLOW_OVERSUBSCRIBE = False
 
 # ---------------------------------------------------------------------------- #
 # Misc
@@ -452,7 +588,8 @@ _C.OUT_DIR = "output"
 # File name (inside OUT_DIR) of the merged config written at start.
 _C.CFG_DEST = "config.yaml"
 
-# Random seed for Python, numpy and torch in every process. Integer >= 0.
+# Random seed for Python, numpy and torch in every process. Integer in [0, 4294967295] (2^32 - 1,
+# the largest seed numpy takes).
 _C.RNG_SEED = 1
 
 # Log training progress every this many iterations. Integer >= 1.

@@ -96,10 +96,21 @@ def shard_bounds(count, total, cut):
 def settings_digest(cfg, weights_digest):
     """Digest of what determines the descriptors: model weights and extraction settings."""
     h = hashlib.sha256()
-    for part in (weights_digest, cfg.MODEL.dump(), cfg.TEST.IM_SIZE, list(cfg.INFER.SCALES), cfg.INFER.FLIP,
-                 cfg.INFER.MULTISCALE_POOL, cfg.INFER.MULTISCALE_P, cfg.INFER.CENTER_CROP):
+    parts = (weights_digest, cfg.MODEL.dump(), cfg.TEST.IM_SIZE, list(cfg.INFER.SCALES), cfg.INFER.FLIP,
+             cfg.INFER.MULTISCALE_POOL, cfg.INFER.MULTISCALE_P, cfg.INFER.CENTER_CROP)
+    for part in parts + _superglobal_settings(cfg):
         h.update(repr(part).encode())
     return h.hexdigest()[:16]
+
+
+def _superglobal_settings(cfg):
+    """``(INFER.POOL_P, Regional-GeM p, size)`` when SuperGlobal pooling is on, else ``()`` (so
+    digests of stores extracted without it do not change)."""
+    i = cfg.INFER
+    if i.POOL_P <= 0 and not i.REGIONAL_GEM:
+        return ()
+    return (float(i.POOL_P), float(i.REGIONAL_GEM_P) if i.REGIONAL_GEM else 0.0,
+            int(i.REGIONAL_GEM_SIZE) if i.REGIONAL_GEM else 0)
 
 
 def _input_digest(items):
@@ -134,6 +145,8 @@ def extract_shard(cfg, items, out_dir, shard, predictor, progress=True):
         "scales": [float(s) for s in cfg.INFER.SCALES],
         "flip": bool(cfg.INFER.FLIP),
         "multiscale_pool": cfg.INFER.MULTISCALE_POOL,
+        **({"superglobal": dict(zip(("pool_p", "regional_gem_p", "regional_gem_size"), _superglobal_settings(cfg)))}
+           if _superglobal_settings(cfg) else {}),
         "im_size": cfg.TEST.IM_SIZE,
         "input_digest": _input_digest(items),
         "shard": shard,

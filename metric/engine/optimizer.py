@@ -4,35 +4,22 @@ The schedules keep the original (pycls) semantics of ``OPTIM.LR_POLICY``,
 ``STEPS``, ``LR_MULT``, ``GAMMA``, ``WARMUP_EPOCHS`` and ``WARMUP_FACTOR`` as a
 function of the (possibly fractional) epoch. :func:`lr_at` is the learning rate of
 one iteration; the trainer puts it on the parameter groups before every step, so the
-schedule has no state to save: a resumed run recomputes it from the iteration.
+schedule has no state to save: a resumed run recomputes it from the iteration. Each parameter
+group multiplies it by its ``lr_scale`` (layer decay, head multiplier; see
+:mod:`metric.engine.param_groups`).
 """
 
 import math
 
 import torch
 
-_NO_DECAY_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
-
-
-def _param_groups(cfg, model):
-    """Two groups when BN.USE_CUSTOM_WEIGHT_DECAY: norm weights, biases and 1-element
-    parameters (the GeM exponent) get BN.CUSTOM_WEIGHT_DECAY; the rest OPTIM.WEIGHT_DECAY."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not cfg.BN.USE_CUSTOM_WEIGHT_DECAY:
-        return [{"params": params, "weight_decay": cfg.OPTIM.WEIGHT_DECAY}]
-    special = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, _NO_DECAY_TYPES) or name == "bias" or p.numel() == 1:
-                special.add(id(p))
-    return [
-        {"params": [p for p in params if id(p) not in special], "weight_decay": cfg.OPTIM.WEIGHT_DECAY},
-        {"params": [p for p in params if id(p) in special], "weight_decay": cfg.BN.CUSTOM_WEIGHT_DECAY},
-    ]
+from metric.engine.param_groups import param_groups
 
 
 def build_optimizer(cfg, model):
-    groups = _param_groups(cfg, model)
+    """SGD or AdamW over the parameter groups of :func:`metric.engine.param_groups.param_groups`
+    (learning-rate factors ``lr_scale`` and weight decays from the config)."""
+    groups = param_groups(cfg, model)
     o = cfg.OPTIM
     if o.OPTIMIZER == "sgd":
         return torch.optim.SGD(

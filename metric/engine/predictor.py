@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from metric.checkpoint import load_inference_weights, unwrap
 from metric.datasets.transforms import center_crop, decode_image, resize_longer, resize_shorter, to_tensor
+from metric.engine.superglobal import apply_superglobal_from_cfg
 from metric.modeling import build_model
 from metric.utils.errors import ConfigError
 
@@ -85,9 +86,18 @@ def _collate(batch):
 
 
 def combine_views(descriptors, pool="gem", p=3.0):
-    """Combine L2-normalized view descriptors ``[V, N, D]`` into L2-normalized ``[N, D]``."""
+    """Combine L2-normalized view descriptors ``[V, N, D]`` into L2-normalized ``[N, D]``.
+
+    ``pool``: ``gem`` (signed power mean), ``mean``, ``max`` (SuperGlobal Scale-GeM, p = inf) or
+    ``sgem`` (Scale-GeM with finite ``p``, shifted by each image's smallest value; see
+    :mod:`metric.engine.superglobal`)."""
     if pool == "mean" or len(descriptors) == 1:
         out = descriptors.mean(0)
+    elif pool == "max":
+        out = descriptors.amax(0)
+    elif pool == "sgem":
+        low = descriptors.amin(dim=(0, 2), keepdim=True)  # [1, N, 1]: the image's smallest value
+        out = (descriptors - low).pow(p).mean(0).pow(1.0 / p) + low[0]
     else:
         m = (descriptors.sign() * descriptors.abs().pow(p)).mean(0)
         out = m.sign() * m.abs().pow(1.0 / p)
@@ -202,7 +212,9 @@ class Predictor:
 def build_inference_model(cfg, weights=None, missing_weights="warn"):
     """The model of ``cfg`` (random weights seeded by ``RNG_SEED``, without touching the caller's
     RNG) with ``weights`` (default ``TEST.WEIGHTS``) loaded to fit exactly except for the
-    classifier; in eval mode on the CPU. See :meth:`Predictor.from_cfg` for ``missing_weights``."""
+    classifier; in eval mode on the CPU, with SuperGlobal's GeM+ / Regional-GeM when ``INFER.POOL_P`` /
+    ``INFER.REGIONAL_GEM`` ask for them (:mod:`metric.engine.superglobal`). See
+    :meth:`Predictor.from_cfg` for ``missing_weights``."""
     weights = cfg.TEST.WEIGHTS if weights is None else weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.RNG_SEED)
@@ -215,4 +227,5 @@ def build_inference_model(cfg, weights=None, missing_weights="warn"):
         logger.warning("TEST.WEIGHTS is empty: using randomly initialized weights")
     else:
         logger.info("no weights given: using randomly initialized weights (seeded by RNG_SEED)")
+    apply_superglobal_from_cfg(model, cfg)  # INFER.POOL_P / INFER.REGIONAL_GEM (after the weights)
     return model.eval()

@@ -109,6 +109,9 @@ def make_kaggle_model(cfg, output, image=None, opset=None, threads=None, min_cos
 
     output = io.check_output_path(output, "submission zip")  # folder exists and is writable
     check_output_zip(output)
+    if cfg.MODEL.TYPE == "vit":  # see docs/EXPORT.md: onnx2tf cannot convert the ViT graph
+        raise ExportError("the Kaggle (TensorFlow) model cannot be made for MODEL.TYPE vit: onnx2tf 1.29 does not "
+                          "convert its graph; export ONNX instead (tools/torch2onnx.py, checked with onnxruntime)")
     tf_python()
     max_side = cfg.TEST.IM_SIZE
     if list(cfg.INFER.SCALES) != [1.0] or cfg.INFER.FLIP or cfg.INFER.CENTER_CROP:

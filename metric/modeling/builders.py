@@ -3,6 +3,7 @@
 import torch
 
 from metric.utils.errors import ConfigError
+from metric.modeling.layers.attention import attention_channels
 from metric.modeling.layers.margin_policy import dynamic_margins, scheduled_margin
 from metric.modeling.losses.combined import CombinedLoss
 from metric.modeling.model import MetricModel
@@ -24,19 +25,51 @@ def _backbone_channels(backbone):
 
 
 def build_head(cfg, in_feat):
+    """The head of ``MODEL.HEADS.NAME``; ``in_feat``: the channels of the map(s) it is given (a
+    ``(stage-3, stage-4)`` pair for a head with ``uses_stages``)."""
     return HEADS.get(cfg.MODEL.HEADS.NAME).from_config(cfg, in_feat)
+
+
+def _stage_channels(cfg, backbone):
+    """``(C3, C4)`` of a backbone that exposes its last two stages, or a ConfigError."""
+    stages = getattr(backbone, "stage_channels", None)
+    if stages is None or not hasattr(backbone, "forward_stages"):
+        what = f"timm {cfg.MODEL.TIMM.NAME}" if cfg.MODEL.TYPE == "timm" else cfg.MODEL.TYPE
+        raise ConfigError(
+            f"MODEL.HEADS.NAME {cfg.MODEL.HEADS.NAME} needs the backbone's stage-3 and stage-4 feature maps, but "
+            f"the {what} backbone does not expose two stages; use resnet, resnest* or a timm CNN "
+            "(e.g. MODEL.TYPE timm MODEL.TIMM.NAME resnet50)"
+        )
+    return tuple(stages)
+
+
+def _check_in_feat(cfg, channels):
+    """``MODEL.HEADS.IN_FEAT`` (0: any) must be the width the head pools: the backbone's
+    ``channels``, or the output of the attention block ``MODEL.HEADS.ATTENTION``."""
+    h = cfg.MODEL.HEADS
+    if h.ATTENTION != "none" and not getattr(HEADS.get(h.NAME), "supports_attention", False):
+        raise ConfigError(f"MODEL.HEADS.ATTENTION {h.ATTENTION} is not supported by MODEL.HEADS.NAME {h.NAME}; "
+                          "use MODEL.HEADS.ATTENTION none or MODEL.HEADS.NAME LinearHead")
+    width = attention_channels(h.ATTENTION, channels)
+    if h.IN_FEAT and h.IN_FEAT != width:
+        after = "" if h.ATTENTION == "none" else f" and MODEL.HEADS.ATTENTION {h.ATTENTION} turns them into {width}"
+        hint = ""
+        if h.ATTENTION == "none" and h.IN_FEAT == attention_channels("spatial", channels):
+            hint = ", or MODEL.HEADS.ATTENTION spatial (whose output has that width)"
+        raise ConfigError(
+            f"MODEL.HEADS.IN_FEAT={h.IN_FEAT} but the {cfg.MODEL.TYPE} backbone outputs {channels} channels{after}; "
+            f"set MODEL.HEADS.IN_FEAT {width} (or 0 to take it from the model){hint}"
+        )
 
 
 def build_model(cfg):
     """A :class:`MetricModel` for ``cfg`` (random initialization, CPU, train mode)."""
     backbone = build_backbone(cfg)
     channels = _backbone_channels(backbone)
-    in_feat = cfg.MODEL.HEADS.IN_FEAT or channels
-    if in_feat != channels:
-        raise ConfigError(
-            f"MODEL.HEADS.IN_FEAT={cfg.MODEL.HEADS.IN_FEAT} but the {cfg.MODEL.TYPE} backbone outputs "
-            f"{channels} channels; set MODEL.HEADS.IN_FEAT {channels} (or 0 to take it from the backbone)"
-        )
+    _check_in_feat(cfg, channels)
+    in_feat = channels
+    if getattr(HEADS.get(cfg.MODEL.HEADS.NAME), "uses_stages", False):
+        in_feat = _stage_channels(cfg, backbone)
     return MetricModel(backbone, build_head(cfg, in_feat))
 
 

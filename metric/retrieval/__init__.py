@@ -1,4 +1,5 @@
-"""Retrieval: feature extraction and stores, search, re-ranking, scoring (see docs/RETRIEVAL.md).
+"""Retrieval: feature stores, search, re-ranking, scoring (see docs/RETRIEVAL.md). Needs no model:
+extraction, which runs one, is :mod:`metric.engine.extract`.
 
 The Python API::
 
@@ -6,16 +7,22 @@ The Python API::
     save_features("feats/index", embeddings, ids)        # float32 [N, D] + N ids -> a store
     store = load_features("feats/index")                  # .embeddings (memmap), .ids, .meta
     scores, indices = search(query, store.embeddings, topk=100)
+    scores, indices = superglobal_rerank(query, store.embeddings, *search(query, store.embeddings, 400))
+    scores, indices = k_reciprocal_rerank(query, store.embeddings, topk=100)
 """
 
 from metric.retrieval.metrics import glr_map_at_k, labelled_metrics, revisited_map
+from metric.retrieval.knn_graph import build_index_graph
+from metric.retrieval.kreciprocal import k_reciprocal_rerank
 from metric.retrieval.rerank import database_augmentation, query_expansion, search_stores
 from metric.retrieval.results import read_results_csv, write_results_csv
 from metric.retrieval.search import search
 from metric.retrieval.store import FeatureStore, import_features, load_features, merge_stores, save_features
+from metric.retrieval.superglobal import superglobal_rerank
 
 __all__ = [
     "FeatureStore", "save_features", "load_features", "merge_stores", "import_features", "search",
-    "query_expansion", "database_augmentation", "search_stores", "write_results_csv", "read_results_csv",
+    "query_expansion", "database_augmentation", "superglobal_rerank", "k_reciprocal_rerank", "build_index_graph",
+    "search_stores", "write_results_csv", "read_results_csv",
     "glr_map_at_k", "revisited_map", "labelled_metrics",
 ]

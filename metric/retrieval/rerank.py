@@ -113,15 +113,20 @@ def database_augmentation(index, k, alpha=3.0, backend="auto", chunk_size=None, 
 
 def search_stores(query, index, output, topk=100, scores_path=None, backend="auto", device=None,
                   chunk_size=None, query_chunk_size=None, ann=False, ann_type=None, ann_dir=None,
-                  nprobe=None, ef_search=None, qe=0, qe_alpha=3.0, dba=0, dba_alpha=3.0, progress=False):
+                  nprobe=None, ef_search=None, qe=0, qe_alpha=3.0, dba=0, dba_alpha=3.0, rerank=None,
+                  rerank_params=None, progress=False):
     """Search a query store in an index store, re-rank, write the Kaggle results CSV; return a summary.
 
     The pipeline: DBA on the index (``dba`` > 0), search (exact, or the saved
     approximate index with ``ann``), αQE (``qe`` > 0) and a second search, then
-    :func:`~metric.retrieval.results.write_results_csv`. Everything the user
-    gave is checked before the long work starts.
+    SuperGlobal or k-reciprocal re-ranking, then
+    :func:`~metric.retrieval.results.write_results_csv`. ``rerank`` names the re-rankers
+    (:mod:`metric.retrieval.rerank_plan`: order, defaults) and ``rerank_params`` their
+    parameters (``sg_m``, ``sg_k``, ``sg_beta``, ``kr_k1``, ``kr_k2``, ``kr_lambda``,
+    ``kr_graph``, ``graph_dir``). Everything the user gave is checked before the long work starts.
     """
     from metric.retrieval import ann as ann_mod
+    from metric.retrieval import rerank_plan
     from metric.retrieval.results import check_output_file, write_results_csv
     from metric.retrieval.search import check_dims, check_topk, resolve_backend
     from metric.retrieval.store import load_features
@@ -130,6 +135,8 @@ def search_stores(query, index, output, topk=100, scores_path=None, backend="aut
     check_output_file(output)
     if scores_path is not None:
         check_output_file(scores_path, "scores")
+    plan = rerank_plan.make_plan(rerank, qe, dba, **(rerank_params or {}))
+    qe, dba = plan.qe, plan.dba
     if qe:
         check_expansion(qe, qe_alpha, "query expansion")
     if dba:
@@ -140,7 +147,9 @@ def search_stores(query, index, output, topk=100, scores_path=None, backend="aut
     qstore = load_features(query, mmap=True)
     istore = load_features(index, mmap=True)
     check_dims(qstore.embeddings, istore.embeddings)
-    summary = {"queries": len(qstore), "index": len(istore), "topk": topk, "output": os.path.abspath(output)}
+    graph = rerank_plan.check_plan(plan, qstore, istore, ann)
+    summary = {"queries": len(qstore), "index": len(istore), "topk": topk, "output": os.path.abspath(output),
+               "rerank": list(plan.steps)}
 
     index_emb = istore.embeddings
     if dba:
@@ -157,10 +166,18 @@ def search_stores(query, index, output, topk=100, scores_path=None, backend="aut
             return search(q, index_emb, k, backend=backend, chunk_size=chunk_size, device=device,
                           query_chunk_size=query_chunk_size, progress=progress)
 
-    scores, indices = run(qstore.embeddings, max(topk, qe))
+    width = plan.search_width(topk)
+    query_emb, scores, indices = qstore.embeddings, None, None
+    if qe or plan.final != "kreciprocal":  # k-reciprocal searches by itself
+        scores, indices = run(query_emb, max(width, qe))
     if qe:
-        new_query = query_expansion(qstore.embeddings, index_emb, scores, indices, qe, qe_alpha)
-        scores, indices = run(new_query, topk)
+        query_emb = query_expansion(query_emb, index_emb, scores, indices, qe, qe_alpha)
+        if plan.final != "kreciprocal":
+            scores, indices = run(query_emb, width)
+    if plan.final:
+        scores, indices = rerank_plan.final_rerank(plan, query_emb, index_emb, scores, indices, topk, graph,
+                                                   backend=backend, device=device, chunk_size=chunk_size,
+                                                   progress=progress)
     scores, indices = scores[:, :topk], indices[:, :topk]
     write_results_csv(output, qstore.ids, istore.ids, indices, scores=scores, scores_path=scores_path)
     if scores_path is not None:

@@ -147,6 +147,7 @@ class ResNeSt(nn.Module):
                 w_in = planes * SplitAttentionBottleneck.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.out_channels = w_in
+        self.stage_channels = (256 * SplitAttentionBottleneck.expansion, w_in)  # stage-3 and stage-4 maps
         self.depth = depth
         self._init_weights(zero_init_final_gamma)
 
@@ -164,6 +165,13 @@ class ResNeSt(nn.Module):
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_stages(self, x):
+        """The stage-3 (``layer3``) and stage-4 (``layer4``) maps ``(f3, f4)``, channels
+        ``stage_channels`` (for heads that use both, e.g. DOLG)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        f3 = self.layer3(self.layer2(self.layer1(x)))
+        return f3, self.layer4(f3)
 
 
 def build_resnest(cfg, depth=None):

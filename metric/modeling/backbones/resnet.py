@@ -133,6 +133,7 @@ class ResNet(nn.Module):
             self.add_module(f"s{i + 1}", stage)
             w_in = w_out
         self.out_channels = w_in
+        self.stage_channels = (widths[2], widths[3])  # of the stage-3 and stage-4 maps
         self._init_weights(zero_init_final_gamma)
 
     def _init_weights(self, zero_init_final_gamma):
@@ -147,6 +148,12 @@ class ResNet(nn.Module):
     def forward(self, x):
         x = self.stem(x)
         return self.s4(self.s3(self.s2(self.s1(x))))
+
+    def forward_stages(self, x):
+        """The stage-3 and stage-4 maps ``(f3 [N, C3, H/16, W/16], f4 [N, C4, H/32, W/32])``,
+        channels ``stage_channels`` (for heads that use both, e.g. DOLG)."""
+        f3 = self.s3(self.s2(self.s1(self.stem(x))))
+        return f3, self.s4(f3)
 
 
 def build_resnet(cfg):

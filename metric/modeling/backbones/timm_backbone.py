@@ -56,9 +56,22 @@ class TimmBackbone(nn.Module):
         self.out_channels = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         self.nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
         self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 0)
+        self.stage_channels = _stage_channels(self.model, self.out_channels)
+
+    def forward_stages(self, x):
+        """``(f3, f4)`` for heads that use two stages (DOLG), in one pass through timm's
+        ``forward_intermediates``: ``f3`` is the second-to-last feature level (ResNet: layer3),
+        ``f4`` the last map, equal to ``self(x)`` (ResNet: layer4; with the trunk's final layers
+        where the model has them, e.g. EfficientNet's conv_head, so every parameter is used)."""
+        if self.stage_channels is None:
+            raise ConfigError(f"timm model {self.name} does not expose its last two stages (see stage_channels)")
+        final, (f3, _) = self.model.forward_intermediates(x, indices=2, intermediates_only=False)
+        return f3, self._as_map(self.model.forward_head(final), x)
 
     def forward(self, x):
-        y = self.model(x)
+        return self._as_map(self.model(x), x)
+
+    def _as_map(self, y, x):
         if y.dim() == 4:
             nhwc = self.nhwc or (y.shape[1] != self.out_channels and y.shape[3] == self.out_channels)
             return y.permute(0, 3, 1, 2).contiguous() if nhwc else y
@@ -78,6 +91,20 @@ class TimmBackbone(nn.Module):
         if side * side != n_tokens:
             raise ValueError(f"cannot lay {n_tokens} tokens of timm model {self.name} on a grid")
         return side, side
+
+
+def _stage_channels(model, out_channels):
+    """``(C3, C4)``: the channels of the second-to-last feature level of a timm model and of its
+    output map; None where the last two levels are not two stages (no ``forward_intermediates``
+    (timm < 1.0), or one stride throughout, as in ViT)."""
+    info = getattr(model, "feature_info", None)
+    if not hasattr(model, "forward_intermediates") or not isinstance(info, (list, tuple)) or len(info) < 2:
+        return None
+    try:
+        (c3, r3), (_, r4) = [(int(f["num_chs"]), int(f["reduction"])) for f in info[-2:]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (c3, out_channels) if r4 > r3 else None
 
 
 def _first_line(err):

@@ -1,13 +1,14 @@
-"""LinearHead: pooling -> embedding (Linear, optional BN neck) -> margin layer.
+"""LinearHead: [attention ->] pooling -> embedding (Linear, optional BN neck) -> margin layer.
 
 State-dict keys follow the original project: ``pool_layer.p`` (GeM),
 ``embedding_layer.weight``, ``classifier.weight`` (+ ``classifier.t`` for
-CurricularFace, ``classifier.scale`` for AdaCos).
+CurricularFace, ``classifier.scale`` for AdaCos); an attention block
+(``MODEL.HEADS.ATTENTION``, :mod:`metric.modeling.layers.attention`) sits under ``attention.*``.
 """
 
 import torch.nn as nn
 
-from metric.modeling.registries import HEADS, MARGIN_LAYERS, POOL_LAYERS
+from metric.modeling.registries import ATTENTIONS, HEADS, MARGIN_LAYERS, POOL_LAYERS
 
 
 @HEADS.register("LinearHead")
@@ -21,9 +22,12 @@ class LinearHead(nn.Module):
         classifier,
         bn_neck=False,
         dropout=0.0,
+        attention=None,
     ):
-        """``pool_layer`` and ``classifier`` are built modules (see :func:`build_head`)."""
+        """``pool_layer``, ``classifier`` and ``attention`` (or None) are built modules (see
+        :func:`build_head`); ``in_feat`` is the width after the attention block."""
         super().__init__()
+        self.attention = attention  # first: the state dict follows the data flow
         self.pool_layer = pool_layer
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.embedding_layer = nn.Linear(in_feat, embedding_dim, bias=False)
@@ -34,6 +38,8 @@ class LinearHead(nn.Module):
     def embed(self, feature_map):
         """Feature map [N, C, H, W] (or a vector [N, C] with ``identity`` pooling) -> embedding
         [N, D] (not L2-normalized)."""
+        if self.attention is not None:
+            feature_map = self.attention(feature_map)
         x = self.dropout(self.pool_layer(feature_map).flatten(1))
         x = self.embedding_layer(x)
         return self.bn_neck(x) if self.bn_neck is not None else x
@@ -45,13 +51,24 @@ class LinearHead(nn.Module):
             return emb
         return self.classifier(emb, labels), emb
 
+    supports_attention = True  # takes MODEL.HEADS.ATTENTION
+
     @classmethod
     def from_config(cls, cfg, in_feat):
+        """``in_feat``: the channels of the backbone's map (the attention block's input)."""
         h = cfg.MODEL.HEADS
         pool = POOL_LAYERS.get(h.POOL_LAYER)
         pool_layer = pool(p=h.GEM_P, learn_p=h.GEM_LEARN_P) if h.POOL_LAYER == "gempool" else pool()
-        classifier = MARGIN_LAYERS.get(h.CLS_LAYER)(
-            h.REDUCTION_DIM, h.NUM_CLASSES, scale=h.SCALE, margin=h.MARGIN, easy_margin=h.EASY_MARGIN,
-            subcenters=h.SUBCENTERS, adaptive=h.ADACOS_MODE == "adaptive",
-        )
-        return cls(in_feat, h.REDUCTION_DIM, h.NUM_CLASSES, pool_layer, classifier, h.BN_NECK, h.DROPOUT)
+        classifier = margin_layer_from_config(cfg)
+        attention = ATTENTIONS.get(h.ATTENTION)(in_feat, bn_eps=cfg.BN.EPS, bn_mom=cfg.BN.MOM)
+        width = in_feat if attention is None else attention.out_channels
+        return cls(width, h.REDUCTION_DIM, h.NUM_CLASSES, pool_layer, classifier, h.BN_NECK, h.DROPOUT, attention)
+
+
+def margin_layer_from_config(cfg):
+    """The margin layer of ``MODEL.HEADS`` (``CLS_LAYER`` and its options), shared by the heads."""
+    h = cfg.MODEL.HEADS
+    return MARGIN_LAYERS.get(h.CLS_LAYER)(
+        h.REDUCTION_DIM, h.NUM_CLASSES, scale=h.SCALE, margin=h.MARGIN, easy_margin=h.EASY_MARGIN,
+        subcenters=h.SUBCENTERS, adaptive=h.ADACOS_MODE == "adaptive",
+    )

@@ -1,3 +1,3 @@
-"""Building blocks of heads: pooling and margin layers (registered on import)."""
+"""Building blocks of heads: pooling, attention and margin layers (registered on import)."""
 
-from metric.modeling.layers import adacos, margins, pooling  # noqa: F401
+from metric.modeling.layers import adacos, attention, margins, pooling  # noqa: F401

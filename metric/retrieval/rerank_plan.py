@@ -1,0 +1,130 @@
+"""Which re-rankers ``tools/search.py`` runs, in which order, with which parameters.
+
+The order is fixed: **DBA** (changes the index vectors, before the search), the search, **αQE**
+(a new query and a second search), then at most one final re-scoring of the list: **SuperGlobal**
+(re-scores the top-M of the last search) or **k-reciprocal** (re-ranks the whole index with the
+query and index vectors as they are after DBA/αQE). ``--rerank`` lists a subset in that order
+(``dba qe superglobal``, ``qe kreciprocal``, ...); any other order, a repeated name, or
+SuperGlobal together with k-reciprocal (each replaces the scores of the final list) is refused.
+
+:func:`check_plan` also refuses, before any long work, parameters that need more items than the
+index has and inputs a re-ranker cannot use (k-reciprocal with ``--ann``, features that are not
+L2-normalized, a missing or stale saved k-NN graph with ``--kr-graph saved``).
+"""
+
+import dataclasses
+
+from metric.utils.errors import FeatureStoreError, MetricError
+from metric.retrieval import kreciprocal as kr
+from metric.retrieval import superglobal as sg
+from metric.retrieval.knn_graph import has_index_graph, load_index_graph
+
+RERANKERS = ("dba", "qe", "superglobal", "kreciprocal")
+ORDER = "dba, qe, then superglobal or kreciprocal"
+DEFAULT_QE_K = 2
+DEFAULT_DBA_K = 2
+GRAPH_MODES = ("auto", "saved", "compute")
+
+
+@dataclasses.dataclass
+class RerankPlan:
+    """What :func:`metric.retrieval.rerank.search_stores` runs after reading the stores."""
+
+    steps: tuple = ()
+    qe: int = 0
+    dba: int = 0
+    sg_m: int = sg.DEFAULT_M
+    sg_k: int = sg.DEFAULT_K
+    sg_beta: float = sg.DEFAULT_BETA
+    kr_k1: int = kr.DEFAULT_K1
+    kr_k2: int = kr.DEFAULT_K2
+    kr_lambda: float = kr.DEFAULT_LAMBDA
+    kr_graph: str = "auto"
+    graph_dir: str = None
+
+    @property
+    def final(self):
+        """``"superglobal"``, ``"kreciprocal"`` or ``None``."""
+        return next((s for s in self.steps if s in ("superglobal", "kreciprocal")), None)
+
+    def search_width(self, topk):
+        """Columns the (last) search must return."""
+        return max(topk, self.sg_m) if self.final == "superglobal" else topk
+
+
+def make_plan(rerank=None, qe=0, dba=0, **params):
+    """The plan of ``rerank`` (names in :data:`RERANKERS`, in the allowed order) plus ``qe``/``dba``
+    given as K > 0 (which enable them, as ``--qe K`` / ``--dba K`` always did). ``params`` are the
+    :class:`RerankPlan` parameter fields; all are validated."""
+    names = list(rerank or ())
+    for name in names:
+        if name not in RERANKERS:
+            raise MetricError(f"unknown re-ranker {name!r}; choose from {', '.join(RERANKERS)}")
+    if len(set(names)) != len(names):
+        raise MetricError(f"--rerank {' '.join(names)} names a re-ranker twice")
+    if "superglobal" in names and "kreciprocal" in names:
+        raise MetricError("--rerank superglobal and kreciprocal cannot be combined: each re-scores the final list; "
+                          "choose one")
+    positions = [RERANKERS.index(n) for n in names]
+    if positions != sorted(positions):
+        raise MetricError(f"--rerank {' '.join(names)}: re-rankers run in the order {ORDER}; "
+                          f"write --rerank {' '.join(sorted(names, key=RERANKERS.index))}")
+    for name, k in (("qe", qe), ("dba", dba)):
+        if k and name not in names:
+            names.append(name)
+    steps = tuple(sorted(names, key=RERANKERS.index))
+    plan = RerankPlan(steps=steps, **params)
+    plan.qe = (qe or DEFAULT_QE_K) if "qe" in steps else 0
+    plan.dba = (dba or DEFAULT_DBA_K) if "dba" in steps else 0
+    if plan.final == "superglobal":
+        sg.check_superglobal(plan.sg_m, plan.sg_k, plan.sg_beta)
+    if plan.final == "kreciprocal":
+        kr.check_kreciprocal(plan.kr_k1, plan.kr_k2, plan.kr_lambda)
+        if plan.kr_graph not in GRAPH_MODES:
+            raise MetricError(f"--kr-graph {plan.kr_graph!r}: choose one of {', '.join(GRAPH_MODES)}")
+    return plan
+
+
+def check_plan(plan, qstore, istore, ann=False):
+    """Refuse, in one line, what the stores cannot do; returns the saved index graph to use (or None)."""
+    n = len(istore)
+    if plan.qe > n:
+        raise MetricError(f"--qe {plan.qe} is larger than the index ({n} items); use --qe {max(1, n)} or less")
+    if plan.dba and plan.dba >= n:
+        raise MetricError(f"--dba {plan.dba} needs more than {plan.dba} index items, the index has {n}; "
+                          f"use --dba {max(1, n - 1)} or less")
+    if plan.final == "superglobal":
+        sg.check_superglobal_size(plan.sg_m, plan.sg_k, n)
+    if plan.final != "kreciprocal":
+        return None
+    kr.check_kreciprocal_size(plan.kr_k1, n)
+    if ann:
+        raise MetricError("k-reciprocal re-ranking needs exact similarities between all query and index items; "
+                          "drop --ann")
+    for store in (qstore, istore):
+        if store.meta.get("normalized") is False:
+            raise FeatureStoreError(f"k-reciprocal re-ranking needs L2-normalized features (its distance is "
+                                    f"2 - 2 x.y), but store {store.path} was imported with --no-normalize; "
+                                    "import it again without it")
+    width = plan.kr_k1 + 1
+    if plan.kr_graph == "compute":
+        return None
+    if plan.dba:
+        if plan.kr_graph == "saved":
+            raise MetricError("--kr-graph saved: the saved k-NN graph is of the index store's vectors, not of the "
+                              "DBA-augmented ones; drop --dba or use --kr-graph auto")
+        return None
+    if plan.kr_graph == "saved" or has_index_graph(istore, plan.graph_dir):
+        return load_index_graph(istore, width, plan.graph_dir)
+    return None
+
+
+def final_rerank(plan, query, index, scores, indices, topk, graph=None, backend="auto", device=None,
+                 chunk_size=None, progress=False):
+    """The plan's final re-scoring of the last search ``(scores, indices)``; returns the new pair.
+    (k-reciprocal searches with torch on ``device`` by itself; ``backend`` is the search's.)"""
+    if plan.final == "superglobal":
+        return sg.superglobal_rerank(query, index, scores, indices, m=plan.sg_m, k=plan.sg_k, beta=plan.sg_beta,
+                                     device=device, progress=progress)
+    return kr.k_reciprocal_rerank(query, index, topk, k1=plan.kr_k1, k2=plan.kr_k2, lambda_value=plan.kr_lambda,
+                                  device=device, chunk_size=chunk_size, graph=graph, progress=progress)
