@@ -70,7 +70,7 @@ def _corrupt_items(tiny_data, tmp_path):
 
 def test_bad_training_image_is_replaced_by_same_class(tiny_data, tmp_path):
     items = _corrupt_items(tiny_data, tmp_path)
-    ds = ListDataset(items, TrainTransform(24), seed=0, on_bad="replace")
+    ds = ListDataset(items, TrainTransform(24), seed=0)
     x, label, failed, bad = ds[8]
     assert label == 1 and failed == 1 and x.shape == (3, 24, 24) and bad.tolist()[0] == 8
     assert ds[8][2] == 1  # counted every time it is drawn, never crashes
@@ -80,7 +80,7 @@ def test_bad_training_image_is_replaced_by_same_class(tiny_data, tmp_path):
 def test_class_without_readable_image_fails_clearly(tmp_path):
     bad = tmp_path / "corrupt.jpg"
     bad.write_bytes(b"junk")
-    ds = ListDataset([(str(bad), 0)], TrainTransform(24), on_bad="replace")
+    ds = ListDataset([(str(bad), 0)], TrainTransform(24))
     with pytest.raises(DataError, match="no readable image left in class 0"):
         ds[0]
 

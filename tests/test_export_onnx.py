@@ -253,3 +253,19 @@ def test_dolg_exports_with_dynamic_size(tmp_path, multi_atrous):
     for h, w in [(64, 64), (96, 160), (117, 45)]:
         x = torch.randn(2, 3, h, w).numpy()
         assert diff_stats(run_onnxruntime(path, x), run_torch(model, x))["rel"] < 1e-4, (h, w)
+
+
+@pytest.mark.slow
+def test_dolg_on_a_timm_backbone_exports(tmp_path):
+    """DOLG's stage maps from a timm CNN (forward_intermediates) export with dynamic size too."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    cfg = load_cfg(None, ["MODEL.TYPE", "timm", "MODEL.TIMM.NAME", "resnet18", "MODEL.HEADS.IN_FEAT", "0",
+                          "MODEL.HEADS.REDUCTION_DIM", "16", "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.HEADS.NAME",
+                          "DOLGHead", "MODEL.DOLG.MULTI_ATROUS", "True"])
+    model = build_model(cfg).eval()
+    path = str(tmp_path / "dolg_timm.onnx")
+    export_onnx(model, path, (64, 64), dynamic_hw=True)
+    for shape in ((2, 3, 64, 64), (1, 3, 96, 160)):
+        x = torch.randn(*shape).numpy()
+        assert diff_stats(run_onnxruntime(path, x), run_torch(model, x))["rel"] < 1e-4, shape

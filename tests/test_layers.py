@@ -50,9 +50,11 @@ def import_graph():
                     target = node.module or ""
                 if target.split(".")[0] != "metric":
                     continue
-                for alias in node.names:  # `from pkg import submodule` imports the submodule
+                deps.add(target)  # `from pkg import x` runs pkg/__init__ first, whatever x is
+                for alias in node.names:  # ... and `from pkg import submodule` imports the submodule
                     sub = f"{target}.{alias.name}"
-                    deps.add(sub if sub in modules else target)
+                    if sub in modules:
+                        deps.add(sub)
         graph[mod] = {d for d in deps if d in modules and d != mod}
     return graph
 

@@ -18,7 +18,8 @@ from metric.retrieval.knn_graph import build_store_graph
 def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0], config=False)
     parser.add_argument("--index", required=True, help="index feature store folder")
-    parser.add_argument("--type", default="ivfpq", choices=ANN_TYPES + ("knn",), help="index type (default ivfpq)")
+    parser.add_argument("--type", default="ivfpq", choices=ANN_TYPES + ("knn",),
+                        help="index type (default ivfpq; knn: the exact k-NN graph for k-reciprocal re-ranking)")
     parser.add_argument("--knn", type=int, default=20, metavar="K",
                         help="knn: neighbours per item besides itself, at least the --kr-k1 to serve (default 20)")
     parser.add_argument("--device", default=None, help="knn: torch device, e.g. cpu or cuda (default: CUDA if any)")

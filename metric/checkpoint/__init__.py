@@ -20,7 +20,6 @@ from metric.checkpoint.load import (  # noqa: F401
     load_inference_weights,
     load_state,
     load_weights,
-    model_config_differences,
     model_state_of,
     unwrap,
     weights_digest,

@@ -187,12 +187,6 @@ def _get_dotted(d, key):
     return d
 
 
-def model_config_differences(saved_yaml, cfg):
-    """Dotted MODEL.* / RESNET.* / BN.* keys whose values differ between a checkpoint's stored
-    config and ``cfg`` (keys present in only one of them are ignored)."""
-    return config_differences(saved_yaml, cfg)
-
-
 def weights_digest(model):
     """A short hash of every parameter and buffer (to compare ranks, runs or extractions)."""
     h = hashlib.sha256()

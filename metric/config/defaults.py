@@ -86,7 +86,7 @@ _C.MODEL.HEADS = CfgNode()
 # branch, attention-weighted local branch (options in MODEL.DOLG), orthogonal fusion ->
 # Linear(2 * S3_DIM, REDUCTION_DIM) [-> BN] -> margin layer. POOL_LAYER does not apply (the global
 # branch is GeM from GEM_P and GEM_LEARN_P); DROPOUT and BN_NECK act as in LinearHead. Needs a
-# backbone with two stages (resnet, resnest*, timm CNNs). See docs/MODEL_ZOO.md.
+# backbone with two stages (resnet, resnest*, resnet50x*, timm CNNs). See docs/MODEL_ZOO.md.
 _C.MODEL.HEADS.NAME = "LinearHead"
 
 # Number of classes of the margin layer (labels must lie in [0, NUM_CLASSES)). Integer >= 1.

@@ -2,7 +2,7 @@
 
 import re
 
-from metric.config import defaults as config_mod
+import metric.config.defaults as config_mod
 from metric.config.merge import get_cfg
 
 _HEADER = """# Config reference

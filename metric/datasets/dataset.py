@@ -22,21 +22,18 @@ class ListDataset(Dataset):
     ``failed`` counts images that could not be decoded while producing this sample and ``bad``
     holds their indices (up to :data:`MAX_TRACKED_BAD`, padded with -1); both travel with the
     batch, so callers can report and persist them whatever the number of workers. A bad image is
-    logged once per process. With ``on_bad="replace"`` (training) it is replaced by another image
-    *of the same class*, so the label never shifts: the first readable image of a permutation of
+    logged once per process and replaced by another image *of the same class*, so the label never shifts: the first readable image of a permutation of
     the class drawn from the sample's generator. Which image that is depends only on (seed,
     epoch, index) and which files are readable; the set of bad images already known
-    (:meth:`add_known_bad`, e.g. restored from a checkpoint) only saves decoding them again. With
-    ``on_bad="mark"`` a black image is returned with ``failed=1`` and the caller must drop it.
+    (:meth:`add_known_bad`, e.g. restored from a checkpoint) only saves decoding them again.
     Random transforms draw from the same generator.
     """
 
-    def __init__(self, items, transform, seed=0, on_bad="replace"):
+    def __init__(self, items, transform, seed=0):
         self.items = items
         self.transform = transform
         self.seed = seed
         self.epoch = 0
-        self.on_bad = on_bad
         self._by_class = None
         self._bad = set()
         self._logged = set()
@@ -82,19 +79,16 @@ class ListDataset(Dataset):
         im = self._decode(index)
         if im is None:
             bad.append(index)
-            if self.on_bad == "mark":
-                im = np.zeros((32, 32, 3), dtype=np.uint8)
-            else:
-                for other in rng.permutation(self._class_members(label)):
-                    if other == index:
-                        continue
-                    im = self._decode(int(other))
-                    if im is not None:
-                        break
-                    bad.append(int(other))
-                if im is None:
-                    raise DataError(f"no readable image left in class {label} "
-                                    f"({len(bad)} images, e.g. {self.items[index][0]})")
+            for other in rng.permutation(self._class_members(label)):
+                if other == index:
+                    continue
+                im = self._decode(int(other))
+                if im is not None:
+                    break
+                bad.append(int(other))
+            if im is None:
+                raise DataError(f"no readable image left in class {label} "
+                                f"({len(bad)} images, e.g. {self.items[index][0]})")
         x = self.transform(im, rng)
         tracked = torch.full((MAX_TRACKED_BAD,), -1, dtype=torch.long)
         tracked[: min(len(bad), MAX_TRACKED_BAD)] = torch.tensor(bad[:MAX_TRACKED_BAD], dtype=torch.long)

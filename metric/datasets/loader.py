@@ -59,7 +59,7 @@ def build_train_loader(cfg, rank=0, world_size=1, items=None):
     items = train_items(cfg) if items is None else items
     batch = _per_process_batch(cfg.TRAIN.BATCH_SIZE, world_size, "TRAIN.BATCH_SIZE")
     transform = TrainTransform(cfg.TRAIN.IM_SIZE, cfg.TRAIN.CROP_SCALE, cfg.TRAIN.FLIP, cfg.TRAIN.COLOR_JITTER)
-    dataset = ListDataset(items, transform, seed=cfg.RNG_SEED, on_bad="replace")
+    dataset = ListDataset(items, transform, seed=cfg.RNG_SEED)
     if len(dataset) < cfg.TRAIN.BATCH_SIZE:
         raise ConfigError(
             f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE} is larger than the training set ({len(dataset)} images)"

@@ -208,7 +208,7 @@ class Trainer:
             if path is not None:
                 if state is None:
                     state = cp.check_resumable(cp.read_checkpoint(path), path)
-                changed = cp.model_config_differences(state.get("cfg"), cfg)
+                changed = cp.config_differences(state.get("cfg"), cfg)
                 if changed:
                     raise CheckpointError(
                         f"{path} was trained with another {changed[0]}; use a new OUT_DIR, or "

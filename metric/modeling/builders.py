@@ -37,7 +37,7 @@ def _stage_channels(cfg, backbone):
         what = f"timm {cfg.MODEL.TIMM.NAME}" if cfg.MODEL.TYPE == "timm" else cfg.MODEL.TYPE
         raise ConfigError(
             f"MODEL.HEADS.NAME {cfg.MODEL.HEADS.NAME} needs the backbone's stage-3 and stage-4 feature maps, but "
-            f"the {what} backbone does not expose two stages; use resnet, resnest* or a timm CNN "
+            f"the {what} backbone does not expose two stages; use resnet, resnest*, resnet50x* or a timm CNN "
             "(e.g. MODEL.TYPE timm MODEL.TIMM.NAME resnet50)"
         )
     return tuple(stages)

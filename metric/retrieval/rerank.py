@@ -125,8 +125,8 @@ def search_stores(query, index, output, topk=100, scores_path=None, backend="aut
     parameters (``sg_m``, ``sg_k``, ``sg_beta``, ``kr_k1``, ``kr_k2``, ``kr_lambda``,
     ``kr_graph``, ``graph_dir``). Everything the user gave is checked before the long work starts.
     """
-    from metric.retrieval import ann as ann_mod
-    from metric.retrieval import rerank_plan
+    import metric.retrieval.ann as ann_mod
+    import metric.retrieval.rerank_plan as rerank_plan
     from metric.retrieval.results import check_output_file, write_results_csv
     from metric.retrieval.search import check_dims, check_topk, resolve_backend
     from metric.retrieval.store import load_features

@@ -15,8 +15,8 @@ L2-normalized, a missing or stale saved k-NN graph with ``--kr-graph saved``).
 import dataclasses
 
 from metric.utils.errors import FeatureStoreError, MetricError
-from metric.retrieval import kreciprocal as kr
-from metric.retrieval import superglobal as sg
+import metric.retrieval.kreciprocal as kr
+import metric.retrieval.superglobal as sg
 from metric.retrieval.knn_graph import has_index_graph, load_index_graph
 
 RERANKERS = ("dba", "qe", "superglobal", "kreciprocal")

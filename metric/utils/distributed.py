@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metric.utils import errors
+import metric.utils.errors as errors
 from metric.utils.errors import ConfigError, DistributedError, MetricError
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import os
 import socket
 import threading
 
-from metric.utils import io
+import metric.utils.io as io
 from metric.utils.errors import OutputBusyError
 
 logger = logging.getLogger(__name__)

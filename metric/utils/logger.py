@@ -14,7 +14,7 @@ import sys
 
 import simplejson
 
-from metric.utils import io
+import metric.utils.io as io
 from metric.utils.errors import DataError
 
 _FORMAT = "[%(asctime)s %(name)s] %(message)s"

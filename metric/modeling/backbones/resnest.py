@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from metric.modeling.backbones.resnet import init_resnet_weights
 from metric.modeling.registries import BACKBONES
 
 # Blocks per stage and stem width of the published models.
@@ -149,18 +150,7 @@ class ResNeSt(nn.Module):
         self.out_channels = w_in
         self.stage_channels = (256 * SplitAttentionBottleneck.expansion, w_in)  # stage-3 and stage-4 maps
         self.depth = depth
-        self._init_weights(zero_init_final_gamma)
-
-    def _init_weights(self, zero_init_final_gamma):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                zero = zero_init_final_gamma and getattr(m, "final_bn", False)
-                nn.init.constant_(m.weight, 0.0 if zero else 1.0)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self, zero_init_final_gamma)
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

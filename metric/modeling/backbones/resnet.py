@@ -17,6 +17,21 @@ def _bn(w, eps, mom):
     return nn.BatchNorm2d(w, eps=eps, momentum=mom)
 
 
+def init_resnet_weights(module, zero_init_final_gamma):
+    """He-normal convolutions (biases zero), BN weight 1 and bias 0; with
+    ``zero_init_final_gamma`` the last BN of each residual branch (``final_bn``) starts at 0.
+    Shared by the ResNet, wide-ResNet and ResNeSt backbones."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            zero = zero_init_final_gamma and getattr(m, "final_bn", False)
+            nn.init.constant_(m.weight, 0.0 if zero else 1.0)
+            nn.init.zeros_(m.bias)
+
+
 class BasicTransform(nn.Module):
     """3x3 -> 3x3."""
 
@@ -134,16 +149,7 @@ class ResNet(nn.Module):
             w_in = w_out
         self.out_channels = w_in
         self.stage_channels = (widths[2], widths[3])  # of the stage-3 and stage-4 maps
-        self._init_weights(zero_init_final_gamma)
-
-    def _init_weights(self, zero_init_final_gamma):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                zero = zero_init_final_gamma and getattr(m, "final_bn", False)
-                nn.init.constant_(m.weight, 0.0 if zero else 1.0)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self, zero_init_final_gamma)
 
     def forward(self, x):
         x = self.stem(x)

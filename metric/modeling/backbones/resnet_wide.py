@@ -16,6 +16,7 @@ replace the two 64s above, as they do for the pycls ResNet.
 
 import torch.nn as nn
 
+from metric.modeling.backbones.resnet import init_resnet_weights
 from metric.modeling.registries import BACKBONES
 
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 152: (3, 8, 36, 3)}
@@ -80,16 +81,7 @@ class WideResNet(nn.Module):
             outs.append(w_out)
         self.out_channels = w_in
         self.stage_channels = (outs[2], outs[3])
-        self._init_weights(zero_init_final_gamma)
-
-    def _init_weights(self, zero_init_final_gamma):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                zero = zero_init_final_gamma and getattr(m, "final_bn", False)
-                nn.init.constant_(m.weight, 0.0 if zero else 1.0)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self, zero_init_final_gamma)
 
     def _stem(self, x):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -17,14 +17,14 @@ import torch
 import torch.nn as nn
 
 from metric.utils.errors import ConfigError
-from metric.modeling.heads.linear_head import margin_layer_from_config
+from metric.modeling.heads.linear_head import MarginHead, margin_layer_from_config
 from metric.modeling.layers.dolg import LocalBranch, orthogonal_fusion
 from metric.modeling.layers.pooling import GeM
 from metric.modeling.registries import HEADS
 
 
 @HEADS.register("DOLGHead")
-class DOLGHead(nn.Module):
+class DOLGHead(MarginHead):
     uses_stages = True  # called with (stage-3 map, stage-4 map)
 
     def __init__(self, s3_dim, s4_dim, embedding_dim, num_classes, classifier, multi_atrous=False,
@@ -48,13 +48,6 @@ class DOLGHead(nn.Module):
         fo = orthogonal_fusion(self.local_branch(f3), fg)
         x = self.embedding_layer(self.dropout(torch.cat([fg, fo], dim=1)))
         return self.bn_neck(x) if self.bn_neck is not None else x
-
-    def forward(self, stages, labels=None):
-        """Eval: the embedding. Train: ``(logits, embedding)``; margin layers need ``labels``."""
-        emb = self.embed(stages)
-        if not self.training:
-            return emb
-        return self.classifier(emb, labels), emb
 
     @classmethod
     def from_config(cls, cfg, in_feat):

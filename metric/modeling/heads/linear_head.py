@@ -11,8 +11,20 @@ import torch.nn as nn
 from metric.modeling.registries import ATTENTIONS, HEADS, MARGIN_LAYERS, POOL_LAYERS
 
 
+class MarginHead(nn.Module):
+    """What every head shares: ``embed(features)`` (defined by the head) -> embedding; in eval
+    mode ``forward`` returns it, in train mode ``(logits, embedding)`` from ``self.classifier``
+    (margin layers need ``labels``)."""
+
+    def forward(self, features, labels=None):
+        emb = self.embed(features)
+        if not self.training:
+            return emb
+        return self.classifier(emb, labels), emb
+
+
 @HEADS.register("LinearHead")
-class LinearHead(nn.Module):
+class LinearHead(MarginHead):
     def __init__(
         self,
         in_feat,
@@ -43,13 +55,6 @@ class LinearHead(nn.Module):
         x = self.dropout(self.pool_layer(feature_map).flatten(1))
         x = self.embedding_layer(x)
         return self.bn_neck(x) if self.bn_neck is not None else x
-
-    def forward(self, feature_map, labels=None):
-        """Eval: the embedding. Train: ``(logits, embedding)``; margin layers need ``labels``."""
-        emb = self.embed(feature_map)
-        if not self.training:
-            return emb
-        return self.classifier(emb, labels), emb
 
     supports_attention = True  # takes MODEL.HEADS.ATTENTION
 
