@@ -1,7 +1,7 @@
 """Extract L2-normalized descriptors of images into a feature store.
 
     python tools/extract_features.py --cfg CFG TEST.WEIGHTS W INFER.INPUT SRC INFER.OUTPUT DIR \
-        [INFER.SCALES "[0.7071, 1.0, 1.4142]" INFER.FLIP True] [INFER.TOTAL_NUM N INFER.CUT_NUM k]
+        [INFER.SCALES "[0.7071, 1.0, 1.4142]" INFER.FLIP True] [INFER.TOTAL_NUM N INFER.CUT_NUM k] [--dtype float16]
     torchrun --nproc_per_node=G tools/extract_features.py --cfg CFG ...   # one shard per rank, merged
 
 SRC is a list file or an image folder; see docs/RETRIEVAL.md.
@@ -12,14 +12,17 @@ import sys
 from metric.utils.cli import make_parser, run_tool
 from metric.config import load_cfg
 from metric.engine.extract import extract_features
+from metric.retrieval.store import add_dtype_option, check_dtype
 
 
 def main(argv=None):
     parser = make_parser("Extract descriptors of images into a feature store.")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dtype_option(parser)
     args = parser.parse_args(argv)
+    dtype = check_dtype(args.dtype)
     cfg = load_cfg(args.cfg_file, args.opts)
-    out = extract_features(cfg, progress=not args.no_progress)
+    out = extract_features(cfg, progress=not args.no_progress, dtype=dtype)
     print(f"feature store: {out}")
 
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Turn descriptors made elsewhere (an .npy [N, D] and an ids file) into a feature store.
 
-    python tools/import_features.py --embeddings X.npy --ids ids.txt --output DIR [--no-normalize]
+    python tools/import_features.py --embeddings X.npy --ids ids.txt --output DIR [--no-normalize] [--dtype float16]
 """
 
 import sys
 
 from metric.utils.cli import make_parser, run_tool
-from metric.retrieval.store import import_features
+from metric.retrieval.store import add_dtype_option, check_dtype, import_features
 
 
 def main(argv=None):
@@ -16,9 +16,11 @@ def main(argv=None):
     parser.add_argument("--ids", required=True, help="text file with N ids, one per line, in row order")
     parser.add_argument("--output", required=True, help="store folder to write (an existing store is replaced)")
     parser.add_argument("--no-normalize", action="store_true", help="store rows as given (already L2-normalized)")
+    add_dtype_option(parser)
     args = parser.parse_args(argv)
-    store = import_features(args.embeddings, args.ids, args.output, normalize=not args.no_normalize)
-    print(f"imported {len(store)} x {store.dim} features into {store.path}")
+    dtype = check_dtype(args.dtype)
+    store = import_features(args.embeddings, args.ids, args.output, normalize=not args.no_normalize, dtype=dtype)
+    print(f"imported {len(store)} x {store.dim} features ({store.dtype}) into {store.path}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Merge feature stores (the shards of one extraction, or any stores of one model) into one store.
 
-    python tools/merge_features.py SHARD_DIR [SHARD_DIR ...] --output DIR
+    python tools/merge_features.py SHARD_DIR [SHARD_DIR ...] --output DIR [--dtype float16]
 """
 
 import sys
 
-from metric.retrieval.store import add_verify_option, apply_verify_option
+from metric.retrieval.store import add_dtype_option, add_verify_option, apply_verify_option, check_dtype
 from metric.utils.cli import make_parser, run_tool
 from metric.retrieval.store import load_features, merge_stores
 
@@ -16,12 +16,14 @@ def main(argv=None):
     parser.add_argument("stores", nargs="+", help="store folders; shard stores are put in shard order")
     parser.add_argument("--output", required=True, help="merged store folder to write")
     add_verify_option(parser)
+    add_dtype_option(parser, default=None, help_extra="; default: the inputs' (which must agree)")
     args = parser.parse_args(argv)
     apply_verify_option(args)
-    path = merge_stores(args.stores, args.output)
+    path = merge_stores(args.stores, args.output, dtype=None if args.dtype is None else check_dtype(args.dtype))
     store = load_features(path)
     failed = len(store.meta.get("failed_images", []))
-    print(f"merged {len(args.stores)} stores: {len(store)} x {store.dim} features into {path} ({failed} failed images)")
+    print(f"merged {len(args.stores)} stores: {len(store)} x {store.dim} {store.dtype} features into {path} "
+          f"({failed} failed images)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,12 @@
 """Image data sets read from list files."""
 
 import logging
-from collections import defaultdict
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from metric.utils.errors import DataError
+from metric.datasets.items import ItemList, class_members
 from metric.datasets.transforms import decode_image
 
 logger = logging.getLogger(__name__)
@@ -18,6 +17,9 @@ MAX_TRACKED_BAD = 4
 
 class ListDataset(Dataset):
     """``[(path, label)]`` -> ``(image tensor, label, failed, bad)``.
+
+    The items are held as an :class:`~metric.datasets.items.ItemList` (numpy arrays that forked
+    DataLoader workers share without copying); a list of pairs is converted.
 
     ``failed`` counts images that could not be decoded while producing this sample and ``bad``
     holds their indices (up to :data:`MAX_TRACKED_BAD`, padded with -1); both travel with the
@@ -30,7 +32,7 @@ class ListDataset(Dataset):
     """
 
     def __init__(self, items, transform, seed=0):
-        self.items = items
+        self.items = ItemList.from_pairs(items)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -50,21 +52,27 @@ class ListDataset(Dataset):
 
     @property
     def labels(self):
-        return [label for _, label in self.items]
+        """The labels, an int32 numpy array (-1 where an item has none)."""
+        return self.items.labels
+
+    def indices_of(self, paths):
+        """``{path: index}`` of those ``paths`` that are items of this data set."""
+        return self.items.index_of(paths)
 
     def _class_members(self, label):
+        """Indices of the items of class ``label``, ascending (an int64 array)."""
         if self._by_class is None:
-            by_class = defaultdict(list)
-            for i, (_, lab) in enumerate(self.items):
-                by_class[lab].append(i)
-            self._by_class = dict(by_class)
-        return self._by_class[label]
+            classes, order, starts = class_members(self.items.labels)
+            self._by_class = (classes, order, starts)
+        classes, order, starts = self._by_class
+        j = int(np.searchsorted(classes, -1 if label is None else label))
+        return order[starts[j] : starts[j + 1]]
 
     def _decode(self, index):
         """The image at ``index``, or ``None`` (logged once) if it cannot be decoded."""
         if index in self._bad:
             return None
-        im = decode_image(self.items[index][0])
+        im = decode_image(self.items.path(index))
         if im is None:
             self._bad.add(index)
             if index not in self._logged:
@@ -74,7 +82,7 @@ class ListDataset(Dataset):
 
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        label = self.items[index][1]
+        label = self.items.label(index)
         bad = []
         im = self._decode(index)
         if im is None:
@@ -88,7 +96,7 @@ class ListDataset(Dataset):
                 bad.append(int(other))
             if im is None:
                 raise DataError(f"no readable image left in class {label} "
-                                f"({len(bad)} images, e.g. {self.items[index][0]})")
+                                f"({len(bad)} images, e.g. {self.items.path(index)})")
         x = self.transform(im, rng)
         tracked = torch.full((MAX_TRACKED_BAD,), -1, dtype=torch.long)
         tracked[: min(len(bad), MAX_TRACKED_BAD)] = torch.tensor(bad[:MAX_TRACKED_BAD], dtype=torch.long)
@@ -116,11 +124,14 @@ def check_readable_classes(items, source, max_report=5):
     file (usually the first: one 16-byte read per class); a file that does not is decoded, in
     case it is a format the header check does not know. An image with a good header but broken
     data is still found only while training (and replaced by another of its class)."""
-    by_class = defaultdict(list)
-    for path, label in items:
-        by_class[label].append(path)
-    bad = [(label, paths) for label, paths in by_class.items()
-           if not any(looks_like_image(p) or decode_image(p) is not None for p in paths)]
+    items = ItemList.from_pairs(items)
+    classes, order, starts = class_members(items.labels)
+    first_seen = np.argsort(order[starts[:-1]], kind="stable")  # classes in order of first appearance
+    bad = []
+    for j in first_seen:
+        members = order[starts[j] : starts[j + 1]]
+        if not any(looks_like_image(p) or decode_image(p) is not None for p in map(items.path, members)):
+            bad.append((items.label(int(members[0])), members))
     if bad:
         label, paths = bad[0]
         more = ""
@@ -130,5 +141,5 @@ def check_readable_classes(items, source, max_report=5):
             more = f"; {len(bad) - 1} more class(es) have none either: {shown}{etc}"
         raise DataError(
             f"class {label} of {source} has no readable image: none of its {len(paths)} image(s) can be decoded "
-            f"(e.g. {paths[0]}){more}; replace the images or remove the class's lines"
+            f"(e.g. {items.path(int(paths[0]))}){more}; replace the images or remove the class's lines"
         )

@@ -9,13 +9,17 @@ import os
 
 from metric.utils import io
 from metric.utils.errors import DataError
+from metric.datasets.items import ItemList, parse_simple_list, release_free_memory
 
 logger = logging.getLogger(__name__)
 
 
 def read_list(list_path, root=None, num_classes=None, with_labels=True, check_files=True, max_report=5):
-    """Parse a list file into ``[(abs_path, label)]`` (label ``None`` when ``with_labels`` is False
-    and the line has none).
+    """Parse a list file into an :class:`~metric.datasets.items.ItemList` of ``(abs_path, label)``
+    (label ``None`` when ``with_labels`` is False and the line has none): it behaves like the list
+    ``[(abs_path, label)]`` but holds numpy arrays (GLDv2-full's 4.13M lines parse in seconds and
+    forked DataLoader workers share them). The common well-formed file is parsed in numpy; any
+    other goes through the line-by-line reader, which gives the errors.
 
     Fails with :class:`DataError` naming file and line for a malformed line or a label outside
     ``[0, num_classes)``; with ``check_files`` it also fails when images are missing, giving
@@ -24,6 +28,24 @@ def read_list(list_path, root=None, num_classes=None, with_labels=True, check_fi
     if not io.isfile(list_path):
         raise DataError(f"list file not found: {list_path}")
     root = os.path.dirname(io.abspath(list_path)) if root is None else root
+    with io.open_path(list_path, "rb") as f:
+        raw = f.read()
+    items = parse_simple_list(raw, root, with_labels, num_classes)
+    del raw
+    if items is None:
+        items = _read_lines(list_path, root, num_classes, with_labels)
+    release_free_memory()  # the parse's temporaries: not kept in RSS, not inherited by workers
+    if check_files:
+        missing = [p for p, _ in items if not os.path.isfile(p)]
+        if missing:
+            first = ", ".join(missing[:max_report])
+            raise DataError(f"{len(missing)} of {len(items)} images in {list_path} are missing, e.g. {first}")
+    logger.info("read %d images from %s", len(items), list_path)
+    return items
+
+
+def _read_lines(list_path, root, num_classes, with_labels):
+    """The line-by-line reader of :func:`read_list` (any file, exact error messages)."""
     items = []
     with io.open_text(list_path, DataError, "the list file") as f:
         for lineno, line in enumerate(f, 1):
@@ -47,16 +69,10 @@ def read_list(list_path, root=None, num_classes=None, with_labels=True, check_fi
                 if len(parts) > 2:
                     raise DataError(f"{where}: expected 'relative/path.jpg [label]', got {line.strip()!r}")
                 label = int(parts[1]) if len(parts) == 2 and parts[1].lstrip("-").isdigit() else None
-            items.append((os.path.join(root, parts[0]), label))
+            items.append((parts[0], label))
     if not items:
         raise DataError(f"list file {list_path} holds no images")
-    if check_files:
-        missing = [p for p, _ in items if not os.path.isfile(p)]
-        if missing:
-            first = ", ".join(missing[:max_report])
-            raise DataError(f"{len(missing)} of {len(items)} images in {list_path} are missing, e.g. {first}")
-    logger.info("read %d images from %s", len(items), list_path)
-    return items
+    return ItemList.from_pairs(items, root)
 
 
 def resolve_data_dir(data_dir):

@@ -1,8 +1,8 @@
 """Data loaders for training and evaluation, aware of the process group."""
 
 import logging
-from collections import Counter
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -47,8 +47,8 @@ def test_items(cfg):
     """The TEST list; it must hold at least two images of some label (else nothing to retrieve)."""
     path, folder = dataset_list_path(cfg.DATA_DIR, cfg.TEST.DATASET, cfg.TEST.SPLIT)
     items = read_list(path, folder, None, check_files=cfg.DATA_LOADER.CHECK_FILES)
-    counts = Counter(label for _, label in items)
-    if max(counts.values()) < 2:
+    _, counts = np.unique(items.labels, return_counts=True)
+    if counts.max() < 2:
         raise DataError(f"{path}: every label occurs once, so retrieval by label cannot be evaluated")
     return items
 

@@ -7,6 +7,7 @@ batch from a data set with many classes has almost no positive pair. Every batch
 
 import random
 
+import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
@@ -14,10 +15,11 @@ from torch.utils.data import Sampler
 def max_pk_batches(chunks_per_class, p):
     """The most batches of ``p`` distinct classes that classes with ``chunks_per_class`` groups
     of K images can fill: the largest B with ``sum_c min(k_c, B) >= p * B``."""
-    lo, hi = 0, sum(chunks_per_class) // p
+    chunks = np.asarray(chunks_per_class, dtype=np.int64)
+    lo, hi = 0, int(chunks.sum()) // p
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if sum(min(k, mid) for k in chunks_per_class) >= p * mid:
+        if int(np.minimum(chunks, mid).sum()) >= p * mid:
             lo = mid
         else:
             hi = mid - 1
@@ -56,12 +58,14 @@ class PKSampler(Sampler):
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
         self.batch_size, self.k, self.p = batch_size, num_instances, batch_size // num_instances
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
-        by_class = {}
-        for index, label in enumerate(labels):
-            by_class.setdefault(label, []).append(index)
-        self.classes = sorted(by_class)
-        self.members = [by_class[c] for c in self.classes]
-        chunks = [max(1, len(m) // self.k) for m in self.members]
+        # Group the indices by class in numpy (a stable sort: ascending indices within a class).
+        labels = np.asarray(labels)
+        order = np.argsort(labels, kind="stable")
+        classes, first = np.unique(labels[order], return_index=True)
+        self.classes = classes.tolist()
+        self.members = [m.tolist() for m in np.split(order, first[1:])] if len(order) else []
+        sizes = np.diff(np.append(first, len(order)))
+        chunks = np.maximum(1, sizes // self.k)
         most = max_pk_batches(chunks, self.p)
         self.num_batches = most - most % num_replicas  # over all ranks, every epoch
 

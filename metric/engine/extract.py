@@ -34,8 +34,8 @@ from metric.datasets.listfile import read_list
 from metric.datasets.transforms import decode_image
 from metric.engine.memory import check_extraction_memory
 from metric.engine.predictor import Predictor
-from metric.retrieval.store import (check_output, is_complete_store, load_features, merge_stores, save_features,
-                                    store_lock)
+from metric.retrieval.store import (check_dtype, check_output, is_complete_store, load_features, merge_stores,
+                                    save_features, store_lock)
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +120,16 @@ def _input_digest(items):
     return h.hexdigest()[:16]
 
 
-def _existing_matches(path, meta):
+def _existing_matches(path, meta, dtype="float32"):
     """Whether the store at ``path`` is complete and was made from the same model, input and
-    settings, with no image it lists as unreadable readable now (else it is extracted again)."""
+    settings (and stored as ``dtype``), with no image it lists as unreadable readable now (else
+    it is extracted again)."""
     if not is_complete_store(path):
         return False
     old = load_features(path).meta
     if not all(old.get(k) == v for k, v in meta.items() if k != "failed_images"):
+        return False
+    if old.get("dtype", "float32") != dtype:
         return False
     readable = [p for p in old.get("failed_images") or [] if decode_image(p) is not None]
     if readable:
@@ -136,8 +139,9 @@ def _existing_matches(path, meta):
     return True
 
 
-def extract_shard(cfg, items, out_dir, shard, predictor, progress=True):
-    """Extract ``items`` (one shard) into the store ``out_dir`` with ``predictor``; returns its path."""
+def extract_shard(cfg, items, out_dir, shard, predictor, progress=True, dtype="float32"):
+    """Extract ``items`` (one shard) into the store ``out_dir`` with ``predictor``; returns its path.
+    ``dtype`` is the precision of the store ("float32" or "float16")."""
     digest = settings_digest(cfg, cp.weights_digest(predictor.model))
     meta = {
         "model_digest": digest,
@@ -151,7 +155,7 @@ def extract_shard(cfg, items, out_dir, shard, predictor, progress=True):
         "input_digest": _input_digest(items),
         "shard": shard,
     }
-    if _existing_matches(out_dir, meta):
+    if _existing_matches(out_dir, meta, dtype):
         logger.info("%s is already complete for this model, input and settings: skipped", out_dir)
         return out_dir
     mkdirs(os.path.dirname(abspath(out_dir)), "feature store")  # through the path manager
@@ -172,13 +176,13 @@ def extract_shard(cfg, items, out_dir, shard, predictor, progress=True):
     for i in failed:
         logger.warning("cannot decode image %s: left out of %s", items[i][1], out_dir)
     meta["failed_images"] = [items[i][1] for i in failed]
-    save_features(out_dir, emb, [items[i][0] for i in ok], meta=meta, normalize=len(ok) > 0)
+    save_features(out_dir, emb, [items[i][0] for i in ok], meta=meta, normalize=len(ok) > 0, dtype=dtype)
     logger.info("extracted %d images (%d unreadable) into %s in %.1fs", len(ok), len(failed), out_dir,
                 time.time() - t0)
     return out_dir
 
 
-def extract_features(cfg, progress=True):
+def extract_features(cfg, progress=True, dtype="float32"):
     """What ``tools/extract_features.py`` runs; returns the path of the store written.
 
     ``INFER.OUTPUT`` is locked for the whole run (``<INFER.OUTPUT>.lock``, see
@@ -187,15 +191,17 @@ def extract_features(cfg, progress=True):
     stops with one line naming the first one's pid."""
     if not cfg.INFER.INPUT or not cfg.INFER.OUTPUT:
         raise ConfigError("set INFER.INPUT (a list file or an image folder) and INFER.OUTPUT (the store folder)")
+    dtype = check_dtype(dtype)
     if int(os.environ.get("RANK", "0")) != 0:
-        return _extract(cfg, progress)
+        return _extract(cfg, progress, dtype)
     mkdirs(os.path.dirname(abspath(cfg.INFER.OUTPUT).rstrip("/")), "feature store")
     with store_lock(cfg.INFER.OUTPUT, fix="choose another INFER.OUTPUT"):
-        return _extract(cfg, progress)
+        return _extract(cfg, progress, dtype)
 
 
-def _extract(cfg, progress):
+def _extract(cfg, progress, dtype="float32"):
     info = du.init_process(cfg)
+    logger.info("%d CPU thread(s) per process (NUM_THREADS)", du.set_num_threads(cfg.NUM_THREADS))
     done = False
     try:
         items = list_images(cfg.INFER.INPUT, cfg.INFER.ID_MODE)
@@ -212,7 +218,7 @@ def _extract(cfg, progress):
         logger.info("extracting images %d..%d of %d (shard %d of %d) on %s", start, stop, len(items), cut, total,
                     info.device)
         extract_shard(cfg, items[start:stop], out_dir, {"index": cut, "total": total}, predictor,
-                      progress=progress and info.is_master)
+                      progress=progress and info.is_master, dtype=dtype)
         du.barrier()
         if info.distributed:
             if info.is_master:

@@ -13,6 +13,10 @@ sizes, never by ``Q x N``. Backends:
   else :data:`CPU_AUTO_BACKEND` (the faster exact CPU path measured by
   ``benchmarks/search_bench.py``).
 
+Float16 stores (and any other dtype) are converted to float32 one chunk at a time
+(:func:`_chunk_as_float32`) before the product, so products accumulate in float32 and
+faiss gets the float32 blocks it needs; the extra memory is one chunk.
+
 Tie-breaking (all backends): results are ordered by score, highest first, and
 equal scores by ascending index position; at the k-th place the lower index
 wins. This makes the output a deterministic function of the computed scores.

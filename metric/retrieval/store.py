@@ -2,11 +2,17 @@
 
 Layout of a store folder::
 
-    embeddings.npy   float32 [N, D], one row per item, L2-normalized, memory-mappable
+    embeddings.npy   float32 (or float16) [N, D], one row per item, L2-normalized, memory-mappable
     ids.txt          N lines, one id per line, same order as the rows
-    meta.json        written last: format, version, dim, count, normalized, digest,
+    meta.json        written last: format, version, dim, count, dtype, normalized, digest,
                      plus what the writer passed (model_digest, scales, flip,
                      failed_images, shard = {"index": k, "total": n}, ...)
+
+A float16 store (``dtype="float16"``, ``--dtype float16`` of the tools) holds the same rows
+rounded to half precision: half the disk and page cache, ranks within ~5e-4 of the float32
+scores; search converts it to float32 block by block and accumulates in float32
+(:mod:`metric.retrieval.search`). It is written as store version 2, so that a pymetric that
+knows only float32 stores refuses it in one line; float32 stores stay version 1.
 
 A store is complete exactly when ``meta.json`` exists: the writer fills a hidden
 temporary sibling folder ``.<name>.tmp<pid>`` (:func:`metric.utils.io.atomic_folder`), writes
@@ -48,13 +54,15 @@ from metric.utils.errors import FeatureStoreError
 logger = logging.getLogger(__name__)
 
 STORE_FORMAT = "pymetric-feature-store"
-STORE_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+STORE_VERSION = 1  # float32 stores; float16 ones are version 2 (the version that added "dtype")
+SUPPORTED_VERSIONS = (1, 2)
+STORE_DTYPES = ("float32", "float16")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 EMBEDDINGS_FILE = "embeddings.npy"
 IDS_FILE = "ids.txt"
 META_FILE = "meta.json"
 # Keys computed by the writer; values passed in ``meta`` under these names are ignored.
-RESERVED_META_KEYS = ("format", "version", "dim", "count", "normalized", "digest")
+RESERVED_META_KEYS = ("format", "version", "dim", "count", "normalized", "digest", "dtype")
 # Extraction settings that must agree between stores that are merged.
 CONSISTENT_META_KEYS = ("model_digest", "scales", "flip")
 _STORE_FILES = {EMBEDDINGS_FILE, IDS_FILE, META_FILE}
@@ -78,6 +86,26 @@ class FeatureStore:
     def dim(self):
         return int(self.embeddings.shape[1])
 
+    @property
+    def dtype(self):
+        """The stored precision: "float32" or "float16"."""
+        return str(self.embeddings.dtype)
+
+
+def check_dtype(dtype):
+    """``dtype`` (a name or numpy dtype) as one of :data:`STORE_DTYPES`; a one-line error otherwise."""
+    name = str(np.dtype(dtype)) if isinstance(dtype, type) or isinstance(dtype, np.dtype) else dtype
+    if name not in STORE_DTYPES:
+        raise FeatureStoreError(f"unknown feature store dtype {dtype!r}; choose one of {', '.join(STORE_DTYPES)}")
+    return name
+
+
+def add_dtype_option(parser, default="float32", help_extra=""):
+    """``--dtype float32|float16`` for a tool that writes stores."""
+    parser.add_argument("--dtype", default=default,
+                        help="precision of the store written: float32 or float16 (half the disk and page "
+                             "cache; searched exactly, accumulating in float32)" + help_extra)
+
 
 # ----------------------------------------------------------------------------- validation
 
@@ -98,19 +126,6 @@ def validate_ids(ids, what="ids"):
             )
         seen[item] = pos
     return ids
-
-
-def _as_float32_matrix(embeddings):
-    if hasattr(embeddings, "detach"):  # a torch tensor
-        embeddings = embeddings.detach().cpu().numpy()
-    arr = np.asarray(embeddings)
-    if arr.ndim != 2:
-        raise FeatureStoreError(f"embeddings must be a 2-D array [N, D], got shape {arr.shape}")
-    if arr.shape[1] < 1:
-        raise FeatureStoreError(f"embeddings have dimension 0 (shape {arr.shape}); need D >= 1")
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise FeatureStoreError(f"embeddings must be real numbers, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def normalize_rows(arr, ids=None):
@@ -151,16 +166,30 @@ def check_output(out_dir):
     return out_dir
 
 
+class RowBlocks:
+    """The rows of a store being written: an iterable of blocks of ``dtype`` ("float32" or "float16")."""
+
+    def __init__(self, blocks, dtype):
+        self.blocks, self.dtype = blocks, dtype
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+
 def _write_npy_rows(f, count, dim, blocks):
-    """Write a float32 [count, dim] ``.npy`` file to the open file ``f``: the header (as
-    ``np.save`` writes it), then the C-ordered rows of ``blocks``. Returns their SHA-256 object."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+    """Write a [count, dim] ``.npy`` file to the open file ``f``: the header (as ``np.save``
+    writes it), then the C-ordered rows of ``blocks`` (a :class:`RowBlocks`, or any iterable of
+    float32 blocks). Returns their SHA-256 object."""
+    dtype = getattr(blocks, "dtype", "float32")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
               "shape": (int(count), int(dim))}
     np.lib.format.write_array_header_1_0(f, header)
     digest = hashlib.sha256()
     rows = 0
     for block in blocks:
-        block = np.ascontiguousarray(block, dtype=np.float32)
+        if block.dtype != np.dtype(dtype):
+            raise RuntimeError(f"a {block.dtype} block for a {dtype} store")  # a bug in the caller
+        block = np.ascontiguousarray(block)
         if not block.size:
             continue
         data = memoryview(block).cast("B")
@@ -176,6 +205,21 @@ def _row_blocks(arr, dim):
     step = max(1, _BLOCK_BYTES // (4 * max(1, dim)))
     for start in range(0, arr.shape[0], step):
         yield arr[start : start + step]
+
+
+def _as_stored(block, dtype, start, ids, what):
+    """A block of float rows as the store's ``dtype``; a float16 overflow is an error naming the row."""
+    if block.dtype == np.dtype(dtype):
+        return block
+    with np.errstate(over="ignore"):  # an overflow is reported below, naming the row
+        out = np.asarray(block, dtype=np.float32).astype(dtype)
+    if dtype == "float16" and not np.isfinite(out).all():
+        row = start + int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
+        raise FeatureStoreError(
+            f"{what} of id {ids[row]!r} (row {row}) has values beyond the float16 range (|x| > {FLOAT16_MAX:g}); "
+            "store it as float32 (--dtype float32) or L2-normalize it"
+        )
+    return out
 
 
 def store_lock(out_dir, fix="choose another output folder"):
@@ -202,8 +246,8 @@ def _locks_store(fn):
 
 
 @_locks_store
-def _write_store(out_dir, count, dim, ids, blocks, meta, normalized):
-    """Write a store atomically; ``blocks`` yields its float32 rows in order, in blocks."""
+def _write_store(out_dir, count, dim, ids, blocks, meta, normalized, dtype="float32"):
+    """Write a store atomically; ``blocks`` yields its rows in order, in blocks of ``dtype``."""
     out_dir = check_output(out_dir)
     json.dumps(meta or {})  # a meta that cannot be saved fails before the long write
     parent, name = os.path.split(out_dir)
@@ -211,7 +255,7 @@ def _write_store(out_dir, count, dim, ids, blocks, meta, normalized):
     with io.atomic_folder(out_dir, what="feature store") as tmp:
         emb_path = os.path.join(tmp, EMBEDDINGS_FILE)
         with io.open_path(emb_path, "wb") as f:
-            digest = _write_npy_rows(f, count, dim, blocks)
+            digest = _write_npy_rows(f, count, dim, RowBlocks(blocks, dtype))
             f.flush()
             if io.is_local(emb_path):
                 os.fsync(f.fileno())
@@ -223,7 +267,8 @@ def _write_store(out_dir, count, dim, ids, blocks, meta, normalized):
             full_meta.pop(key, None)
         full_meta.update(
             format=STORE_FORMAT,
-            version=STORE_VERSION,
+            version=STORE_VERSION if dtype == "float32" else 2,
+            dtype=dtype,
             dim=int(dim),
             count=int(count),
             digest=digest.hexdigest(),
@@ -231,7 +276,7 @@ def _write_store(out_dir, count, dim, ids, blocks, meta, normalized):
         )
         meta_bytes = (json.dumps(full_meta, indent=1, sort_keys=True) + "\n").encode("utf-8")
         _write_bytes(os.path.join(tmp, META_FILE), meta_bytes)
-    logger.info("wrote feature store %s (%d x %d)", out_dir, count, dim)
+    logger.info("wrote feature store %s (%d x %d, %s)", out_dir, count, dim, dtype)
     return out_dir
 
 
@@ -240,32 +285,85 @@ def _write_bytes(path, data):
 
 
 @_locks_store
-def save_features(out_dir, embeddings, ids, meta=None, normalize=True):
+def save_features(out_dir, embeddings, ids, meta=None, normalize=True, dtype="float32"):
     """Write a feature store at ``out_dir`` atomically and return its absolute path.
 
-    ``embeddings`` is an array-like [N, D] (numpy or torch), ``ids`` N strings.
+    ``embeddings`` is an array-like [N, D] (numpy, a memmap, or torch), ``ids`` N strings.
     With ``normalize`` the rows are L2-normalized and a zero row is an error
     (a zero descriptor cannot be ranked; drop the item or store it unnormalized);
     with ``normalize=False`` rows are stored as given and ``meta["normalized"]``
     records whether they are unit length anyway (within 1e-3). N = 0 is
-    allowed (an empty shard).
+    allowed (an empty shard). ``dtype`` "float16" stores the rows in half precision
+    (a value beyond its range is an error naming the row).
+    The rows are read twice in blocks (checks and norms, then the write), so a memmap of any
+    size is written without a copy in memory.
     An existing store at ``out_dir`` is replaced; any other existing non-empty
     folder is an error.
     """
-    arr = _as_float32_matrix(embeddings)
+    dtype = check_dtype(dtype)
+    arr = _as_float_matrix(embeddings)
     ids = validate_ids(ids)
     if arr.shape[0] != len(ids):
         raise FeatureStoreError(f"{arr.shape[0]} embedding rows but {len(ids)} ids; they must match")
-    if not np.isfinite(arr).all():
-        row = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
-        raise FeatureStoreError(f"embedding of id {ids[row]!r} (row {row}) has NaN or infinite values")
+    dim = arr.shape[1]
+    norms, stored_norms = _check_rows(arr, ids, normalize, dtype)
     if normalize:
-        arr = normalize_rows(arr, ids)
+        bad = np.flatnonzero(~(norms > 0))
+        if bad.size:
+            raise FeatureStoreError(
+                f"embedding id {ids[bad[0]]!r} (and {bad.size - 1} more) has zero norm and cannot be L2-normalized; "
+                "drop those items or pass normalize=False"
+            )
         normalized = True
     else:
-        normalized = bool(np.allclose(np.linalg.norm(arr, axis=1), 1.0, atol=1e-3))
+        normalized = bool(np.allclose(stored_norms, 1.0, atol=1e-3))
 
-    return _write_store(out_dir, arr.shape[0], arr.shape[1], ids, _row_blocks(arr, arr.shape[1]), meta, normalized)
+    def blocks():
+        step = max(1, _BLOCK_BYTES // (4 * max(1, dim)))
+        for start in range(0, arr.shape[0], step):
+            block = np.asarray(arr[start : start + step], dtype=np.float32)
+            if normalize:
+                block = (block / norms[start : start + step, None]).astype(np.float32)
+            yield _as_stored(block, dtype, start, ids, "embedding")
+
+    return _write_store(out_dir, arr.shape[0], dim, ids, blocks(), meta, normalized, dtype)
+
+
+def _as_float_matrix(embeddings):
+    """A 2-D real array [N, D] (float32 or float16 kept as they are, memmaps not read)."""
+    if hasattr(embeddings, "detach"):  # a torch tensor
+        embeddings = embeddings.detach().cpu().numpy()
+    arr = embeddings if isinstance(embeddings, np.ndarray) else np.asarray(embeddings)
+    if arr.ndim != 2:
+        raise FeatureStoreError(f"embeddings must be a 2-D array [N, D], got shape {arr.shape}")
+    if arr.shape[1] < 1:
+        raise FeatureStoreError(f"embeddings have dimension 0 (shape {arr.shape}); need D >= 1")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise FeatureStoreError(f"embeddings must be real numbers, got dtype {arr.dtype}")
+    return arr
+
+
+def _check_rows(arr, ids, normalize, dtype):
+    """One pass over the rows in blocks: every value finite (else an error naming the first bad
+    row), float16 range when stored unnormalized as float16. Returns the float64 norms of the
+    rows and, without ``normalize``, the norms of the rows as they will be stored."""
+    n, dim = arr.shape
+    norms = np.empty(n, np.float64)
+    stored = None if normalize else norms if dtype == "float32" else np.empty(n, np.float64)
+    step = max(1, _BLOCK_BYTES // (4 * max(1, dim)))
+    for start in range(0, n, step):
+        block = np.asarray(arr[start : start + step], dtype=np.float32)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            row = start + int(np.flatnonzero(~finite)[0])
+            raise FeatureStoreError(f"embedding of id {ids[row]!r} (row {row}) has NaN or infinite values")
+        # Sums of squares in float64: in float32 they overflow for values above ~1e19 and the rows
+        # would become zeros; every float32 row has a finite float64 norm.
+        norms[start : start + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+        if stored is not None and stored is not norms:
+            rounded = _as_stored(block, dtype, start, ids, "embedding").astype(np.float32)
+            stored[start : start + len(block)] = np.sqrt(np.einsum("ij,ij->i", rounded, rounded, dtype=np.float64))
+    return norms, stored
 
 
 # ----------------------------------------------------------------------------- reading
@@ -298,6 +396,10 @@ def _read_meta(path):
     for key in ("dim", "count"):
         if not isinstance(meta.get(key), int) or meta[key] < 0:
             raise FeatureStoreError(f"{meta_path}: key {key!r} missing or not a count; re-create the store")
+    dtype = meta.get("dtype", "float32")
+    if dtype not in STORE_DTYPES or (dtype != "float32" and version < 2):
+        raise FeatureStoreError(f"{meta_path}: dtype {dtype!r} is not one of {', '.join(STORE_DTYPES)} for a version "
+                                f"{version} store; re-create the store")
     return meta
 
 
@@ -336,9 +438,10 @@ def load_features(path, mmap=True, verify=None):
             emb = np.load(local, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise FeatureStoreError(f"{emb_path} is not a readable .npy array ({err}); re-create the store") from None
-    if emb.dtype != np.float32 or emb.shape != (count, dim):
+    dtype = meta.get("dtype", "float32")
+    if emb.dtype != np.dtype(dtype) or emb.shape != (count, dim):
         raise FeatureStoreError(
-            f"{emb_path} holds {emb.dtype} {tuple(emb.shape)} but {META_FILE} says float32 ({count}, {dim}); "
+            f"{emb_path} holds {emb.dtype} {tuple(emb.shape)} but {META_FILE} says {dtype} ({count}, {dim}); "
             "the store is inconsistent, re-create it"
         )
     try:
@@ -398,8 +501,9 @@ def verify_store(store):
     emb, count = store.embeddings, len(store.ids)
     step = max(1, _BLOCK_BYTES // (4 * max(1, store.dim)))
     for start in range(0, count, step):
-        block = np.ascontiguousarray(emb[start : start + step], dtype=np.float32)
+        block = np.ascontiguousarray(emb[start : start + step])  # the stored bytes (float32 or float16)
         digest.update(memoryview(block).cast("B"))
+        block = block.astype(np.float32, copy=False)
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             row = start + int(np.flatnonzero(~finite)[0])
@@ -472,8 +576,13 @@ def _order_shards(stores):
 
 
 @_locks_store
-def merge_stores(paths, out_dir):
-    """Concatenate stores (in shard order when they carry shard meta) into a new store at ``out_dir``."""
+def merge_stores(paths, out_dir, dtype=None):
+    """Concatenate stores (in shard order when they carry shard meta) into a new store at ``out_dir``.
+
+    ``dtype`` ("float32"/"float16") converts the rows, block by block; by default the inputs must
+    share one dtype, which the merged store keeps."""
+    if dtype is not None:
+        dtype = check_dtype(dtype)
     paths = [io.abspath(p) for p in paths]
     if not paths:
         raise FeatureStoreError("no stores to merge; give at least one store folder")
@@ -499,6 +608,12 @@ def merge_stores(paths, out_dir):
         if len(values) > 1:
             listing = ", ".join(f"{s.path} ({s.meta.get(key)!r})" for s in stores)
             raise FeatureStoreError(f"cannot merge stores with different {key!r}: {listing}")
+    dtypes = sorted({s.dtype for s in stores})
+    if dtype is None and len(dtypes) > 1:
+        listing = ", ".join(f"{s.path} ({s.dtype})" for s in stores)
+        raise FeatureStoreError(f"cannot merge stores of different dtypes without --dtype: {listing}; "
+                                "choose the merged store's with --dtype float32 or --dtype float16")
+    dtype = dtype or dtypes[0]
     stores = _order_shards(stores)
     owner = {}
     repeats = []
@@ -531,9 +646,15 @@ def merge_stores(paths, out_dir):
     ]
     dim = stores[0].dim
 
-    blocks = (block for s in stores for block in _row_blocks(s.embeddings, dim))
+    def blocks():
+        row = 0
+        for s in stores:
+            for block in _row_blocks(s.embeddings, dim):
+                yield _as_stored(np.asarray(block), dtype, row, ids, "merged embedding")
+                row += len(block)
+
     normalized = all(s.meta.get("normalized", True) for s in stores)
-    return _write_store(out_dir, len(ids), dim, ids, blocks, meta, normalized)
+    return _write_store(out_dir, len(ids), dim, ids, blocks(), meta, normalized, dtype)
 
 
 # ----------------------------------------------------------------------------- importing
@@ -554,8 +675,12 @@ def read_ids_file(path):
 
 
 @_locks_store
-def import_features(embeddings_path, ids_path, out_dir, normalize=True, meta=None):
-    """Make a store from an ``.npy`` [N, D] array and an ids file; return the loaded store."""
+def import_features(embeddings_path, ids_path, out_dir, normalize=True, meta=None, dtype="float32"):
+    """Make a store from an ``.npy`` [N, D] array and an ids file; return the loaded store.
+
+    The array is memory-mapped and read in blocks (any size, no copy in memory); ``dtype``
+    is the precision of the store ("float32" or "float16")."""
+    dtype = check_dtype(dtype)
     if not io.isfile(embeddings_path):
         raise FeatureStoreError(f"embeddings file {embeddings_path} does not exist")
     try:
@@ -571,5 +696,5 @@ def import_features(embeddings_path, ids_path, out_dir, normalize=True, meta=Non
         )
     full_meta = {"imported_from": io.abspath(embeddings_path)}
     full_meta.update(meta or {})
-    path = save_features(out_dir, emb, ids, meta=full_meta, normalize=normalize)
+    path = save_features(out_dir, emb, ids, meta=full_meta, normalize=normalize, dtype=dtype)
     return load_features(path)
