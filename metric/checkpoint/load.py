@@ -26,14 +26,38 @@ def model_state_of(obj, source="weights"):
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{source}: not a checkpoint or state dict (expected a dict of tensors, "
                               "or a dict with 'model_state')")
-    wrapped = sum(k.startswith("module.") for k in obj)
-    if wrapped:
-        logger.info("%s: 'module.' prefix (a DataParallel / DDP wrapper) removed from %d keys", source, wrapped)
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
+    for prefix, what in (("module.", "a DataParallel / DDP wrapper"), ("_orig_mod.", "torch.compile")):
+        wrapped = sum(k.startswith(prefix) for k in obj)
+        if wrapped:
+            logger.info("%s: '%s' prefix (%s) removed from %d keys", source, prefix, what, wrapped)
+            obj = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in obj.items()}
+    return obj
 
 
 def unwrap(model):
-    return model.module if hasattr(model, "module") else model
+    """The model inside DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``)
+    wrappers, whose state dict has the model's own keys."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = model.module if hasattr(model, "module") else None
+        if inner is None:
+            return model
+        model = inner
+
+
+def select_weights(obj, kind="raw", source="weights"):
+    """The checkpoint dict ``obj`` with the weights ``kind`` asks for as its ``model_state``:
+    ``raw`` (as it is), ``ema`` (its ``ema_state``, the EMA of the weights: an error if it has
+    none) or ``auto`` (``ema_state`` when there is one, else as it is)."""
+    ema = obj.get("ema_state") if isinstance(obj, dict) else None
+    if kind == "raw" or (kind == "auto" and not isinstance(ema, dict)):
+        return obj
+    if not isinstance(ema, dict):
+        raise CheckpointError(f"{source} holds no EMA weights (it was trained without TRAIN.EMA.ENABLED); "
+                              "use TEST.WEIGHTS_KIND raw or auto")
+    logger.info("%s: using its EMA weights (TEST.WEIGHTS_KIND %s)", source, kind)
+    return {**obj, "model_state": ema}
 
 
 def _as_model_keys(state, model_keys):
@@ -73,6 +97,7 @@ def load_state(model, state, source="weights", fit=False):
     model = unwrap(model)
     own = model.state_dict()
     state = _as_model_keys(state, own)
+    state = shard_classifier(state, model)
     adapt = getattr(getattr(model, "backbone", None), "adapt_state_dict", None)
     if adapt is not None:  # e.g. a ViT's positional embedding made for another image size
         state = adapt(state, prefix="backbone.", source=source)
@@ -114,7 +139,7 @@ def load_state(model, state, source="weights", fit=False):
     return missing, unexpected
 
 
-def load_weights(model, path, fit=False):
+def load_weights(model, path, fit=False, kind="raw"):
     """Load initial weights into ``model`` (``metric.load_weights``), detecting the file's kind by
     its content (see :mod:`metric.checkpoint.convert`): a checkpoint of ours or of the original
     pymetric project, a bare model or backbone state dict, a torchvision ResNet, a released
@@ -122,7 +147,7 @@ def load_weights(model, path, fit=False):
     Returns ``(missing, unexpected)`` key lists."""
     if io.isdir(path):
         raise CheckpointError(f"weights path {path} is a folder: name the weights file in it")
-    obj = read_checkpoint(path)
+    obj = select_weights(read_checkpoint(path), kind, source=path)
     state = model_state_of(obj, source=path)
     fmt, state = convert_state(obj, state, unwrap(model), source=path)
     missing, unexpected = load_state(model, state, source=path, fit=fit)
@@ -130,21 +155,47 @@ def load_weights(model, path, fit=False):
     return missing, unexpected
 
 
+def classifier_shard(model):
+    """``(layer, first row, rows)`` of a margin layer holding a shard of the classes (Partial FC),
+    or None when the model holds every class."""
+    layer = getattr(getattr(unwrap(model), "head", None), "classifier", None)
+    if layer is None or not getattr(layer, "sharded", False):
+        return None
+    start, _ = layer.shard
+    return layer, start * layer.centers, layer.weight.shape[0]
+
+
+def shard_classifier(state, model):
+    """``state`` with a full classifier matrix (checkpoints always hold all classes) cut to the rows
+    of the model's shard, when the model holds a Partial FC shard; else ``state`` unchanged (a
+    matrix of another class count stays as it is, to be reported)."""
+    found = classifier_shard(model)
+    key = CLASSIFIER_PREFIX + "weight"
+    if found is None or key not in state:
+        return state
+    layer, first, rows = found
+    full = state[key]
+    if full.ndim != 2 or full.shape[0] != layer.num_classes * layer.centers:
+        return state
+    return {**state, key: full[first : first + rows]}
+
+
 def _is_classifier(key):
     return key.startswith("head.classifier.")
 
 
-def load_inference_weights(model, path):
+def load_inference_weights(model, path, kind="auto"):
     """Load weights for evaluation, extraction or export: like :func:`load_weights`, but every key
     outside the training-only classifier must match, so a config that does not fit the weights
-    (another pooling, a BN neck more or less, ...) is an error instead of a silently different model."""
-    return load_weights(model, path, fit=True)
+    (another pooling, a BN neck more or less, ...) is an error instead of a silently different model.
+    ``kind``: which weights of a checkpoint holding an EMA (:func:`select_weights`)."""
+    return load_weights(model, path, fit=True, kind=kind)
 
 
 def load_for_resume(model, state, path):
     """Load our own checkpoint to resume training: the model must be exactly the one saved."""
     own = unwrap(model).state_dict()
-    weights = model_state_of(state, path)
+    weights = shard_classifier(model_state_of(state, path), model)
     diff = sorted(set(own) ^ set(weights)) + sorted(k for k in own if k in weights and own[k].shape != weights[k].shape)
     if diff:
         raise CheckpointError(
@@ -188,9 +239,14 @@ def _get_dotted(d, key):
 
 
 def weights_digest(model):
-    """A short hash of every parameter and buffer (to compare ranks, runs or extractions)."""
+    """A short hash of every parameter and buffer (to compare ranks, runs or extractions), except
+    those each process holds its own part of (a Partial FC classifier shard: the names in
+    ``_ddp_params_and_buffers_to_ignore``)."""
     h = hashlib.sha256()
+    own = set(getattr(unwrap(model), "_ddp_params_and_buffers_to_ignore", ()))
     for key, value in sorted(unwrap(model).state_dict().items()):
+        if key in own:
+            continue
         h.update(key.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

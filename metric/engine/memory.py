@@ -13,6 +13,9 @@ cannot fit. Nothing is allocated to find out. The estimates are deliberately on 
   there when training on a GPU.
 - **logits** while training: ``per-process batch x classifier rows x 4 bytes x 3`` (the cosines,
   the margin-adjusted logits and their gradient).
+- With ``MODEL.HEADS.PARTIAL_FC.ENABLED`` a training process holds ``ceil(NUM_CLASSES / W)`` classes
+  (W processes in all) and computes logits of the whole batch (all processes' samples) for
+  ``SAMPLE_RATE`` of them.
 - **training activations**: ``per-process batch x TRAIN.IM_SIZE^2 x bytes per pixel`` of the
   backbone, from :data:`TRAIN_BYTES_PER_PIXEL` (the tensors autograd keeps for the backward pass,
   measured for the built-in backbones at width 64; ResNet widths and the xK of ``resnet50x2``-style
@@ -31,6 +34,7 @@ lowered to the cgroup limit of a container; on CUDA, the GPU's total memory.
 """
 
 import logging
+import math
 import os
 import re
 
@@ -135,14 +139,16 @@ def optimizer_slots(cfg):
     return 2
 
 
-def classifier_rows(cfg):
+def classifier_rows(cfg, world_size=1):
+    """Rows of the classifier a process holds: all, or its Partial FC shard of ``world_size``."""
     h = cfg.MODEL.HEADS
-    return h.NUM_CLASSES * (h.SUBCENTERS if h.CLS_LAYER == "subcenter_arcface" else 1)
+    classes = math.ceil(h.NUM_CLASSES / world_size) if h.PARTIAL_FC.ENABLED else h.NUM_CLASSES
+    return classes * (h.SUBCENTERS if h.CLS_LAYER == "subcenter_arcface" else 1)
 
 
-def classifier_bytes(cfg, training):
+def classifier_bytes(cfg, training, world_size=1):
     """The margin layer's weights; training adds the gradient and the optimizer slots."""
-    weights = classifier_rows(cfg) * cfg.MODEL.HEADS.REDUCTION_DIM * 4
+    weights = classifier_rows(cfg, world_size) * cfg.MODEL.HEADS.REDUCTION_DIM * 4
     return weights * (2 + optimizer_slots(cfg)) if training else weights
 
 
@@ -166,7 +172,12 @@ def training_activation_bytes(cfg, batch, device_type):
     return b / 2 if device_type == "cuda" and cfg.TRAIN.MIXED_PRECISION != "none" else b
 
 
-def logits_bytes(cfg, batch):
+def logits_bytes(cfg, batch, world_size=1):
+    """Training logits of a process; Partial FC: the whole batch's, for its sampled classes."""
+    pfc = cfg.MODEL.HEADS.PARTIAL_FC
+    if pfc.ENABLED:
+        batch = batch * world_size
+        return int(batch * math.ceil(classifier_rows(cfg, world_size) * pfc.SAMPLE_RATE) * 4 * 3)
     return batch * classifier_rows(cfg) * 4 * 3
 
 
@@ -241,12 +252,16 @@ def _classifier_text(cfg, training):
     return f"MODEL.HEADS.NUM_CLASSES={h.NUM_CLASSES}{sub} x REDUCTION_DIM={h.REDUCTION_DIM} ({state})"
 
 
-def _add_classifier(cfg, cpu, dev, procs, on_device, training):
+def _add_classifier(cfg, cpu, dev, procs, on_device, training, world_size=1):
     hint = "lower MODEL.HEADS.NUM_CLASSES or MODEL.HEADS.REDUCTION_DIM"
+    if cfg.MODEL.HEADS.PARTIAL_FC.ENABLED and training:
+        hint += ", or use more processes (MODEL.HEADS.PARTIAL_FC)"
+    else:
+        world_size = 1
     if dev is not cpu:  # the model is built on the CPU first, by every process of this machine
-        cpu.add(classifier_bytes(cfg, False) * procs, "classifier", _classifier_text(cfg, False) + _times(procs),
-                hint)
-    dev.add(classifier_bytes(cfg, training) * on_device, "classifier",
+        cpu.add(classifier_bytes(cfg, False, world_size) * procs, "classifier",
+                _classifier_text(cfg, False) + _times(procs), hint)
+    dev.add(classifier_bytes(cfg, training, world_size) * on_device, "classifier",
             _classifier_text(cfg, training) + _times(on_device), hint)
 
 
@@ -283,8 +298,8 @@ def check_training_memory(cfg, device, world_size=1, cpu_bytes=None, gpu_bytes=N
     cpu, dev, on_device = _budgets(device, procs, cpu_bytes, gpu_bytes)
     device_type = "cuda" if dev is not cpu else "cpu"
     batch = max(1, cfg.TRAIN.BATCH_SIZE // max(1, world_size))
-    _add_classifier(cfg, cpu, dev, procs, on_device, training=True)
-    dev.add(logits_bytes(cfg, batch) * on_device, "logits",
+    _add_classifier(cfg, cpu, dev, procs, on_device, training=True, world_size=world_size)
+    dev.add(logits_bytes(cfg, batch, world_size) * on_device, "logits",
             f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE} ({batch} per process) x MODEL.HEADS.NUM_CLASSES="
             f"{cfg.MODEL.HEADS.NUM_CLASSES} logits{_times(on_device)}",
             "lower TRAIN.BATCH_SIZE or MODEL.HEADS.NUM_CLASSES")

@@ -1,13 +1,25 @@
 """Builders: the only place where model parts read the config."""
 
-import torch
+import logging
 
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from metric.utils import distributed as du
 from metric.utils.errors import ConfigError
 from metric.modeling.layers.attention import attention_channels
 from metric.modeling.layers.margin_policy import dynamic_margins, scheduled_margin
-from metric.modeling.losses.combined import CombinedLoss
+from metric.modeling.layers.partial_fc import PartialFC
+from metric.modeling.losses.combined import CombinedLoss, ComputedLoss
 from metric.modeling.model import MetricModel
 from metric.modeling.registries import BACKBONES, HEADS, LOSSES
+
+
+logger = logging.getLogger(__name__)
+
+# The class centres of a Partial FC head: a different shard on every process.
+PARTIAL_FC_WEIGHT = "head.classifier.weight"
 
 
 def build_backbone(cfg):
@@ -27,7 +39,14 @@ def _backbone_channels(backbone):
 def build_head(cfg, in_feat):
     """The head of ``MODEL.HEADS.NAME``; ``in_feat``: the channels of the map(s) it is given (a
     ``(stage-3, stage-4)`` pair for a head with ``uses_stages``)."""
-    return HEADS.get(cfg.MODEL.HEADS.NAME).from_config(cfg, in_feat)
+    head = HEADS.get(cfg.MODEL.HEADS.NAME).from_config(cfg, in_feat)
+    pfc = cfg.MODEL.HEADS.PARTIAL_FC
+    if pfc.ENABLED:
+        head.partial_fc = PartialFC(pfc.SAMPLE_RATE, cfg.MODEL.LOSSES.LABEL_SMOOTHING, cfg.RNG_SEED)
+        start, stop = head.classifier.shard
+        logger.info("Partial FC: this process holds classes %d..%d of %d (%d process(es)), sample rate %g",
+                    start, stop - 1, cfg.MODEL.HEADS.NUM_CLASSES, du.world_size(), pfc.SAMPLE_RATE)
+    return head
 
 
 def _stage_channels(cfg, backbone):
@@ -70,18 +89,26 @@ def build_model(cfg):
     in_feat = channels
     if getattr(HEADS.get(cfg.MODEL.HEADS.NAME), "uses_stages", False):
         in_feat = _stage_channels(cfg, backbone)
-    return MetricModel(backbone, build_head(cfg, in_feat))
+    model = MetricModel(backbone, build_head(cfg, in_feat))
+    if cfg.MODEL.HEADS.PARTIAL_FC.ENABLED:
+        # Each process holds its own shard of the classes: DistributedDataParallel leaves it alone.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [PARTIAL_FC_WEIGHT])
+    return model
 
 
 def build_loss(cfg):
     """A :class:`CombinedLoss` of the losses in ``MODEL.LOSSES.NAME``, each with its
     ``MODEL.LOSSES.<KEY>.SCALE``; called as ``loss(logits, embeddings, labels)`` it returns
-    ``(total, {name: unscaled value})``."""
+    ``(total, {name: unscaled value})``. With ``MODEL.HEADS.PARTIAL_FC.ENABLED`` the head has
+    computed the cross-entropy already (in place of the logits): ``cross_entropy`` passes it on."""
     names = cfg.MODEL.LOSSES.NAME
     parts = []
     for name in [names] if isinstance(names, str) else names:
         loss_cls = LOSSES.get(name)
-        parts.append((name, loss_cls.from_config(cfg), cfg.MODEL.LOSSES[loss_cls.cfg_key].SCALE))
+        loss = loss_cls.from_config(cfg)
+        if name == "cross_entropy" and cfg.MODEL.HEADS.PARTIAL_FC.ENABLED:
+            loss = ComputedLoss()
+        parts.append((name, loss, cfg.MODEL.LOSSES[loss_cls.cfg_key].SCALE))
     return CombinedLoss(parts)
 
 
@@ -89,7 +116,8 @@ def build_loss(cfg):
 
 def class_counts(labels, num_classes):
     """Number of images of each class in a list of labels: a LongTensor [num_classes]."""
-    return torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes)
+    labels = np.asarray(labels, dtype=np.int64)  # an array (e.g. ItemList.labels) is counted without a copy per item
+    return torch.from_numpy(np.bincount(labels, minlength=num_classes).astype(np.int64))
 
 
 def apply_dynamic_margins(cfg, head, labels):

@@ -291,6 +291,45 @@ def cpu_cores():
         return os.cpu_count() or 1
 
 
+def local_processes():
+    """Processes of this job on this machine: ``LOCAL_WORLD_SIZE`` (torchrun and the processes
+    :func:`launch` spawns set it), else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _omp_num_threads():
+    """``OMP_NUM_THREADS`` when the environment sets it to a positive integer, else None."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
+def auto_num_threads(cores=None, processes=None):
+    """``NUM_THREADS`` 0: ``OMP_NUM_THREADS`` when the environment sets it (torchrun sets 1 for
+    several processes unless it is set), else the CPU cores divided by the local processes, at
+    least 1."""
+    omp = _omp_num_threads()
+    if omp is not None and cores is None and processes is None:
+        return omp
+    cores = cpu_cores() if cores is None else cores
+    processes = local_processes() if processes is None else processes
+    return max(1, cores // max(1, processes))
+
+
+def set_num_threads(num_threads):
+    """Set torch's intra-op threads to ``num_threads`` (``NUM_THREADS``; 0 = :func:`auto_num_threads`);
+    returns the number set."""
+    n = int(num_threads) or auto_num_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def _die_with_parent(parent_pid):
     """Have the kernel kill this spawned process when its parent ends (Linux), so a killed
     launcher leaves no orphan writing to OUT_DIR after its lock is gone."""
@@ -456,3 +495,106 @@ def all_gather_objects(obj):
 def barrier():
     if world_size() > 1:
         dist.barrier()
+
+
+# --- model-parallel collectives (the Partial FC classifier) -----------------------------------
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _gather_padded(x):
+    """Every rank's ``x`` (same trailing shape, any number of rows), concatenated in rank
+    order, and the list of row counts."""
+    sizes = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world_size())]
+    dist.all_gather(all_sizes, sizes)
+    counts = [int(s.item()) for s in all_sizes]
+    most = max(counts)
+    padded = x.new_zeros((most,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]), counts
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather whose backward sums the gradient over the ranks and returns each rank the rows
+    it contributed, times ``grad_scale``."""
+
+    @staticmethod
+    def forward(ctx, x, grad_scale):
+        out, counts = _gather_padded(x.detach())
+        ctx.counts, ctx.grad_scale, ctx.rank = counts, grad_scale, rank()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        with collective("the all-reduce of the gathered embeddings' gradient (Partial FC backward)"):
+            dist.all_reduce(grad)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start : start + ctx.counts[ctx.rank]] * ctx.grad_scale, None
+
+
+@_guarded("all_gather")
+def all_gather_rows(x, grad_scale=None):
+    """The rows of every rank's ``x`` concatenated in rank order (the ranks may hold different
+    numbers of rows), differentiable: the gradient a rank gets back for its rows is the sum over
+    the ranks of the gradients of those rows, times ``grad_scale`` (default: the number of
+    ranks, which undoes DistributedDataParallel's averaging of the gradients of the layers that
+    made ``x``: every rank's loss already counts every sample). A single process returns ``x``."""
+    if world_size() == 1:
+        return x
+    return _GatherRows.apply(x, float(world_size() if grad_scale is None else grad_scale))
+
+
+@_guarded("all_reduce")
+def all_reduce_max(tensor):
+    """Element-wise maximum over ranks (no gradient); the result is on ``tensor``'s device."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.to(tensor.device)
+
+
+@_guarded("send/recv of a parameter shard")
+def gather_rows_to_master(shard, total_rows, start_row, chunk_rows=1 << 16):
+    """Rank 0 gets the [total_rows, ...] CPU tensor whose rows ``start_row .. start_row +
+    len(shard) - 1`` are each rank's ``shard`` (the shards must cover it); the other ranks get
+    None. The rows travel in chunks of ``chunk_rows`` straight into the one full tensor, so rank 0
+    holds the full tensor and its own shard, never two full copies."""
+    shard = shard.detach()
+    if world_size() == 1:
+        return shard.cpu().clone()
+    device = _comm_device()
+    span = torch.tensor([start_row, shard.shape[0]], dtype=torch.long, device=device)
+    spans = [torch.zeros_like(span) for _ in range(world_size())]
+    dist.all_gather(spans, span)
+    spans = [(int(s[0]), int(s[1])) for s in spans]
+    me = rank()
+    full = None
+    if me == 0:
+        full = torch.empty((total_rows,) + tuple(shard.shape[1:]), dtype=shard.dtype)
+        full[start_row : start_row + shard.shape[0]] = shard.cpu()
+    for src, (begin, rows) in enumerate(spans):
+        if src == 0:
+            continue
+        for i in range(0, rows, chunk_rows):
+            n = min(chunk_rows, rows - i)
+            if me == src:
+                dist.send(shard[i : i + n].contiguous().to(device), dst=0)
+            elif me == 0:
+                buf = torch.empty((n,) + tuple(shard.shape[1:]), dtype=shard.dtype, device=device)
+                dist.recv(buf, src=src)
+                full[begin + i : begin + i + n] = buf.cpu()
+    return full
+
+
+@_guarded("all_gather")
+def all_gather_tensor(x):
+    """Every rank's ``x`` (any number of rows) concatenated in rank order, without gradient."""
+    if world_size() == 1:
+        return x
+    return _gather_padded(x.detach())[0]

@@ -8,18 +8,25 @@ CurricularFace, ``classifier.scale`` for AdaCos); an attention block
 
 import torch.nn as nn
 
+from metric.utils import distributed as du
+from metric.modeling.layers.partial_fc import shard_of
 from metric.modeling.registries import ATTENTIONS, HEADS, MARGIN_LAYERS, POOL_LAYERS
 
 
 class MarginHead(nn.Module):
     """What every head shares: ``embed(features)`` (defined by the head) -> embedding; in eval
     mode ``forward`` returns it, in train mode ``(logits, embedding)`` from ``self.classifier``
-    (margin layers need ``labels``)."""
+    (margin layers need ``labels``). With ``self.partial_fc`` (a
+    :class:`~metric.modeling.layers.partial_fc.PartialFC`, set by the builder) the classifier is a
+    shard of the classes and train mode returns ``(cross-entropy of the global batch, embedding)``."""
 
     def forward(self, features, labels=None):
         emb = self.embed(features)
         if not self.training:
             return emb
+        partial_fc = getattr(self, "partial_fc", None)
+        if partial_fc is not None:  # model parallel: the "logits" are the cross-entropy of the global batch
+            return partial_fc(self.classifier, emb, labels), emb
         return self.classifier(emb, labels), emb
 
 
@@ -71,9 +78,14 @@ class LinearHead(MarginHead):
 
 
 def margin_layer_from_config(cfg):
-    """The margin layer of ``MODEL.HEADS`` (``CLS_LAYER`` and its options), shared by the heads."""
+    """The margin layer of ``MODEL.HEADS`` (``CLS_LAYER`` and its options), shared by the heads.
+    With ``MODEL.HEADS.PARTIAL_FC.ENABLED`` it holds only this process's shard of the classes
+    (:func:`~metric.modeling.layers.partial_fc.shard_of`), drawn from ``RNG_SEED`` by class."""
     h = cfg.MODEL.HEADS
+    shard, init_seed = None, None
+    if h.PARTIAL_FC.ENABLED:
+        shard, init_seed = shard_of(h.NUM_CLASSES, du.world_size(), du.rank()), cfg.RNG_SEED
     return MARGIN_LAYERS.get(h.CLS_LAYER)(
         h.REDUCTION_DIM, h.NUM_CLASSES, scale=h.SCALE, margin=h.MARGIN, easy_margin=h.EASY_MARGIN,
-        subcenters=h.SUBCENTERS, adaptive=h.ADACOS_MODE == "adaptive",
+        subcenters=h.SUBCENTERS, adaptive=h.ADACOS_MODE == "adaptive", shard=shard, init_seed=init_seed,
     )

@@ -28,22 +28,31 @@ class AdaCos(_ClassWeights):
 
     where ``theta_med`` is the median (the lower one for an even batch) of the target
     angles, then returns ``s * cos`` with the new ``s``. ``adaptive=False`` keeps the fixed
-    scale. In evaluation mode the scale does not change.
+    scale. In evaluation mode the scale does not change. On a block of the classes
+    (:meth:`margin_logits` with ``all_sum``), the sum over k is summed over the blocks.
     """
 
-    def __init__(self, in_features, num_classes, adaptive=True, **unused):
-        super().__init__(in_features, num_classes)
+    def __init__(self, in_features, num_classes, adaptive=True, shard=None, init_seed=None, **unused):
+        super().__init__(in_features, num_classes, shard=shard, init_seed=init_seed)
         self.adaptive = adaptive
         self.register_buffer("scale", torch.full((1,), fixed_adacos_scale(num_classes)))
 
-    def forward(self, x, labels=None):
-        cos = self.cosine(x)
+    def margin_logits(self, cos, labels, cols, target=None, all_sum=None):
         if labels is not None and self.adaptive and self.training:
             with torch.no_grad():
                 c = cos.detach().float().clamp(-1.0, 1.0)
-                target = _target(c, labels)
-                others = torch.exp(self.scale * c).masked_fill(_onehot(c, labels), 0.0)
-                b_avg = others.sum(dim=1).mean()
+                owned = cols >= 0
+                if target is None:
+                    target = c.gather(1, cols[:, None])
+                target = target.detach().float().clamp(-1.0, 1.0).squeeze(1)
+                others = torch.exp(self.scale * c)
+                if c.shape[1]:  # the target (where it is in this block) is left out of the sum
+                    idx = cols.clamp(min=0)[:, None]
+                    others = others.scatter(1, idx, torch.where(owned[:, None], 0.0, others.gather(1, idx)))
+                sums = others.sum(dim=1)
+                if all_sum is not None:
+                    sums = all_sum(sums)
+                b_avg = sums.mean()
                 theta_med = torch.acos(target).median()
                 new = torch.log(b_avg) / torch.cos(theta_med.clamp(max=math.pi / 4))
                 self.scale.copy_(new.reshape(1))
@@ -51,11 +60,3 @@ class AdaCos(_ClassWeights):
 
     def extra_repr(self):
         return f"{super().extra_repr()}, adaptive={self.adaptive}"
-
-
-def _onehot(cos, labels):
-    return torch.nn.functional.one_hot(labels, cos.shape[1]).to(torch.bool)
-
-
-def _target(cos, labels):
-    return cos.gather(1, labels[:, None]).squeeze(1)

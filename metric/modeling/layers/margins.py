@@ -9,6 +9,11 @@ Layers with a margin share :class:`_Margin`: ``set_margin(m)`` changes it (the
 margin schedule), ``set_class_margins(m_c)`` gives every class its own margin
 (dynamic margins; a sample then gets ``m_c[label]``). Per-class margins live in
 a non-persistent buffer, so state-dict keys do not change.
+
+The margin of every layer is :meth:`margin_logits` on a block of cosines: ``forward`` calls it
+on all classes, the model-parallel classifier (:mod:`metric.modeling.layers.partial_fc`) on the
+columns of one process's classes. A layer built with ``shard=(start, stop)`` holds only the rows
+of classes ``start .. stop - 1`` of its ``num_classes`` (``weight`` [(stop - start) * K, D]).
 """
 
 import math
@@ -19,25 +24,80 @@ import torch.nn.functional as F
 
 from metric.modeling.registries import MARGIN_LAYERS
 
+# Rows of the class-weight matrix drawn per generator when a sharded layer is initialized
+# (``init_seed``): row r's initial value depends on the seed and r only, not on the shards.
+INIT_BLOCK_ROWS = 4096
+
+
+def _seeded_rows(rows, cols, seed, std, dtype=torch.float32):
+    """Rows ``rows.start .. rows.stop - 1`` of a [*, cols] matrix of N(0, std^2) values whose block b
+    of :data:`INIT_BLOCK_ROWS` rows is drawn from a generator seeded with ``(seed, b)``."""
+    out = torch.empty(rows.stop - rows.start, cols, dtype=dtype)
+    first, last = rows.start // INIT_BLOCK_ROWS, (rows.stop - 1) // INIT_BLOCK_ROWS
+    for b in range(first, last + 1) if rows.stop > rows.start else ():
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
+        block = torch.empty(INIT_BLOCK_ROWS, cols, dtype=dtype).normal_(0.0, std, generator=g)
+        lo, hi = max(rows.start, b * INIT_BLOCK_ROWS), min(rows.stop, (b + 1) * INIT_BLOCK_ROWS)
+        out[lo - rows.start : hi - rows.start] = block[lo - b * INIT_BLOCK_ROWS : hi - b * INIT_BLOCK_ROWS]
+    return out
+
 
 class _ClassWeights(nn.Module):
     """``weight`` [num_classes * centers, D]; rows ``c * centers ... c * centers + centers - 1``
-    belong to class ``c``."""
+    belong to class ``c``. With ``shard=(start, stop)`` only classes ``start .. stop - 1`` are
+    held (row ``(c - start) * centers + k`` is centre k of class c). ``init_seed``: draw the rows
+    from per-block generators (:func:`_seeded_rows`), so a shard gets the same rows whatever the
+    number of shards; None draws them from the global RNG."""
 
-    def __init__(self, in_features, num_classes, centers=1):
+    def __init__(self, in_features, num_classes, centers=1, shard=None, init_seed=None):
         super().__init__()
         self.in_features = in_features
         self.num_classes = num_classes
         self.centers = centers
-        self.weight = nn.Parameter(torch.empty(num_classes * centers, in_features))
-        nn.init.normal_(self.weight, std=0.01)
+        start, stop = shard if shard is not None else (0, num_classes)
+        if not 0 <= start <= stop <= num_classes:
+            raise ValueError(f"shard ({start}, {stop}) is not a range of classes in [0, {num_classes}]")
+        self.shard = (int(start), int(stop))
+        rows = (stop - start) * centers
+        if init_seed is None:
+            self.weight = nn.Parameter(torch.empty(rows, in_features))
+            nn.init.normal_(self.weight, std=0.01)
+        else:
+            rows = range(start * centers, stop * centers)
+            self.weight = nn.Parameter(_seeded_rows(rows, in_features, init_seed, 0.01))
 
-    def cosine(self, x):
-        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+    @property
+    def sharded(self):
+        return self.shard != (0, self.num_classes)
+
+    def cosine(self, x, weight=None):
+        """Cosines [N, classes] of ``x`` with the class centres (``weight`` rows, default all)."""
+        w = self.weight if weight is None else weight
+        return F.linear(F.normalize(x, dim=1), F.normalize(w, dim=1))
+
+    def class_scores(self, x, weight=None):
+        """The block :meth:`margin_logits` works on: cosines (raw products for ``linear``)."""
+        return self.cosine(x, weight)
+
+    def margin_logits(self, cos, labels, cols, target=None, all_sum=None):
+        """Logits from the block ``cos`` [N, c] of :meth:`class_scores`. ``labels`` [N]: the samples'
+        classes; ``cols`` [N]: the column of each sample's class in ``cos``, -1 where it is not in
+        the block; ``target`` [N, 1]: the target cosines when they are not all in the block (the
+        model-parallel classifier); ``all_sum``: sums a tensor over the blocks (all processes)."""
+        raise NotImplementedError
+
+    def forward(self, x, labels=None):
+        if self.sharded:
+            raise RuntimeError("a sharded margin layer is called through metric.modeling.layers.partial_fc")
+        cos = self.class_scores(x)
+        if labels is None:
+            return self.margin_logits(cos, None, None)
+        return self.margin_logits(cos, labels, labels)
 
     def extra_repr(self):
         extra = f", centers={self.centers}" if self.centers > 1 else ""
-        return f"in_features={self.in_features}, num_classes={self.num_classes}{extra}"
+        shard = f", shard={self.shard}" if self.sharded else ""
+        return f"in_features={self.in_features}, num_classes={self.num_classes}{extra}{shard}"
 
 
 class _Margin(_ClassWeights):
@@ -45,10 +105,11 @@ class _Margin(_ClassWeights):
 
     ``set_class_margins(m_c)`` stores ``m_c`` as the per-class margins *at the layer's
     current margin* ``m0``; a later ``set_margin(m)`` scales them by ``m / m0``, so the
-    schedule raises every class's margin in proportion."""
+    schedule raises every class's margin in proportion. A sharded layer keeps the margins of
+    all ``num_classes`` (the targets of a batch may lie in any shard)."""
 
-    def __init__(self, in_features, num_classes, margin, centers=1):
-        super().__init__(in_features, num_classes, centers)
+    def __init__(self, in_features, num_classes, margin, centers=1, shard=None, init_seed=None):
+        super().__init__(in_features, num_classes, centers, shard, init_seed)
         self.margin = float(margin)
         self.register_buffer("class_margin", None, persistent=False)
         self._class_margin_ref = None  # (margins as given, the scalar margin they belong to)
@@ -99,33 +160,44 @@ def additive_angular(cos, m, easy_margin=False):
     return torch.where(cos > threshold, phi, cos - fallback)
 
 
+def replace_targets(cos, cols, fn):
+    """``cos`` with the entry of row i in column ``cols[i]`` replaced by ``fn(entries)`` ([N, 1]);
+    rows with ``cols[i] < 0`` (their class is in another block) are left unchanged."""
+    owned = (cols >= 0)[:, None]
+    idx = cols.clamp(min=0)[:, None]
+    if cos.shape[1] == 0:
+        return cos
+    old = cos.gather(1, idx)
+    new = torch.where(owned, fn(old), old)
+    return cos.scatter(1, idx, new.to(cos.dtype))
+
+
 @MARGIN_LAYERS.register("linear")
 class LinearClassifier(_ClassWeights):
     """Plain softmax classifier without bias: ``x @ W^T``."""
 
-    def __init__(self, in_features, num_classes, **unused):
-        super().__init__(in_features, num_classes)
+    def __init__(self, in_features, num_classes, shard=None, init_seed=None, **unused):
+        super().__init__(in_features, num_classes, shard=shard, init_seed=init_seed)
 
-    def forward(self, x, labels=None):
-        return F.linear(x, self.weight)
+    def class_scores(self, x, weight=None):
+        return F.linear(x, self.weight if weight is None else weight)
 
-
-def _target_mask(logits, labels):
-    return F.one_hot(labels, logits.shape[1]).to(torch.bool)
+    def margin_logits(self, cos, labels, cols, target=None, all_sum=None):
+        return cos
 
 
 @MARGIN_LAYERS.register("cosface")
 class CosFace(_Margin):
     """Large-margin cosine loss (Wang et al. 2018): ``s * (cos - m)`` on the target class."""
 
-    def __init__(self, in_features, num_classes, scale=30.0, margin=0.35, **unused):
-        super().__init__(in_features, num_classes, margin)
+    def __init__(self, in_features, num_classes, scale=30.0, margin=0.35, shard=None, init_seed=None, **unused):
+        super().__init__(in_features, num_classes, margin, shard=shard, init_seed=init_seed)
         self.scale = scale
 
-    def forward(self, x, labels=None):
-        cos = self.cosine(x)
+    def margin_logits(self, cos, labels, cols, target=None, all_sum=None):
         if labels is not None:
-            cos = torch.where(_target_mask(cos, labels), cos - self.margin_for(labels, cos.dtype), cos)
+            m = self.margin_for(labels, cos.dtype)
+            cos = replace_targets(cos, cols, lambda c: c - m)
         return cos * self.scale
 
 
@@ -138,16 +210,16 @@ class ArcFace(_Margin):
     applied only where ``cos > 0``.
     """
 
-    def __init__(self, in_features, num_classes, scale=30.0, margin=0.5, easy_margin=False, centers=1, **unused):
-        super().__init__(in_features, num_classes, margin, centers)
+    def __init__(self, in_features, num_classes, scale=30.0, margin=0.5, easy_margin=False, centers=1,
+                 shard=None, init_seed=None, **unused):
+        super().__init__(in_features, num_classes, margin, centers, shard=shard, init_seed=init_seed)
         self.scale, self.easy_margin = scale, easy_margin
 
-    def forward(self, x, labels=None):
-        cos = self.cosine(x)
+    def margin_logits(self, cos, labels, cols, target=None, all_sum=None):
         if labels is None:
             return cos * self.scale
-        phi = additive_angular(cos, self.margin_for(labels, cos.dtype), self.easy_margin)
-        return torch.where(_target_mask(cos, labels), phi, cos) * self.scale
+        m = self.margin_for(labels, cos.dtype)
+        return replace_targets(cos, cols, lambda c: additive_angular(c, m, self.easy_margin)) * self.scale
 
 
 @MARGIN_LAYERS.register("subcenter_arcface")
@@ -157,14 +229,15 @@ class SubCenterArcFace(ArcFace):
     ``c * K ... c * K + K - 1`` belonging to class ``c``."""
 
     def __init__(self, in_features, num_classes, scale=30.0, margin=0.5, easy_margin=False, subcenters=3,
-                 **unused):
+                 shard=None, init_seed=None, **unused):
         if subcenters < 1:
             raise ValueError(f"subcenters must be >= 1, got {subcenters}")
-        super().__init__(in_features, num_classes, scale, margin, easy_margin, centers=subcenters)
+        super().__init__(in_features, num_classes, scale, margin, easy_margin, centers=subcenters, shard=shard,
+                         init_seed=init_seed)
 
-    def cosine(self, x):
-        cos = super().cosine(x)
-        return cos.view(cos.shape[0], self.num_classes, self.centers).amax(dim=2)
+    def cosine(self, x, weight=None):
+        cos = super().cosine(x, weight)
+        return cos.view(cos.shape[0], -1, self.centers).amax(dim=2)
 
 
 @MARGIN_LAYERS.register("circle")
@@ -176,20 +249,23 @@ class CircleClassifier(_Margin):
     ``d_p = 1 - m``, ``d_n = m``.
     """
 
-    def __init__(self, in_features, num_classes, scale=64.0, margin=0.25, **unused):
-        super().__init__(in_features, num_classes, margin)
+    def __init__(self, in_features, num_classes, scale=64.0, margin=0.25, shard=None, init_seed=None, **unused):
+        super().__init__(in_features, num_classes, margin, shard=shard, init_seed=init_seed)
         self.scale = scale
 
-    def forward(self, x, labels=None):
-        cos = self.cosine(x)
+    def margin_logits(self, cos, labels, cols, target=None, all_sum=None):
         if labels is None:
             return cos * self.scale
         m = self.margin
-        alpha_p = (1.0 + m - cos).clamp(min=0.0).detach()
         alpha_n = (cos + m).clamp(min=0.0).detach()
-        pos = alpha_p * (cos - (1.0 - m))
         neg = alpha_n * (cos - m)
-        return torch.where(_target_mask(cos, labels), pos, neg) * self.scale
+
+        def positive(c):
+            return (1.0 + m - c).clamp(min=0.0).detach() * (c - (1.0 - m))
+
+        # the target entries of ``neg`` are replaced by the positive formula on the cosine
+        out = replace_targets(neg, cols, lambda _: positive(cos.gather(1, cols.clamp(min=0)[:, None])))
+        return out * self.scale
 
 
 @MARGIN_LAYERS.register("curricularface")
@@ -203,16 +279,20 @@ class CurricularFace(_Margin):
     training mode only. The re-weighting factor is not back-propagated through ``t``.
     """
 
-    def __init__(self, in_features, num_classes, scale=30.0, margin=0.5, t_momentum=0.01, **unused):
-        super().__init__(in_features, num_classes, margin)
+    def __init__(self, in_features, num_classes, scale=30.0, margin=0.5, t_momentum=0.01, shard=None,
+                 init_seed=None, **unused):
+        super().__init__(in_features, num_classes, margin, shard=shard, init_seed=init_seed)
         self.scale, self.t_momentum = scale, t_momentum
         self.register_buffer("t", torch.zeros(1))
 
-    def forward(self, x, labels=None):
-        cos = self.cosine(x).clamp(-1.0, 1.0)
+    def cosine(self, x, weight=None):
+        return super().cosine(x, weight).clamp(-1.0, 1.0)
+
+    def margin_logits(self, cos, labels, cols, target=None, all_sum=None):
         if labels is None:
             return cos * self.scale
-        target = cos.gather(1, labels[:, None])
+        if target is None:
+            target = cos.gather(1, cols[:, None])
         cos_m, sin_m, threshold, fallback = _angular(self.margin_for(labels, cos.dtype))
         sin = torch.sqrt((1.0 - target * target).clamp(min=0.0))
         target_m = target * cos_m - sin * sin_m
@@ -222,5 +302,6 @@ class CurricularFace(_Margin):
                 self.t.mul_(1.0 - self.t_momentum).add_(self.t_momentum * target.mean())
         hard = cos > target_m
         out = torch.where(hard, cos * (self.t + cos), cos)
-        out = out.scatter(1, labels[:, None], final_target.to(out.dtype))  # t is float32 under autocast
+        # t is float32 under autocast
+        out = replace_targets(out, cols, lambda old: final_target.to(old.dtype))
         return out * self.scale

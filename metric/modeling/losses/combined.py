@@ -34,3 +34,13 @@ class CombinedLoss(nn.Module):
 
     def extra_repr(self):
         return ", ".join(f"{n} x {s:g}" for n, s in zip(self.names, self.scales))
+
+
+class ComputedLoss(nn.Module):
+    """A loss that its "logits" already are: the cross-entropy a Partial FC head computed across
+    the processes (:mod:`metric.modeling.layers.partial_fc`)."""
+
+    uses_logits = True
+
+    def forward(self, logits, embeddings, labels):
+        return logits
