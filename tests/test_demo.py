@@ -29,6 +29,10 @@ def test_demo_training_improves_heldout_retrieval(tmp_path):
     assert os.path.isfile(result["gallery"])
     html = open(result["gallery"], encoding="utf-8").read()
     assert html.count("data:image/jpeg;base64") > 16
+    # its header holds the run's figures, each query its AP@100; the curves and TensorBoard files
+    assert '<table class="figures">' in html and "mAP@100 (" in html and html.count("AP@100 0.") + html.count("AP@100 1.") > 8
+    assert result["curves"] == os.path.join(result["out_dir"], "curves.png") and os.path.getsize(result["curves"]) > 10_000
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(result["out_dir"], "tb")))
     # one preprocessing: the held-out figures logged by the last training-time evaluation equal
     # test_metric's and those of extract_features + evaluate on the same list
     tests = [json.loads(line) for line in open(os.path.join(result["out_dir"], "stats.jsonl"), encoding="utf-8")

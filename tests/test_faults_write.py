@@ -264,7 +264,11 @@ def inputs(tmp_path_factory, tiny_data):
         "gld": str(root / "train.csv"),
         "weights": str(root / "weights.pyth"),
         "data": tiny_data,
+        "stats": str(root / "run"),
     }
+    os.makedirs(paths["stats"])
+    (root / "run" / "stats.jsonl").write_text(
+        '{"_type": "train_iter", "epoch": 1, "iter": 2, "iters": 2, "loss": 1.5, "lr": 0.1}\n')
     np.save(paths["npy"], x[:7])
     (root / "ids.txt").write_text("\n".join(ids[:7]) + "\n")
     (root / "results.csv").write_text("id,images\nq0,img1 img2\nq1,img3\n")
@@ -298,6 +302,7 @@ def _tool_calls(inputs, out):
         ("visualize", ["--results", inputs["results"], "--query-root", inputs["images"], "--index-root",
                        inputs["images"], "--output", f"{out}/g.html"], f"{out}/g.html", None),
         ("gldv2_to_list", ["--csv", inputs["gld"], "--output", f"{out}/gld"], f"{out}/gld/train_list.txt", None),
+        ("plot_stats", [inputs["stats"], "--output", f"{out}/curves.png"], f"{out}/curves.png", None),
         ("torch2onnx", [*_model_opts(inputs, out), "--output", f"{out}/m.onnx", "--size", 64, 64],
          f"{out}/m.onnx", None),
         ("extract_features", [*_model_opts(inputs, out, **{"INFER.INPUT": os.path.join(inputs["data"], "test.txt"),
@@ -309,7 +314,7 @@ def _tool_calls(inputs, out):
 
 
 TOOL_NAMES = [c[0] for c in _tool_calls({k: "" for k in ("query", "index", "npy", "ids", "results", "gt", "images",
-                                                         "gld", "weights", "data")}, "")]
+                                                         "gld", "weights", "data", "stats")}, "")]
 
 
 def _assert_one_line(status, err, path, cause):
@@ -334,7 +339,7 @@ def test_tool_full_disk_is_one_line(inputs, tmp_path, monkeypatch, capsys, tool)
     assert leftovers(out) == []
 
 
-@pytest.mark.parametrize("tool", ["search", "import_features", "build_index", "evaluate"])
+@pytest.mark.parametrize("tool", ["search", "import_features", "build_index", "evaluate", "plot_stats"])
 def test_tool_read_only_file_system_is_one_line(inputs, tmp_path, monkeypatch, capsys, tool):
     out = str(tmp_path / "out")
     os.makedirs(out)
@@ -346,7 +351,7 @@ def test_tool_read_only_file_system_is_one_line(inputs, tmp_path, monkeypatch, c
     assert leftovers(out) == []
 
 
-@pytest.mark.parametrize("tool", ["search", "torch2onnx", "make_kaggle_model", "onnx2tf"])
+@pytest.mark.parametrize("tool", ["search", "torch2onnx", "make_kaggle_model", "onnx2tf", "plot_stats"])
 def test_tool_unwritable_folder_is_found_before_the_work(inputs, tmp_path, monkeypatch, capsys, tool):
     """The output folder's permission is checked up front (injected: os.access says no)."""
     pytest.importorskip("onnx")

@@ -105,3 +105,20 @@ def test_visualize_tool(gallery_data, capsys):
     assert status == 2
     err = err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_gallery_header_figures_and_per_query_ap(gallery_data):
+    tmp_path, q, x, results, scores, gt = gallery_data
+    out = build_gallery(results, q, x, str(tmp_path / "h.html"), gt_path=gt, scores_path=scores, topk=2,
+                        figures={"recall@1": 0.75, "checkpoint": "model_epoch_0030.pyth"})
+    text = open(out, encoding="utf-8").read()
+    header = text[text.index('<table class="figures">'):text.index("</table>")]
+    assert "<th>recall@1</th><td>0.7500</td>" in header and "model_epoch_0030.pyth" in header
+    # q1: relevant a (rank 1) and c (rank 3, beyond the shown top 2): AP@100 = (1/1 + 2/3) / 2;
+    # q2: its relevant b is not retrieved: 0; q<3>& is Ignored: no AP, not in the mean
+    assert "<th>mAP@100 (2 scored queries)</th><td>0.4167</td>" in header
+    rows = text.split('<div class="row"')[1:]
+    assert "AP@100 0.8333" in rows[0] and "AP@100 0.0000" in rows[1] and "AP@100" not in rows[2]
+    # without a ground truth there is no AP to show
+    plain = open(build_gallery(results, q, x, str(tmp_path / "p.html")), encoding="utf-8").read()
+    assert "AP@100" not in plain and "figures" not in plain.split("</style>")[1]

@@ -17,6 +17,7 @@ def main(argv=None):
     print(f"model, logs and stats: {result['out_dir']}  (checkpoint {result['checkpoint']})")
     if result["gallery"]:
         print(f"result gallery: {result['gallery']}")
+    print(f"training curves: {result['curves']}  (TensorBoard: tensorboard --logdir {result['out_dir']}/tb)")
 
 
 if __name__ == "__main__":

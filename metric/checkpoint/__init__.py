@@ -5,6 +5,7 @@ from metric.checkpoint.io import (  # noqa: F401
     CHECKPOINT_VERSION,
     checkpoint_dir,
     check_resumable,
+    best_checkpoint_path,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
@@ -21,6 +22,7 @@ from metric.checkpoint.load import (  # noqa: F401
     load_state,
     load_weights,
     model_state_of,
+    select_weights,
     unwrap,
     weights_digest,
 )

@@ -5,7 +5,9 @@ completed), a dict with ``epoch`` (0-based index of the last completed epoch, as
 in the original project), ``model_state``, ``optimizer_state``,
 ``scaler_state``, ``rng_states`` (one entry per process),
 ``cfg`` (the merged config as yaml), ``bad_images`` (unreadable training images found so
-far), ``version`` and ``checksum``: a SHA-256 of everything else (every tensor's dtype, shape
+far), with ``TRAIN.EMA.ENABLED`` ``ema_state`` (the EMA of the weights, a state dict) and
+``ema_updates``, in ``best.pyth`` (:func:`best_checkpoint_path`) ``best`` (metric, value, epoch),
+``version`` and ``checksum``: a SHA-256 of everything else (every tensor's dtype, shape
 and bytes, every other value), written with the file and checked by every read, so flipped
 bits are refused instead of loaded. It is written to a temporary name and renamed into place,
 so a kill at any moment leaves the previous checkpoint complete. Every read uses
@@ -40,6 +42,12 @@ _PATTERN = re.compile(r"model_epoch_(\d{4,})\.pyth$")
 
 def checkpoint_dir(out_dir):
     return os.path.join(out_dir, "checkpoints")
+
+
+def best_checkpoint_path(out_dir):
+    """``OUT_DIR/checkpoints/best.pyth``: the best evaluation so far (``TRAIN.BEST_METRIC``). Its
+    name does not match the periodic checkpoints', so auto-resume never takes it."""
+    return os.path.join(checkpoint_dir(out_dir), "best.pyth")
 
 
 def checkpoint_path(out_dir, epoch):

@@ -47,6 +47,7 @@ _RULES = {
     "MODEL.HEADS.DYNAMIC_MARGIN_B": _NONNEG,
     "MODEL.HEADS.DYNAMIC_MARGIN_LAMBDA": _POS,
     "MODEL.HEADS.MARGIN_SCHEDULE_MODE": _choices("step", "linear"),
+    "MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE": _range(0, 1, lo_open=True),
     "MODEL.LAYERS": _ONE_UP,
     "MODEL.PATCH_SIZE": _ONE_UP,
     "MODEL.EMB_DIM": _ONE_UP,
@@ -92,6 +93,14 @@ _RULES = {
     "TRAIN.CHECKPOINT_PERIOD": _ONE_UP,
     "TRAIN.MIXED_PRECISION": _choices("none", "bf16", "fp16"),
     "TRAIN.GRAD_CLIP": _NONNEG,
+    "TRAIN.ACCUM_STEPS": _ONE_UP,
+    "TRAIN.BEST_METRIC": (lambda v: v in ("", "recall@1", "recall@5", "recall@10", "mAP@R"),
+                          'one of "" (off) | recall@1 | recall@5 | recall@10 | mAP@R'),
+    "TRAIN.EMA.DECAY": _range(0, 1, lo_open=True, hi_open=True),
+    "TRAIN.EMA.WARMUP_GAMMA": _POS,
+    "TRAIN.EMA.WARMUP_POWER": _POS,
+    "TEST.WEIGHTS_KIND": _choices("auto", "ema", "raw"),
+    "NUM_THREADS": _NONNEG,
     "TEST.BATCH_SIZE": _ONE_UP,
     "TEST.IM_SIZE": _range(8),
     "DATA_LOADER.NUM_WORKERS": _NONNEG,
@@ -107,6 +116,7 @@ _RULES = {
     "NUM_GPUS": _ONE_UP,
     "RNG_SEED": _range(0, 2**32 - 1),  # numpy seeds are 32-bit
     "LOG_PERIOD": _ONE_UP,
+    "LOG.TENSORBOARD_IMAGES": _range(0, 64),
     "DIST_BACKEND": _choices("auto", "nccl", "gloo"),
     "PORT": _range(1, 65535),
     "DIST.TIMEOUT_S": _ONE_UP,
@@ -236,10 +246,32 @@ def _validate_heads_losses(c):
     names = list(losses.NAME)
     if not names or len(set(names)) != len(names):
         _fail("MODEL.LOSSES.NAME", names, "a non-empty list of different loss names, e.g. [cross_entropy, triplet]")
+    _validate_partial_fc(c, names)
     k = c.TRAIN.NUM_INSTANCES
     if c.TRAIN.SAMPLER == "pk" and (c.TRAIN.BATCH_SIZE % k or c.TRAIN.BATCH_SIZE // k < 2):
         _fail("TRAIN.BATCH_SIZE", c.TRAIN.BATCH_SIZE,
               f"a multiple of TRAIN.NUM_INSTANCES={k} holding at least 2 classes (>= {2 * k}) for TRAIN.SAMPLER pk")
+
+
+def _validate_partial_fc(c, loss_names):
+    """Partial FC computes the cross-entropy itself; the global gradient norm of TRAIN.GRAD_CLIP and
+    gradient accumulation over differently sampled classes are not supported with it."""
+    if not c.MODEL.HEADS.PARTIAL_FC.ENABLED:
+        return
+    if "cross_entropy" not in loss_names:
+        _fail("MODEL.LOSSES.NAME", loss_names, "a list with cross_entropy when MODEL.HEADS.PARTIAL_FC.ENABLED is "
+              "True (Partial FC is a classifier: it computes the cross-entropy)")
+    if c.TRAIN.GRAD_CLIP > 0:
+        _fail("TRAIN.GRAD_CLIP", c.TRAIN.GRAD_CLIP, "0 with MODEL.HEADS.PARTIAL_FC.ENABLED True (the gradient norm "
+              "would need every process's classifier shard)")
+    ema = c.TRAIN.get("EMA")
+    if ema is not None and ema.ENABLED:
+        _fail("TRAIN.EMA.ENABLED", True, "False with MODEL.HEADS.PARTIAL_FC.ENABLED True (the EMA copy would hold "
+              "every process's classifier shard; not supported yet)")
+    accum = c.TRAIN.get("ACCUM_STEPS", 1)
+    if accum > 1 and c.MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE < 1:
+        _fail("TRAIN.ACCUM_STEPS", accum, "1 with MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE < 1 (each step samples other "
+              "classes)")
 
 
 # Smallest image side (px) a backbone is given. ResNet and ResNeSt (padded convolutions and
@@ -303,5 +335,8 @@ def validate(c):
         _fail("TRAIN.CROP_SCALE", list(lo_hi), "two numbers 0 < lo <= hi <= 1")
     if c.OPTIM.NESTEROV and c.OPTIM.OPTIMIZER == "sgd" and (c.OPTIM.MOMENTUM <= 0 or c.OPTIM.DAMPENING != 0):
         _fail("OPTIM.NESTEROV", True, "False unless OPTIM.MOMENTUM > 0 and OPTIM.DAMPENING == 0")
+    if c.TRAIN.BEST_METRIC and not c.TEST.DATASET:
+        _fail("TRAIN.BEST_METRIC", c.TRAIN.BEST_METRIC, '"" when TEST.DATASET is empty (the best checkpoint is '
+              "chosen by the TEST evaluation)")
     _validate_finetune(c)
     return c

@@ -185,6 +185,21 @@ _C.MODEL.HEADS.MARGIN_SCHEDULE = []
 # linear (interpolated between neighbouring pairs; the last margin after the last pair).
 _C.MODEL.HEADS.MARGIN_SCHEDULE_MODE = "step"
 
+# Partial FC: the margin layer's class centres split over the processes (model parallel); each of
+# W processes holds ceil(NUM_CLASSES / W) classes and their optimizer state, the softmax
+# cross-entropy is computed across processes. See docs/TRAINING_AT_SCALE.md.
+_C.MODEL.HEADS.PARTIAL_FC = CfgNode()
+
+# Turn Partial FC on (needs cross_entropy in MODEL.LOSSES.NAME). Without a distributed launch it
+# runs as one process holding every class. Checkpoints hold the full classifier either way.
+# True | False.
+_C.MODEL.HEADS.PARTIAL_FC.ENABLED = False
+
+# Fraction r of each process's classes that a step uses: the positives of the global batch plus
+# uniformly sampled others, max(positives, ceil(r * classes)); only they get gradient and optimizer
+# updates. 1.0 uses every class (exactly the full classifier). Float in (0, 1].
+_C.MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE = 1.0
+
 # DOLG head options (MODEL.HEADS.NAME DOLGHead). The authors' config names (MODEL.S3_DIM,
 # MODEL.S4_DIM, MODEL.WITH_MA) are read as these in files without VERSION.
 _C.MODEL.DOLG = CfgNode()
@@ -449,6 +464,51 @@ _C.TRAIN.GRAD_CLIP = 0.0
 # schedule's learning rate. 0 turns it off. Integer >= 0.
 _C.TRAIN.FREEZE_BACKBONE_EPOCHS = 0
 
+# Gradient accumulation: one optimizer step every ACCUM_STEPS micro-batches of TRAIN.BATCH_SIZE
+# images each (the effective batch is BATCH_SIZE x ACCUM_STEPS); each micro-batch's loss is
+# scaled by 1 / ACCUM_STEPS, under DDP gradients are all-reduced on the last micro-batch only,
+# and the learning-rate schedule, LOG_PERIOD, the ETA and the "iter" of the stats count optimizer
+# steps. An epoch has ceil(batches / ACCUM_STEPS) steps (the last may have fewer micro-batches;
+# its losses are scaled by 1 / its count). The sampler and the pairwise losses see one
+# micro-batch at a time (batch-hard mining within BATCH_SIZE images). Integer >= 1.
+_C.TRAIN.ACCUM_STEPS = 1
+
+# Compile the model's training forward with torch.compile (opt-in). Where the platform cannot
+# compile, training continues eagerly after one warning line. Checkpoints have the same keys
+# as without it. True | False.
+_C.TRAIN.COMPILE = False
+
+# Keep a checkpoint of the best evaluation so far, OUT_DIR/checkpoints/best.pyth (written
+# atomically, with the metric's name, value and epoch under "best"), next to the periodic ones
+# (auto-resume never takes it). The metric of the TEST evaluation (higher is better): "" (off) |
+# recall@1 | recall@5 | recall@10 | mAP@R. Needs TEST.DATASET. Tools take TEST.WEIGHTS best.
+_C.TRAIN.BEST_METRIC = ""
+
+# Exponential moving average (EMA) of the weights, as timm's ModelEmaV3: a float32 copy of the
+# model updated after every optimizer step, ema = d * ema + (1 - d) * weights for parameters and
+# floating-point buffers (BN statistics; integer buffers are copied). Saved in checkpoints
+# ("ema_state"), restored on resume, used by the evaluation during training and, by default,
+# by the tools that load a checkpoint holding it (TEST.WEIGHTS_KIND).
+_C.TRAIN.EMA = CfgNode()
+
+# Keep the EMA of the weights. True | False.
+_C.TRAIN.EMA.ENABLED = False
+
+# EMA decay d (the largest, reached after the warm-up). Float in (0, 1).
+_C.TRAIN.EMA.DECAY = 0.9998
+
+# Warm up the decay (timm's use_warmup): after n optimizer steps d = min(DECAY, 1 - (1 + (n - 1)
+# / WARMUP_GAMMA) ** -WARMUP_POWER), so the first update copies the weights and the average
+# forgets the random start quickly. False: d = DECAY from the second update on. True | False.
+_C.TRAIN.EMA.WARMUP = True
+
+# EMA warm-up: gamma of the formula above (timm's warmup_gamma). Float > 0.
+_C.TRAIN.EMA.WARMUP_GAMMA = 1.0
+
+# EMA warm-up: power of the formula above (timm's warmup_power; 2/3 suits runs of a million
+# steps or more, 3/4 shorter ones, reaching 0.999 after about 10k steps). Float > 0.
+_C.TRAIN.EMA.WARMUP_POWER = 0.75
+
 # ---------------------------------------------------------------------------- #
 # Testing (retrieval evaluation during training, and feature extraction)
 # ---------------------------------------------------------------------------- #
@@ -471,8 +531,16 @@ _C.TEST.BATCH_SIZE = 200
 # MODEL.TYPE timm). For vit a multiple of MODEL.PATCH_SIZE.
 _C.TEST.IM_SIZE = 256
 
-# Weights used by the evaluation and extraction tools ("" = random initialization).
+# Weights used by the evaluation, extraction and export tools: a weights file, best (the best
+# checkpoint of a training run in OUT_DIR, OUT_DIR/checkpoints/best.pyth, see
+# TRAIN.BEST_METRIC), or "" (random initialization).
 _C.TEST.WEIGHTS = ""
+
+# Which weights of a checkpoint those tools use: auto (the EMA weights when the checkpoint holds
+# them, i.e. was trained with TRAIN.EMA.ENABLED, else the raw ones) | ema (the EMA weights; an
+# error if there are none) | raw (the trained weights themselves). Evaluation during training
+# uses the EMA weights when TRAIN.EMA.ENABLED unless this is raw.
+_C.TEST.WEIGHTS_KIND = "auto"
 
 # ---------------------------------------------------------------------------- #
 # Data loader
@@ -576,11 +644,35 @@ _C.DIST.TIMEOUT_S = 1800
 _C.DIST.ALLOW_OVERSUBSCRIBE = False
 
 # ---------------------------------------------------------------------------- #
+# Logging (the progress period is LOG_PERIOD, below, as in the original project)
+# ---------------------------------------------------------------------------- #
+_C.LOG = CfgNode()
+
+# Write TensorBoard event files to OUT_DIR/tb (rank 0 only): every LOG_PERIOD iterations the loss
+# and each part of a combined loss, the learning rate of every parameter group, images/s, data
+# time, a scheduled margin, the AdaCos scale and GPU memory; recall@k and mAP@R at each
+# evaluation. View with `tensorboard --logdir OUT_DIR/tb`. A failed write (full disk, read-only
+# folder) turns it off with one warning; stats.jsonl stays the record. True | False.
+_C.LOG.TENSORBOARD = True
+
+# Training images (de-normalized, with their labels) shown once in TensorBoard, from the first
+# batch of a run (a resumed run adds those of its first batch); 0 shows none. Integer in [0, 64].
+_C.LOG.TENSORBOARD_IMAGES = 16
+
+# ---------------------------------------------------------------------------- #
 # Misc
 # ---------------------------------------------------------------------------- #
 
 # Number of processes (one per GPU) when not launched by torchrun; >1 spawns them. Integer >= 1.
 _C.NUM_GPUS = 1
+
+# torch intra-op CPU threads of each training and extraction process: 0 (auto) = OMP_NUM_THREADS
+# when the environment sets it (torchrun sets 1 for several processes unless you set it), else
+# the CPU cores this process may use divided by the processes on this machine (LOCAL_WORLD_SIZE
+# under torchrun, NUM_GPUS when spawned), at least 1. A value > 0 wins over OMP_NUM_THREADS.
+# Logged at start. On a shared machine, processes that each use every core slow down many
+# times. Integer >= 0.
+_C.NUM_THREADS = 0
 
 # Output folder: config.yaml, stats.jsonl, log.txt, checkpoints/.
 _C.OUT_DIR = "output"

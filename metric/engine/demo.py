@@ -4,7 +4,9 @@
 trained model it reports retrieval among the held-out images by label (recall@k, mAP@R), then
 runs the retrieval pipeline on the held-out query and index lists — feature extraction into
 stores, exact search (top 100), Google Landmark Retrieval mAP@100 against the demo's
-``retrieval_solution.csv`` — and writes an HTML gallery of the trained model's results.
+``retrieval_solution.csv`` — and writes an HTML gallery of the trained model's results (with the
+run's figures in its header and each query's AP) and ``curves.png``, the training curves of
+``stats.jsonl`` (:mod:`metric.utils.stats_plot`).
 """
 
 import logging
@@ -20,6 +22,7 @@ from metric.engine.extract import extract_features
 from metric.retrieval.gallery import build_gallery
 from metric.retrieval.metrics import evaluate_glr
 from metric.retrieval.rerank import search_stores
+from metric.utils.stats_plot import plot_runs
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def retrieval_pipeline(cfg, data_dir, work_dir, weights=""):
 
 
 def run_demo(cfg_file=DEMO_CONFIG, opts=(), data_params=None, retrieval=True):
-    """Returns ``{"untrained": metrics, "trained": metrics, "out_dir", "checkpoint", "gallery"}``."""
+    """Returns ``{"untrained": metrics, "trained": metrics, "out_dir", "checkpoint", "gallery", "curves"}``."""
     cfg = load_cfg(cfg_file, list(opts))
     data_dir = os.path.join(resolve_data_dir(cfg.DATA_DIR), cfg.TRAIN.DATASET)
     make_demo_dataset(data_dir, **(data_params or {}))
@@ -69,6 +72,7 @@ def run_demo(cfg_file=DEMO_CONFIG, opts=(), data_params=None, retrieval=True):
     train_model(cfg)
     checkpoint = list_checkpoints(cfg.OUT_DIR)[-1]
     result["checkpoint"] = checkpoint
+    result["curves"] = plot_runs([cfg.OUT_DIR], os.path.join(cfg.OUT_DIR, "curves.png"), title="demo training")
     logger.info("evaluating the trained model %s", checkpoint)
     result["trained"] = evaluate_model(cfg, weights=checkpoint)
     if retrieval:
@@ -76,9 +80,13 @@ def run_demo(cfg_file=DEMO_CONFIG, opts=(), data_params=None, retrieval=True):
         glr, results = retrieval_pipeline(cfg, data_dir, work, weights=checkpoint)
         result["trained"]["mAP@100"] = glr["mAP@100"]["All"]
         heldout = os.path.join(data_dir, "heldout")
+        figures = {"checkpoint": os.path.basename(checkpoint),
+                   **{f"held-out {title} (untrained -> trained)": f"{result['untrained'][key]:.4f} -> "
+                      f"{result['trained'][key]:.4f}" for title, key in COLUMNS}}
         result["gallery"] = build_gallery(results, heldout, heldout, os.path.join(cfg.OUT_DIR, "gallery.html"),
                                           gt_path=os.path.join(data_dir, "retrieval_solution.csv"),
-                                          scores_path=os.path.join(work, "scores.csv"), topk=8, max_queries=34)
+                                          scores_path=os.path.join(work, "scores.csv"), topk=8, max_queries=34,
+                                          figures=figures)
     return result
 
 

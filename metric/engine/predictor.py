@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from metric.checkpoint import load_inference_weights, unwrap
+from metric.checkpoint import best_checkpoint_path, load_inference_weights, unwrap
 from metric.datasets.transforms import center_crop, decode_image, resize_longer, resize_shorter, to_tensor
 from metric.engine.superglobal import apply_superglobal_from_cfg
 from metric.modeling import build_model
-from metric.utils.errors import ConfigError
+from metric.utils import io
+from metric.utils.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -209,18 +210,33 @@ class Predictor:
         return emb
 
 
+def resolve_weights(cfg, weights=None):
+    """The weights file of ``weights`` (default ``TEST.WEIGHTS``): ``best`` is the best checkpoint
+    of the training run in ``OUT_DIR`` (``OUT_DIR/checkpoints/best.pyth``, see
+    ``TRAIN.BEST_METRIC``); anything else is returned as it is."""
+    weights = cfg.TEST.WEIGHTS if weights is None else weights
+    if weights != "best":
+        return weights
+    path = best_checkpoint_path(cfg.OUT_DIR)
+    if not io.isfile(path):
+        raise CheckpointError(f"TEST.WEIGHTS best: there is no best checkpoint {path} (it is written by training "
+                              "with TRAIN.BEST_METRIC set; set OUT_DIR to that run's folder)")
+    return path
+
+
 def build_inference_model(cfg, weights=None, missing_weights="warn"):
     """The model of ``cfg`` (random weights seeded by ``RNG_SEED``, without touching the caller's
-    RNG) with ``weights`` (default ``TEST.WEIGHTS``) loaded to fit exactly except for the
-    classifier; in eval mode on the CPU, with SuperGlobal's GeM+ / Regional-GeM when ``INFER.POOL_P`` /
-    ``INFER.REGIONAL_GEM`` ask for them (:mod:`metric.engine.superglobal`). See
-    :meth:`Predictor.from_cfg` for ``missing_weights``."""
-    weights = cfg.TEST.WEIGHTS if weights is None else weights
+    RNG) with ``weights`` (default ``TEST.WEIGHTS``; ``best``: :func:`resolve_weights`) loaded to
+    fit exactly except for the classifier, the EMA or raw weights of a checkpoint as
+    ``TEST.WEIGHTS_KIND`` says; in eval mode on the CPU, with SuperGlobal's GeM+ / Regional-GeM
+    when ``INFER.POOL_P`` / ``INFER.REGIONAL_GEM`` ask for them (:mod:`metric.engine.superglobal`).
+    See :meth:`Predictor.from_cfg` for ``missing_weights``."""
+    weights = resolve_weights(cfg, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.RNG_SEED)
         model = build_model(cfg)
     if weights:
-        load_inference_weights(model, weights)
+        load_inference_weights(model, weights, kind=cfg.TEST.WEIGHTS_KIND)
     elif missing_weights == "error":
         raise ConfigError("TEST.WEIGHTS is empty: give the trained weights, e.g. TEST.WEIGHTS model.pyth")
     elif missing_weights == "warn":

@@ -29,12 +29,18 @@ from metric.engine.predictor import Predictor, autocast_dtype
 from metric.utils.logger import FILE_ONLY, StatsWriter, format_seconds, setup_logging
 from metric.engine.meters import IterTimer, RunClock, ScalarMeter, Timer
 from metric.engine.memory import check_training_memory
+from metric.engine.tb_writer import adaptive_scale, build_training_board
 from metric.engine.optimizer import build_optimizer, lr_at
+from metric.engine.accumulate import micro_batch_groups, steps_per_epoch, sync_context
+from metric.engine.best import BestCheckpoint
+from metric.engine.compile import CompiledForward
+from metric.engine.ema import ModelEma
 from metric.engine.param_groups import describe_groups, group_settings, reapply_group_settings
 from metric.utils.rng import get_rng_state, seed_everything, set_rng_state
 from metric.datasets.loader import build_train_loader, test_items, train_items
 from metric.modeling import build_loss, build_model
 from metric.modeling.builders import apply_dynamic_margins, apply_margin_schedule
+from metric.engine import partial_fc as pfc
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +104,7 @@ class Trainer:
         self.stats = StatsWriter(cfg.OUT_DIR, enabled=info.is_master)
         if info.is_master:
             dump_cfg(cfg, os.path.join(cfg.OUT_DIR, cfg.CFG_DEST))
+        self.num_threads = du.set_num_threads(cfg.NUM_THREADS)  # NUM_THREADS (0: cores / local processes)
         self._log_environment()
         seed_everything(cfg.RNG_SEED)
         torch.backends.cudnn.benchmark = cfg.CUDNN.BENCHMARK
@@ -114,7 +121,9 @@ class Trainer:
         if self.test_items is not None and cfg.TEST.BATCH_SIZE % info.world_size:
             raise ConfigError(f"TEST.BATCH_SIZE={cfg.TEST.BATCH_SIZE} must be divisible by the number of "
                               f"processes ({info.world_size})")
-        self.iters_per_epoch = len(self.train_loader)
+        # Optimizer steps per epoch: TRAIN.ACCUM_STEPS micro-batches each (metric.engine.accumulate).
+        self.accum_steps = cfg.TRAIN.ACCUM_STEPS
+        self.iters_per_epoch = steps_per_epoch(len(self.train_loader), self.accum_steps)
 
         model = build_model(cfg).to(self.device)
         if self.channels_last:
@@ -129,10 +138,21 @@ class Trainer:
         logger.info("parameter groups: %s", describe_groups(self.optimizer))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.bad_indices = set()  # unreadable training images seen (indices into the train list)
+        self._resumed = None  # (checkpoint, path) of a resume, for the EMA
         self.start_epoch = self._resume_or_load()
+        self.ema = ModelEma.from_cfg(cfg, model)  # TRAIN.EMA: a copy of the loaded or resumed weights
+        if self.ema is not None and self._resumed is not None:
+            self.ema.load(*self._resumed)
+        self._resumed = None
+        self.best = BestCheckpoint(cfg.TRAIN.BEST_METRIC, cfg.OUT_DIR) if cfg.TRAIN.BEST_METRIC else None
+        if self.best is not None and info.is_master and self.start_epoch:
+            self.best.restore(self.stats.read("test_epoch"))  # cut back to the resumed epoch already
+        self._compiled = None  # TRAIN.COMPILE: the compiled training forward (see _forward_fn)
         # The learning rate is a function of the iteration (set before every step), so a resumed
         # run follows the same curve even if the number of processes changed.
         self.set_lr(self.start_epoch * self.iters_per_epoch)
+        # TensorBoard (LOG.TENSORBOARD, rank 0): steps are iterations done; a resume purges later ones.
+        self.tb = build_training_board(cfg, info.is_master, self.start_epoch * self.iters_per_epoch)
         # Wall time and iterations done, for the ETA; fit() restarts it. Public so that callers
         # that drive train_epoch() themselves (benchmarks) can restart it too.
         self.clock = RunClock()
@@ -149,11 +169,12 @@ class Trainer:
     def _log_environment(self):
         info = self.info
         logger.info(
-            "pymetric: python %s, torch %s, device %s, %d process(es)%s",
+            "pymetric: python %s, torch %s, device %s, %d process(es), %d CPU thread(s) each (NUM_THREADS)%s",
             platform.python_version(),
             torch.__version__,
             self.device,
             info.world_size,
+            self.num_threads,
             f", cuda {torch.version.cuda}" if self.device.type == "cuda" else "",
         )
         logging.getLogger(FILE_ONLY).info("config:\n%s", self.cfg.dump())
@@ -208,7 +229,7 @@ class Trainer:
             if path is not None:
                 if state is None:
                     state = cp.check_resumable(cp.read_checkpoint(path), path)
-                changed = cp.config_differences(state.get("cfg"), cfg)
+                changed = cp.config_differences(state.get("cfg"), cfg, ignore=pfc.RESUMABLE_CHANGES)
                 if changed:
                     raise CheckpointError(
                         f"{path} was trained with another {changed[0]}; use a new OUT_DIR, or "
@@ -216,8 +237,10 @@ class Trainer:
                     )
                 self._check_schedule_unchanged(state, path)
                 cp.load_for_resume(self.model, state, path)
+                self._resumed = (state, path)
                 try:
-                    self.optimizer.load_state_dict(state["optimizer_state"])
+                    self.optimizer.load_state_dict(pfc.shard_optimizer_state(state["optimizer_state"], self.model,
+                                                                             self.optimizer))
                 except ValueError as err:  # another number or size of parameter groups
                     raise CheckpointError(
                         f"{path}: its optimizer state does not fit this config's parameter groups ({err}); "
@@ -250,7 +273,7 @@ class Trainer:
 
     def _check_schedule_unchanged(self, state, path):
         """Refuse to resume with another optimizer or schedule unless TRAIN.RESUME_CHANGED_CONFIG."""
-        sections = ("OPTIM", "TRAIN.BATCH_SIZE", "TRAIN.GRAD_CLIP", "TRAIN.FREEZE_BACKBONE_EPOCHS")
+        sections = ("OPTIM", "TRAIN.BATCH_SIZE", "TRAIN.GRAD_CLIP", "TRAIN.FREEZE_BACKBONE_EPOCHS", "TRAIN.ACCUM_STEPS")
         changed = cp.config_differences(state.get("cfg"), self.cfg, sections=sections, ignore=("OPTIM.MAX_EPOCH",))
         if not changed:
             return
@@ -265,7 +288,7 @@ class Trainer:
     def _restore_bad_images(self, paths):
         """Mark the unreadable images a checkpoint lists as known (they are not decoded again)."""
         dataset = self.train_loader.dataset
-        index = {p: i for i, (p, _) in enumerate(dataset.items)}
+        index = dataset.indices_of(paths)  # a search of the compact item list, no dict of every path
         known = [index[p] for p in paths if p in index]
         self.bad_indices.update(known)
         dataset.add_known_bad(known)
@@ -310,17 +333,29 @@ class Trainer:
             if self._eval_due(epoch):
                 result = self.evaluate(epoch)
         digests = du.all_gather_objects(cp.weights_digest(self.model))
-        self.stats.write("final", epoch=max_epoch, weights_digests=digests)
+        ema = {} if self.ema is None else {"ema_digests": du.all_gather_objects(cp.weights_digest(self.ema.module))}
+        self.stats.write("final", epoch=max_epoch, weights_digests=digests, **ema)
         if len(set(digests)) != 1:
             logger.error("weights differ between processes: %s", digests)
+        self.tb.close()
         logger.info("training done in %s", format_seconds(self.clock.elapsed()))
         return result
 
     def _step(self, images, labels):
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits, emb = self.model(images, labels)
+            logits, emb = self._forward_fn()(images, labels)
             loss, parts = self.loss_fn(logits, emb, labels)
         return loss, parts
+
+    def _forward_fn(self):
+        """The training forward: the model, or with TRAIN.COMPILE its compiled version (made again
+        when the model is wrapped again; eager after a failed compile)."""
+        c = self._compiled
+        if not self.cfg.TRAIN.COMPILE or (c is not None and c.failed):
+            return self.model
+        if c is None or c.module is not self.model:
+            self._compiled = c = CompiledForward(self.model)
+        return c
 
     def train_epoch(self, epoch):
         """One pass over the training set: a ``train_iter`` stats record every LOG_PERIOD
@@ -333,21 +368,26 @@ class Trainer:
         self._freeze_backbone(epoch)
         window, totals = ScalarMeter(), ScalarMeter()  # since the last log line; the whole epoch
         epoch_timer, iter_timer, bad_images = Timer(), IterTimer(), 0
-        for it, (images, labels, failed, bad) in enumerate(loader):
+        # One iteration is one optimizer step over TRAIN.ACCUM_STEPS micro-batches.
+        for it, group in enumerate(micro_batch_groups(loader, self.accum_steps)):
             data_time = iter_timer.data_loaded()
             lr = self.set_lr(epoch * n_iters + it)
-            values = self._train_step(images, labels, epoch, it)
-            values.update(images=images.shape[0] * self.info.world_size, data_time=data_time,
+            self.tb.log_images(epoch * n_iters + it + 1, group[0][0], group[0][1])  # the first batch only
+            values = self._train_step(group, epoch, it)
+            values.update(images=sum(b[0].shape[0] for b in group) * self.info.world_size, data_time=data_time,
                           iter_time=iter_timer.iteration_done())
             window.add(values)
             totals.add(values)
             self.clock.tick()
-            bad_images += int(failed.sum())
-            self.bad_indices.update(bad[bad >= 0].tolist())
+            for _, _, failed, bad in group:
+                bad_images += int(failed.sum())
+                self.bad_indices.update(bad[bad >= 0].tolist())
             if (it + 1) % self.cfg.LOG_PERIOD == 0 or it + 1 == n_iters:
                 self._log_iter(epoch, it, lr, window, margin)
                 window.reset()
         du.average_buffers(cp.unwrap(self.model))
+        if self.ema is not None:
+            self.ema.sync_buffers()  # the EMA of the rank-averaged BN statistics (metric.engine.ema)
         bad_images = int(du.all_reduce_sum(torch.tensor(bad_images, device=self.device)).item())
         return self._log_epoch(epoch, totals, epoch_timer.seconds(), bad_images, margin)
 
@@ -357,28 +397,38 @@ class Trainer:
             logger.info("epoch %d: margin %.4f (MODEL.HEADS.MARGIN_SCHEDULE)", epoch + 1, margin)
         return margin
 
-    def _train_step(self, images, labels, epoch, it):
-        """One optimizer step; returns ``loss`` and ``loss_<name>`` of each part, averaged over processes."""
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        loss, parts = self._step(images, labels)
-        names = self.loss_fn.names
-        values = torch.stack([loss.detach().float()] + [parts[n].detach().float() for n in names])
-        loss_mean, *part_means = du.all_reduce_mean(values).tolist()
-        if not math.isfinite(loss_mean):
+    def _train_step(self, group, epoch, it):
+        """One optimizer step over the micro-batches of ``group`` (TRAIN.ACCUM_STEPS: each loss
+        scaled by 1 / len(group), DDP's all-reduce on the last one only; see
+        :mod:`metric.engine.accumulate`), then the EMA update; returns ``loss`` and ``loss_<name>``
+        of each part, the mean over the micro-batches, averaged over processes."""
+        names, n = self.loss_fn.names, len(group)
+        pfc.set_step(self.model, epoch * self.iters_per_epoch + it)  # Partial FC's sampled classes
+        self.optimizer.zero_grad(set_to_none=True)
+        values = 0
+        for j, (images, labels, *_) in enumerate(group):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with sync_context(self.model, last=j + 1 == n):
+                loss, parts = self._step(images, labels)
+                self.scaler.scale(loss / n if n > 1 else loss).backward()
+            values = values + torch.stack([loss.detach().float()] + [parts[k].detach().float() for k in names])
+        loss_mean, *part_means = du.all_reduce_mean(values / n if n > 1 else values).tolist()
+        if not math.isfinite(loss_mean):  # before the step: the weights stay those of the last one
             raise TrainingError(
                 f"loss became {loss_mean} at epoch {epoch + 1}, iteration {it + 1}; stopping "
                 "(the last checkpoint is kept; lower OPTIM.BASE_LR or add warmup)"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.cfg.TRAIN.GRAD_CLIP > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.TRAIN.GRAD_CLIP)
-        self.scaler.step(self.optimizer)
+        with pfc.sampled_rows(self.optimizer, self.model):  # Partial FC: step only the sampled rows
+            if self.cfg.TRAIN.GRAD_CLIP > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.TRAIN.GRAD_CLIP)
+            self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
         return {"loss": loss_mean, **{f"loss_{n}": v for n, v in zip(names, part_means)}}
 
     def _loss_parts(self, meter):
@@ -400,9 +450,13 @@ class Trainer:
         }
         if margin is not None:
             stats["margin"] = margin
+        scale = adaptive_scale(cp.unwrap(self.model).head)  # AdaCos: a scale that changes
+        if scale is not None:
+            stats["scale"] = scale
         if self.device.type == "cuda":
             stats["mem_mb"] = int(torch.cuda.max_memory_allocated(self.device) / 2**20)
         self.stats.write("train_iter", **stats)
+        self.tb.log_iter(epoch * n_iters + it + 1, stats, self.optimizer.param_groups)
         logger.info(
             "epoch %d/%d iter %d/%d  loss %.4f  lr %.5f  %.1f im/s  data %.3fs  eta %s",
             epoch + 1, max_epoch, it + 1, n_iters, stats["loss"], lr,
@@ -423,42 +477,71 @@ class Trainer:
         if margin is not None:
             summary["margin"] = margin
         self.stats.write("train_epoch", **summary)
+        self.tb.log_epoch((epoch + 1) * self.iters_per_epoch, summary)
         logger.info(
             "epoch %d done: loss %.4f  %.1f im/s  %.1fs%s", epoch + 1, summary["loss"], summary["im_per_s"],
             seconds, f"  ({bad_images} unreadable images replaced)" if bad_images else "",
         )
         return summary
 
-    def save_checkpoint(self, epoch):
+    def _checkpoint_state(self, epoch):
+        """The checkpoint dict after 0-based ``epoch`` on rank 0, ``None`` on the others (every
+        rank calls it: it gathers the RNG states and the unreadable images)."""
         rng_states = du.all_gather_objects(get_rng_state())
         # Unreadable training images found by any rank (or worker) so far: resumed runs know them.
         for part in du.all_gather_objects(sorted(self.bad_indices)):
             self.bad_indices.update(part)
-        if self.info.is_master:
-            model = cp.unwrap(self.model)
-            bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-            if bad:
-                raise TrainingError(f"non-finite weights after epoch {epoch + 1} ({bad[0]}); checkpoint not written")
-            state = {
-                "epoch": epoch,
-                "model_state": model.state_dict(),
-                "optimizer_state": self.optimizer.state_dict(),
-                "scaler_state": self.scaler.state_dict(),
-                "rng_states": rng_states,
-                "bad_images": [self.train_loader.dataset.items[i][0] for i in sorted(self.bad_indices)],
-                "cfg": self.cfg.dump(),
-            }
+        # Every rank takes part: a Partial FC classifier is gathered from all of them.
+        model_state, optimizer_state = pfc.checkpoint_states(self.model, self.optimizer)
+        ema_state = self.ema.state() if self.ema is not None else {}  # gathered the same way
+        if not self.info.is_master:
+            return None
+        model = cp.unwrap(self.model)
+        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingError(f"non-finite weights after epoch {epoch + 1} ({bad[0]}); checkpoint not written")
+        state = {
+            "epoch": epoch,
+            "model_state": model_state,
+            "optimizer_state": optimizer_state,
+            "scaler_state": self.scaler.state_dict(),
+            "rng_states": rng_states,
+            "bad_images": [self.train_loader.dataset.items[i][0] for i in sorted(self.bad_indices)],
+            "cfg": self.cfg.dump(),
+        }
+        state.update(ema_state)
+        return state
+
+    def save_checkpoint(self, epoch):
+        state = self._checkpoint_state(epoch)
+        if state is not None:
             path = cp.save_checkpoint(cp.checkpoint_path(self.cfg.OUT_DIR, epoch), state)
             logger.info("wrote checkpoint %s", path)
         du.barrier()
 
+    def _keep_best(self, metrics, epoch):
+        """TRAIN.BEST_METRIC: write OUT_DIR/checkpoints/best.pyth when ``metrics`` beat the best
+        (decided on rank 0, where the metrics are; :mod:`metric.engine.best`)."""
+        if not du.all_gather_objects(self.info.is_master and self.best.improves(metrics))[0]:
+            return
+        state = self._checkpoint_state(epoch)
+        if state is not None:
+            self.best.save(state, metrics, epoch)
+        du.barrier()
+
     def evaluate(self, epoch=None):
         """Retrieval among the TEST images by label (see :mod:`metric.engine.evaluator`)."""
-        predictor = Predictor.from_cfg(self.cfg, model=self.model, device=self.device,
-                                       channels_last=self.channels_last)
+        # The EMA weights when TRAIN.EMA.ENABLED, unless TEST.WEIGHTS_KIND raw.
+        use_ema = self.ema is not None and self.cfg.TEST.WEIGHTS_KIND != "raw"
+        predictor = Predictor.from_cfg(self.cfg, model=self.ema.module if use_ema else self.model,
+                                       device=self.device, channels_last=self.channels_last)
         metrics = evaluate_retrieval(predictor, self.test_items, self.cfg.TEST.BATCH_SIZE // self.info.world_size,
                                      self.cfg.DATA_LOADER.NUM_WORKERS, self.info.rank, self.info.world_size)
+        if self.best is not None and epoch is not None:
+            self._keep_best(metrics, epoch)  # before the stats record: a kill between them re-runs this
         if metrics is not None:
             self.stats.write("test_epoch", epoch=None if epoch is None else epoch + 1, **metrics)
+            if epoch is not None:
+                self.tb.log_eval((epoch + 1) * self.iters_per_epoch, metrics)
             logger.info("eval%s: %s", "" if epoch is None else f" epoch {epoch + 1}", format_metrics(metrics))
         return metrics

@@ -3,7 +3,10 @@
 Every thumbnail is embedded as a base64 JPEG data URI (resized with OpenCV so its longer side
 is ``thumb_size`` pixels), so the page opens anywhere, offline, and never shows a broken link:
 an image that cannot be found or read is drawn as a labelled placeholder. With a ground truth,
-a relevant result gets a green frame and a non-relevant one a red frame.
+a relevant result gets a green frame and a non-relevant one a red frame, each query shows its
+AP@100 (the Kaggle GLR definition, over its whole result list, not only the shown top-k), and the
+header gives mAP@100 over all scored queries. The header also lists the run's figures a caller
+passes (``figures``: recall@1, mAP@R, the checkpoint, ...).
 
 Images are looked up as ``<root>/<id>.<ext>`` (jpg, jpeg, png, any letter case) and otherwise
 by file-name stem anywhere below the root (the stem map is built once, on first need).
@@ -21,6 +24,7 @@ from tqdm import tqdm
 from metric.utils import io
 from metric.utils.errors import DataError
 from metric.retrieval.groundtruth import read_glr_solution
+from metric.retrieval.metrics_glr import glr_average_precisions
 from metric.retrieval.results import check_output_file, read_results_csv, read_scores_csv
 
 logger = logging.getLogger(__name__)
@@ -89,6 +93,9 @@ body { font-family: sans-serif; margin: 1em; background: #fafafa; }
            display: flex; align-items: center; justify-content: center; text-align: center; }
 .caption { max-width: SIZEpx; overflow-wrap: anywhere; text-align: center; }
 .sep { width: 2px; align-self: stretch; background: #bbb; margin: 0 4px; }
+.figures { border-collapse: collapse; margin: 0.5em 0 1em; }
+.figures th, .figures td { border: 1px solid #ccc; padding: 3px 10px; text-align: left; }
+.ap { font-weight: bold; }
 """
 
 
@@ -110,10 +117,18 @@ class _Thumbnails:
         return f'<img src="{uri}" alt="{html.escape(image_id, quote=True)}">'
 
 
+def _format_figure(value):
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
 def render_gallery(rows, query_finder, index_finder, relevant=None, thumb_size=128,
-                   title="retrieval results", progress=False):
+                   title="retrieval results", progress=False, figures=None, query_ap=None):
     """HTML text of a gallery. ``rows`` is a list of ``(query id, [(index id, score or None)])``;
-    ``relevant`` maps a query id to the set of its relevant index ids (or is ``None``)."""
+    ``relevant`` maps a query id to the set of its relevant index ids (or is ``None``);
+    ``figures`` (``{name: value}``) is shown as a table in the header; ``query_ap`` maps a query
+    id to its average precision, shown under the query."""
     thumbs = _Thumbnails(thumb_size)
     parts = [
         "<!DOCTYPE html>",
@@ -123,12 +138,18 @@ def render_gallery(rows, query_finder, index_finder, relevant=None, thumb_size=1
         "</head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
+    if figures:
+        parts.append('<table class="figures">' + "".join(
+            f"<tr><th>{html.escape(str(name))}</th><td>{html.escape(_format_figure(value))}</td></tr>"
+            for name, value in figures.items()) + "</table>")
     if relevant is not None:
         parts.append("<p>green frame: relevant &middot; red frame: not relevant</p>")
     for qid, results in tqdm(rows, desc="gallery", unit="query", disable=not progress):
+        ap = (query_ap or {}).get(qid)
+        ap_line = "" if ap is None else f'<br><span class="ap">AP@100 {ap:.4f}</span>'
         cells = [
             f'<div class="cell query">{thumbs.html_for(query_finder, qid)}'
-            f'<div class="caption">query<br>{html.escape(qid)}</div></div>',
+            f'<div class="caption">query<br>{html.escape(qid)}{ap_line}</div></div>',
             '<div class="sep"></div>',
         ]
         truth = relevant.get(qid) if relevant is not None else None
@@ -148,12 +169,13 @@ def render_gallery(rows, query_finder, index_finder, relevant=None, thumb_size=1
 
 
 def build_gallery(results_path, query_root, index_root, output, gt_path=None, scores_path=None,
-                  topk=10, max_queries=50, thumb_size=128, progress=False):
+                  topk=10, max_queries=50, thumb_size=128, progress=False, figures=None):
     """Write the HTML gallery of a results CSV to ``output`` (atomically); returns its path.
 
     Shows the first ``max_queries`` queries of the results file, each with its first ``topk``
     results; scores come from ``scores_path`` (``id,scores``) and relevance from the GLR
-    solution ``gt_path`` (``id,images,Usage``) when given.
+    solution ``gt_path`` (``id,images,Usage``) when given, with each query's AP@100 and, in the
+    header, mAP@100 over all scored queries after the caller's ``figures`` (``{name: value}``).
     """
     if topk < 1 or max_queries < 1 or thumb_size < 8:
         raise DataError(
@@ -164,10 +186,13 @@ def build_gallery(results_path, query_root, index_root, output, gt_path=None, sc
     query_finder, index_finder = ImageFinder(query_root), ImageFinder(index_root)
     results = read_results_csv(results_path)
     scores = read_scores_csv(scores_path) if scores_path is not None else {}
-    relevant = None
+    relevant, query_ap, figures = None, None, dict(figures or {})
     if gt_path is not None:
-        relevant = {q: set(ids) for q, (ids, usage) in read_glr_solution(gt_path).items()
-                    if usage != "Ignored"}
+        solution = read_glr_solution(gt_path)
+        relevant = {q: set(ids) for q, (ids, usage) in solution.items() if usage != "Ignored"}
+        query_ap = glr_average_precisions(results, solution, k=100)
+        if query_ap:
+            figures[f"mAP@100 ({len(query_ap)} scored queries)"] = sum(query_ap.values()) / len(query_ap)
     rows = []
     for qid, ids in list(results.items())[:max_queries]:
         query_scores = scores.get(qid, [])
@@ -175,7 +200,7 @@ def build_gallery(results_path, query_root, index_root, output, gt_path=None, sc
                            for i, image_id in enumerate(ids[:topk])]))
     text = render_gallery(rows, query_finder, index_finder, relevant, thumb_size,
                           title=f"retrieval results: {os.path.basename(results_path)}",
-                          progress=progress)
+                          progress=progress, figures=figures, query_ap=query_ap)
     output = io.write_text_atomic(output, text, what="gallery")
     logger.info("gallery of %d queries written to %s", len(rows), output)
     return output

@@ -95,6 +95,16 @@ def glr_map_at_k(predictions, solution, k=100, precision_ks=DEFAULT_PRECISION_KS
     return {f"mAP@{k}": maps, "mP@k": mps}
 
 
+def glr_average_precisions(predictions, solution, k=100):
+    """AP@k of each scored query, as :func:`glr_map_at_k` defines it: ``{query id: AP}`` for the
+    queries of ``solution`` that are scored (not ``Ignored``, non-empty ground truth); their mean
+    is the ``All`` mAP@k. Predicted ids of queries outside the solution are not looked at."""
+    solution = {q: _with_usage(q, value) for q, value in solution.items()}
+    scored = [q for q, (gt, usage) in solution.items() if usage != "Ignored" and len(gt) > 0]
+    ap, _ = _score_lists([predictions.get(q, ()) for q in scored], [solution[q][0] for q in scored], k, (1,))
+    return dict(zip(scored, ap.tolist()))
+
+
 def _with_usage(qid, value):
     """``(ids, usage)`` from a solution value: the pair itself, or a plain id list (usage None)."""
     if (isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], str)

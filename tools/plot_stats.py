@@ -1,0 +1,26 @@
+"""Plot the curves of training runs (loss, learning rate, recall@1, mAP@R) from their stats.jsonl.
+
+    python tools/plot_stats.py OUT_DIR [OUT_DIR ...] [--output curves.png] [--x epoch|iteration]
+
+Several runs share one figure, with a legend (to compare runs). A running or killed job's
+stats.jsonl works too: its unfinished last line is skipped.
+"""
+
+import sys
+
+from metric.utils.cli import make_parser, run_tool
+from metric.utils.stats_plot import X_CHOICES, plot_runs
+
+
+def main(argv=None):
+    parser = make_parser(__doc__.splitlines()[0], config=False)
+    parser.add_argument("runs", nargs="+", metavar="OUT_DIR", help="training output folders (or stats.jsonl files)")
+    parser.add_argument("--output", default="curves.png", help="PNG file to write (default curves.png)")
+    parser.add_argument("--x", choices=X_CHOICES, default="epoch", help="x axis (default epoch)")
+    parser.add_argument("--title", default=None, help="figure title")
+    args = parser.parse_args(argv)
+    print(f"wrote {plot_runs(args.runs, args.output, x=args.x, title=args.title)}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
