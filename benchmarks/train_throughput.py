@@ -86,7 +86,7 @@ def time_ours(cfg, epochs):
     for e in range(1, epochs + 1):
         t = time.perf_counter()
         trainer.train_epoch(e)
-        rates.append(trainer.iters_per_epoch * cfg.TRAIN.BATCH_SIZE / (time.perf_counter() - t))
+        rates.append(len(trainer.train_loader) * cfg.TRAIN.BATCH_SIZE / (time.perf_counter() - t))
     return rates
 
 
@@ -188,7 +188,7 @@ def time_tensorboard(cfg, epochs, rounds, out_root, log_period):
             trainer = Trainer(c, DistInfo())
             trainer.clock.start()
             trainer.train_epoch(0)  # warm-up (the image grid is written here, once)
-            images = trainer.iters_per_epoch * c.TRAIN.BATCH_SIZE
+            images = len(trainer.train_loader) * c.TRAIN.BATCH_SIZE
             before, t_round = spent[0], time.perf_counter()
             if on:
                 _timed_board(trainer.tb, spent)
@@ -256,7 +256,7 @@ def time_compile(cfg, epochs, rounds, out_root):
             for e in range(1, epochs + 1):
                 t = time.perf_counter()
                 trainer.train_epoch(e)
-                rates[on].append(trainer.iters_per_epoch * c.TRAIN.BATCH_SIZE / (time.perf_counter() - t))
+                rates[on].append(len(trainer.train_loader) * c.TRAIN.BATCH_SIZE / (time.perf_counter() - t))
     return rates, warmups
 
 

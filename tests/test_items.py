@@ -166,3 +166,15 @@ def test_check_readable_classes_on_item_list(tiny_data, tmp_path):
     with pytest.raises(DataError, match=r"class 9 of train.txt has no readable image: none of its 2 image\(s\) .*"
                                         r"junk.jpg\); 1 more class\(es\) have none either: 7;"):
         check_readable_classes(bad, "train.txt")
+
+
+def test_label_beyond_int64_is_one_data_error(tmp_path):
+    """A label too large for the int64 arrays is named with its line, not an OverflowError."""
+    from metric.datasets.listfile import read_list
+    from metric.utils.errors import DataError
+
+    path = tmp_path / "list.txt"
+    path.write_text("a.jpg 1\nb.jpg 99999999999999999999\n")
+    for with_labels in (True, False):
+        with pytest.raises(DataError, match=r"list.txt:2: label 99999999999999999999 is too large"):
+            read_list(str(path), check_files=False, with_labels=with_labels)

@@ -297,6 +297,10 @@ def test_seeded_init_does_not_depend_on_the_shards():
     (["MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "1.5"], ["MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "> 0 and <= 1"]),
     (["MODEL.LOSSES.NAME", "[triplet]"], ["MODEL.LOSSES.NAME", "cross_entropy", "PARTIAL_FC"]),
     (["TRAIN.GRAD_CLIP", "1.0"], ["TRAIN.GRAD_CLIP", "PARTIAL_FC"]),
+    (["TRAIN.MIXED_PRECISION", "fp16"], ["TRAIN.MIXED_PRECISION", "bf16 or none", "drift apart"]),
+    (["MODEL.HEADS.CLS_LAYER", "adacos", "MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "0.5"],
+     ["MODEL.HEADS.ADACOS_MODE", "SAMPLE_RATE 1.0"]),
+    (["TRAIN.EMA.ENABLED", "True"], ["TRAIN.EMA.ENABLED", "PARTIAL_FC"]),
 ])
 def test_bad_partial_fc_settings_are_one_line_exit_2(tiny_data, tmp_path, capsys, extra, words):
     from tests.conftest import call_tool, tiny_opts

@@ -99,6 +99,11 @@ def test_num_threads_default_is_cores_per_local_process(monkeypatch):
     assert du.auto_num_threads(cores=16, processes=3) == 5
     assert du.auto_num_threads(cores=2, processes=4) == 1
     monkeypatch.setattr(du, "cpu_cores", lambda: 12)
+    monkeypatch.setattr(du, "_TORCH_DEFAULT_THREADS", 6)  # torch's default: physical cores, below the CPUs
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert du.auto_num_threads() == 6
+    monkeypatch.setattr(du, "_TORCH_DEFAULT_THREADS", 64)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert du.auto_num_threads() == 4
@@ -237,6 +242,26 @@ def test_compile_falls_back_with_one_warning(tiny_data, tmp_path, trainer, monke
     assert set(state) == set(cp.unwrap(t.model).state_dict())
 
 
+def test_compile_fallback_never_swallows_our_errors_or_memory(monkeypatch):
+    """A dead peer (our DistributedError) or an out-of-memory error in the first compiled call
+    stops the run; it is not taken for a platform that cannot compile (eager re-run)."""
+    from metric.engine.compile import CompiledForward
+    from metric.utils.errors import DistributedError
+
+    calls = []
+    module = torch.nn.Linear(2, 2)
+    for err in (DistributedError("process 1 stopped answering"), torch.OutOfMemoryError("out of memory")):
+        def compiled(*args, err=err):
+            calls.append("compiled")
+            raise err
+        monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled)
+        fwd = CompiledForward(module)
+        with pytest.raises(type(err)):
+            fwd(torch.zeros(1, 2))
+        assert not fwd.failed
+    assert calls == ["compiled", "compiled"]
+
+
 @pytest.mark.slow
 def test_compiled_training_checkpoints_have_plain_keys(tiny_data, tmp_path, trainer, monkeypatch):
     real = torch.compile
@@ -299,3 +324,16 @@ def test_best_checkpoint_is_kept_and_used_by_the_tools(tiny_data, tmp_path, trai
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and "TEST.WEIGHTS best" in lines[0] and "best.pyth" in lines[0]
 
+
+
+def test_a_fresh_run_forgets_the_best_checkpoint_of_an_earlier_one(tmp_path):
+    """TEST.WEIGHTS best must never name another run's file: a run from epoch 1 removes it."""
+    from metric.engine.best import BestCheckpoint
+
+    best = BestCheckpoint("mAP@R", str(tmp_path))
+    os.makedirs(os.path.dirname(best.path), exist_ok=True)
+    with open(best.path, "wb") as f:
+        f.write(b"an earlier run's best checkpoint")
+    best.forget_earlier_run()
+    assert not os.path.exists(best.path)
+    best.forget_earlier_run()  # nothing there: nothing to do

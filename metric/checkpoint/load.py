@@ -26,11 +26,16 @@ def model_state_of(obj, source="weights"):
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{source}: not a checkpoint or state dict (expected a dict of tensors, "
                               "or a dict with 'model_state')")
-    for prefix, what in (("module.", "a DataParallel / DDP wrapper"), ("_orig_mod.", "torch.compile")):
-        wrapped = sum(k.startswith(prefix) for k in obj)
-        if wrapped:
-            logger.info("%s: '%s' prefix (%s) removed from %d keys", source, prefix, what, wrapped)
-            obj = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in obj.items()}
+    wrappers = (("module.", "a DataParallel / DDP wrapper"), ("_orig_mod.", "torch.compile"))
+    stripped = True
+    while stripped:  # wrappers nest in any order, e.g. torch.compile(DDP(model)): _orig_mod.module.
+        stripped = False
+        for prefix, what in wrappers:
+            wrapped = sum(k.startswith(prefix) for k in obj)
+            if wrapped:
+                logger.info("%s: '%s' prefix (%s) removed from %d keys", source, prefix, what, wrapped)
+                obj = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in obj.items()}
+                stripped = True
     return obj
 
 

@@ -268,6 +268,14 @@ def _validate_partial_fc(c, loss_names):
     if ema is not None and ema.ENABLED:
         _fail("TRAIN.EMA.ENABLED", True, "False with MODEL.HEADS.PARTIAL_FC.ENABLED True (the EMA copy would hold "
               "every process's classifier shard; not supported yet)")
+    if c.TRAIN.MIXED_PRECISION == "fp16":
+        _fail("TRAIN.MIXED_PRECISION", "fp16", "bf16 or none with MODEL.HEADS.PARTIAL_FC.ENABLED True (fp16's "
+              "gradient scaler decides to skip a step from each process's own classifier shard, so the "
+              "processes would drift apart)")
+    if c.MODEL.HEADS.CLS_LAYER == "adacos" and c.MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE < 1 \
+            and c.MODEL.HEADS.ADACOS_MODE == "adaptive":
+        _fail("MODEL.HEADS.ADACOS_MODE", "adaptive", "fixed, or MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE 1.0 (the adaptive "
+              "scale sums over every class, but a sampled step sees only the sampled ones)")
     accum = c.TRAIN.get("ACCUM_STEPS", 1)
     if accum > 1 and c.MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE < 1:
         _fail("TRAIN.ACCUM_STEPS", accum, "1 with MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE < 1 (each step samples other "

@@ -106,14 +106,6 @@ class ItemList:
             path = os.path.join(root, data[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogateescape"))
             yield path, (None if missing is not None and missing[i] else label)
 
-    def paths(self):
-        """Every path (joined to ``root``), as a list of str."""
-        return [p for p, _ in self]
-
-    def label_list(self):
-        """Every label as a list (``None`` for a missing one)."""
-        return [label for _, label in self]
-
     def take(self, indices):
         """The items at ``indices`` (an integer array or a boolean mask), as a new ItemList."""
         indices = np.asarray(indices)
@@ -170,12 +162,6 @@ class ItemList:
     def __repr__(self):
         return f"ItemList({len(self)} items, {self.data.nbytes} path bytes, root={self.root!r})"
 
-    @property
-    def nbytes(self):
-        """Bytes held by the arrays."""
-        extra = 0 if self.missing is None else self.missing.nbytes
-        return self.data.nbytes + self.offsets.nbytes + self.labels.nbytes + extra
-
     # -- lookups -----------------------------------------------------------------------
 
     def index_of(self, paths):
@@ -198,21 +184,11 @@ class ItemList:
                     start = buf.find(needle, start + 1)
         return found
 
-    # -- statistics ----------------------------------------------------------------------
-
-    def class_members(self):
-        """``(classes, order, starts)``: the distinct labels (ascending), the item indices sorted
-        by label (ascending index within a class) and where each class starts in ``order``
-        (``starts[j]:starts[j + 1]``, with ``starts[-1] == len(self)``)."""
-        order = np.argsort(self.labels, kind="stable")
-        sorted_labels = self.labels[order]
-        classes, first = np.unique(sorted_labels, return_index=True)
-        starts = np.append(first, len(self)).astype(np.int64)
-        return classes, order, starts
-
 
 def class_members(labels):
-    """:meth:`ItemList.class_members` of an array of labels."""
+    """``(classes, order, starts)`` of an array of labels: the distinct labels (ascending), the
+    indices sorted by label (ascending index within a class) and where each class starts in
+    ``order`` (``starts[j]:starts[j + 1]``, with ``starts[-1] == len(labels)``)."""
     labels = np.asarray(labels)
     order = np.argsort(labels, kind="stable")
     classes, first = np.unique(labels[order], return_index=True)

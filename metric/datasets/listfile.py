@@ -69,6 +69,8 @@ def _read_lines(list_path, root, num_classes, with_labels):
                 if len(parts) > 2:
                     raise DataError(f"{where}: expected 'relative/path.jpg [label]', got {line.strip()!r}")
                 label = int(parts[1]) if len(parts) == 2 and parts[1].lstrip("-").isdigit() else None
+            if label is not None and not -2**63 <= label < 2**63:  # labels are stored as int64 at most
+                raise DataError(f"{where}: label {parts[1]} is too large (at most {2**63 - 1})")
             items.append((parts[0], label))
     if not items:
         raise DataError(f"list file {list_path} holds no images")

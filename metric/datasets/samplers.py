@@ -11,6 +11,8 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from metric.datasets.items import class_members
+
 
 def max_pk_batches(chunks_per_class, p):
     """The most batches of ``p`` distinct classes that classes with ``chunks_per_class`` groups
@@ -59,12 +61,10 @@ class PKSampler(Sampler):
         self.batch_size, self.k, self.p = batch_size, num_instances, batch_size // num_instances
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
         # Group the indices by class in numpy (a stable sort: ascending indices within a class).
-        labels = np.asarray(labels)
-        order = np.argsort(labels, kind="stable")
-        classes, first = np.unique(labels[order], return_index=True)
+        classes, order, starts = class_members(labels)
         self.classes = classes.tolist()
-        self.members = [m.tolist() for m in np.split(order, first[1:])] if len(order) else []
-        sizes = np.diff(np.append(first, len(order)))
+        self.members = [m.tolist() for m in np.split(order, starts[1:-1])] if len(order) else []
+        sizes = np.diff(starts)
         chunks = np.maximum(1, sizes // self.k)
         most = max_pk_batches(chunks, self.p)
         self.num_batches = most - most % num_replicas  # over all ranks, every epoch

@@ -14,6 +14,7 @@ with ``TEST.WEIGHTS best``.
 import logging
 
 import metric.checkpoint as cp
+import metric.utils.io as io
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,14 @@ class BestCheckpoint:
                 self.value, self.epoch = value, r["epoch"]
         if self.value is not None:
             logger.info("best %s so far: %.4f after epoch %d (%s)", self.metric, self.value, self.epoch, self.path)
+
+    def forget_earlier_run(self):
+        """Remove the best checkpoint an earlier run left in this OUT_DIR (a run that starts from
+        epoch 0 has no best yet)."""
+        with io.write_errors(self.path, "best checkpoint"):
+            if io.exists(self.path):
+                io.rm(self.path)
+                logger.info("removed %s of an earlier run (this run starts at epoch 1)", self.path)
 
     def improves(self, metrics):
         """Whether ``metrics`` (rank 0's evaluation) beat the best so far."""

@@ -4,7 +4,9 @@
 cannot compile shows it either when ``torch.compile`` is called (an unsupported Python, no
 dynamo) or at the first call, when the graph is traced and the backend builds its code (no C++
 compiler, a backend error): then one warning line is logged and the module runs eagerly from
-then on. After a successful first call nothing is caught, so a bug in the model still raises.
+then on. Our own errors (:class:`~metric.utils.errors.MetricError`, e.g. a dead peer) and
+out-of-memory errors are never taken for a compiler failure. After a successful first call
+nothing is caught, so a bug in the model still raises.
 
 The compiled wrapper is only called, never saved: checkpoints and evaluation use the module
 itself (:func:`metric.checkpoint.unwrap` removes a ``_orig_mod`` wrapper too), so a compiled
@@ -14,6 +16,8 @@ run's checkpoints have the keys of an uncompiled one.
 import logging
 
 import torch
+
+from metric.utils.errors import MetricError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ class CompiledForward:
             return self.compiled(*args, **kwargs)
         try:
             out = self.compiled(*args, **kwargs)
+        except (MetricError, torch.OutOfMemoryError):
+            raise  # not the compiler: our own errors (a dead peer, bad data) and memory stop the run
         except Exception as err:  # tracing or the backend failed: the platform cannot compile
             self._fall_back(err)
             return self.module(*args, **kwargs)

@@ -33,7 +33,7 @@ from metric.utils.errors import ConfigError, DataError
 from metric.datasets.listfile import read_list
 from metric.datasets.transforms import decode_image
 from metric.engine.memory import check_extraction_memory
-from metric.engine.predictor import Predictor
+from metric.engine.predictor import Predictor, resolve_weights
 from metric.retrieval.store import (check_dtype, check_output, is_complete_store, load_features, merge_stores,
                                     save_features, store_lock)
 
@@ -145,7 +145,7 @@ def extract_shard(cfg, items, out_dir, shard, predictor, progress=True, dtype="f
     digest = settings_digest(cfg, cp.weights_digest(predictor.model))
     meta = {
         "model_digest": digest,
-        "weights": cfg.TEST.WEIGHTS,
+        "weights": resolve_weights(cfg),  # "best" as the file it names
         "scales": [float(s) for s in cfg.INFER.SCALES],
         "flip": bool(cfg.INFER.FLIP),
         "multiscale_pool": cfg.INFER.MULTISCALE_POOL,

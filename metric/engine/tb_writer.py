@@ -130,7 +130,7 @@ class TrainingBoard:
         self._guard(lambda: self.writer.flush())
 
     def close(self):
-        if self.enabled:
+        if self.enabled and self.writer is not None:
             self._guard(lambda: self.writer.close())
             self.writer = None
 

@@ -147,6 +147,8 @@ class Trainer:
         self.best = BestCheckpoint(cfg.TRAIN.BEST_METRIC, cfg.OUT_DIR) if cfg.TRAIN.BEST_METRIC else None
         if self.best is not None and info.is_master and self.start_epoch:
             self.best.restore(self.stats.read("test_epoch"))  # cut back to the resumed epoch already
+        elif self.best is not None and info.is_master:
+            self.best.forget_earlier_run()  # a fresh run: TEST.WEIGHTS best must not name an old run's file
         self._compiled = None  # TRAIN.COMPILE: the compiled training forward (see _forward_fn)
         # The learning rate is a function of the iteration (set before every step), so a resumed
         # run follows the same curve even if the number of processes changed.
@@ -312,6 +314,14 @@ class Trainer:
 
     # -- main loop -------------------------------------------------------------
     def fit(self):
+        """Train to OPTIM.MAX_EPOCH (evaluating and checkpointing on the way); the TensorBoard
+        events are flushed however it ends, so the steps before a failure are kept."""
+        try:
+            return self._fit()
+        finally:
+            self.tb.close()
+
+    def _fit(self):
         cfg = self.cfg
         max_epoch = cfg.OPTIM.MAX_EPOCH
         self.clock.start()
@@ -337,7 +347,6 @@ class Trainer:
         self.stats.write("final", epoch=max_epoch, weights_digests=digests, **ema)
         if len(set(digests)) != 1:
             logger.error("weights differ between processes: %s", digests)
-        self.tb.close()
         logger.info("training done in %s", format_seconds(self.clock.elapsed()))
         return result
 
@@ -496,8 +505,10 @@ class Trainer:
         ema_state = self.ema.state() if self.ema is not None else {}  # gathered the same way
         if not self.info.is_master:
             return None
-        model = cp.unwrap(self.model)
-        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        # The gathered states: every process's classifier shard, and the EMA weights too.
+        checked = {**model_state, **{f"ema:{k}": v for k, v in ema_state.get("ema_state", {}).items()}}
+        bad = [k for k, v in checked.items()
+               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise TrainingError(f"non-finite weights after epoch {epoch + 1} ({bad[0]}); checkpoint not written")
         state = {

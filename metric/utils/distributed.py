@@ -300,6 +300,9 @@ def local_processes():
         return 1
 
 
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any set_num_threads of ours
+
+
 def _omp_num_threads():
     """``OMP_NUM_THREADS`` when the environment sets it to a positive integer, else None."""
     try:
@@ -316,7 +319,9 @@ def auto_num_threads(cores=None, processes=None):
     omp = _omp_num_threads()
     if omp is not None and cores is None and processes is None:
         return omp
-    cores = cpu_cores() if cores is None else cores
+    # The CPUs this process may use, but never more than torch's own default (physical cores),
+    # which the CPU count (logical CPUs with SMT) can exceed.
+    cores = min(cpu_cores(), _TORCH_DEFAULT_THREADS) if cores is None else cores
     processes = local_processes() if processes is None else processes
     return max(1, cores // max(1, processes))
 
