@@ -4,6 +4,7 @@ running the tools in ``tools/`` (in this process, or as a subprocess for the com
 Tests marked ``slow`` are the end-to-end ones (subprocesses, training for epochs, export);
 ``pytest -m "not slow" tests`` leaves them out."""
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -118,6 +119,28 @@ def load_tool(name):
     return module
 
 
+def remove_pymetric_handlers():
+    """Remove (and close) the logging handlers pymetric's ``setup_logging`` added to the root logger."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "pymetric", False):
+            root.removeHandler(h)
+            h.close()
+
+
+@contextlib.contextmanager
+def logging_restored():
+    """Run code that sets up pymetric's logging (training, tools) in this process: afterwards its
+    handlers are removed and the root logger's level is put back."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        yield
+    finally:
+        remove_pymetric_handlers()
+        root.setLevel(level)
+
+
 def call_tool(name, argv, capsys):
     """Run ``tools/NAME.py`` in this process as its command line does (``run_tool(main, argv)``;
     an argparse exit gives its status); returns ``(status, stdout, stderr)`` read from ``capsys``.
@@ -125,17 +148,10 @@ def call_tool(name, argv, capsys):
     the real command line are checked once per tool with :func:`run_py`."""
     from metric.utils.cli import run_tool
 
-    root = logging.getLogger()
-    level = root.level
-    try:
-        status = run_tool(load_tool(name).main, [str(a) for a in argv])
-    except SystemExit as exc:
-        status = exc.code
-    finally:
-        for h in list(root.handlers):
-            if getattr(h, "pymetric", False):
-                root.removeHandler(h)
-                h.close()
-        root.setLevel(level)
+    with logging_restored():
+        try:
+            status = run_tool(load_tool(name).main, [str(a) for a in argv])
+        except SystemExit as exc:
+            status = exc.code
     out, err = capsys.readouterr()
     return status, out, err

@@ -1,14 +1,13 @@
 """Exact resume under every condition: unreadable images, a kill before the final evaluation,
 stats written once, a changed optimizer config (fault issue, section 3)."""
 
-import logging
 import os
 import shutil
 
 import pytest
 import torch
 
-from conftest import tiny_opts
+from conftest import logging_restored, tiny_opts
 from metric.checkpoint import list_checkpoints, read_checkpoint
 from metric.config import load_cfg
 from metric.utils.errors import CheckpointError
@@ -22,14 +21,8 @@ def train(monkeypatch):
     """Train in this process (one process, no spawn); the log handlers it adds are removed after."""
     from metric.engine.trainer import train_model
 
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield lambda opts: train_model(load_cfg(None, opts))
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(level)
+    with logging_restored():
+        yield lambda opts: train_model(load_cfg(None, opts))
 
 
 @pytest.fixture

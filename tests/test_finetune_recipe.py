@@ -4,7 +4,6 @@ TRAIN.FREEZE_BACKBONE_EPOCHS. The parameter groups, their learning rates and wei
 what the config says (against a naive per-parameter reading of the documented rules), the trainer
 applies them, and a resumed run has them and ends with the same weights."""
 
-import logging
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ from metric.checkpoint import list_checkpoints, read_checkpoint
 from metric.engine.optimizer import build_optimizer
 from metric.engine.param_groups import param_groups
 from metric.utils.errors import CheckpointError, ConfigError
-from tests.conftest import TINY_MODEL, call_tool, tiny_opts
+from tests.conftest import TINY_MODEL, call_tool, logging_restored, tiny_opts
 
 TINY_WIDE = ["MODEL.TYPE", "resnet50x1", "RESNET.STEM_WIDTH", "4", "RESNET.WIDTH_PER_GROUP", "4",
              "MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5"]
@@ -168,14 +167,8 @@ def trainer_of():
     from metric.engine.trainer import Trainer
     from metric.utils.distributed import DistInfo
 
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield lambda opts: Trainer(load_cfg(None, opts), DistInfo())
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(level)
+    with logging_restored():
+        yield lambda opts: Trainer(load_cfg(None, opts), DistInfo())
 
 
 RECIPE = {"OPTIM.OPTIMIZER": "adamw", "OPTIM.NESTEROV": False, "OPTIM.BASE_LR": 0.002, "OPTIM.WEIGHT_DECAY": 0.05,

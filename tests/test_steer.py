@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import metric.checkpoint as cp
-from conftest import call_tool, run_py, tiny_opts
+from conftest import call_tool, logging_restored, run_py, tiny_opts
 from metric.config import load_cfg
 from metric.engine.ema import ModelEma, ema_decay
 from metric.utils import distributed as du
@@ -25,15 +25,10 @@ def trainer(monkeypatch):
     log handlers it adds and torch's thread count are put back after."""
     from metric.engine.trainer import Trainer
 
-    root = logging.getLogger()
-    level, handlers, threads = root.level, list(root.handlers), torch.get_num_threads()
-    yield lambda opts: Trainer(load_cfg(None, list(opts) + ["NUM_THREADS", "1"]), du.DistInfo())
+    threads = torch.get_num_threads()
+    with logging_restored():
+        yield lambda opts: Trainer(load_cfg(None, list(opts) + ["NUM_THREADS", "1"]), du.DistInfo())
     torch.set_num_threads(threads)
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(level)
 
 
 # --- EMA ----------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_opts
+from conftest import logging_restored, tiny_opts
 from metric.checkpoint import list_checkpoints
 from metric.config import load_cfg
 from metric.datasets.transforms import MEAN, STD
@@ -33,14 +33,8 @@ def train():
     """Train in this process; the log handlers it adds are removed after."""
     from metric.engine.trainer import train_model
 
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield lambda opts: train_model(load_cfg(None, opts))
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(level)
+    with logging_restored():
+        yield lambda opts: train_model(load_cfg(None, opts))
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from metric.checkpoint import list_checkpoints, read_checkpoint
 from metric.utils.cli import run_tool
 from metric.utils.logger import read_stats
-from tests.conftest import run_py, tiny_opts
+from tests.conftest import logging_restored, run_py, tiny_opts
 
 
 def _free_port():
@@ -223,20 +223,12 @@ def _ckpt(epoch):
 @pytest.fixture
 def in_process_training():
     """Trainer built in this process; its log handlers are removed afterwards."""
-    import logging
-
     from metric.config import load_cfg
     from metric.engine.trainer import Trainer
     from metric.utils.distributed import DistInfo
 
-    root = logging.getLogger()
-    level = root.level
-    yield lambda opts: Trainer(load_cfg(None, opts), DistInfo())
-    for h in list(root.handlers):
-        if getattr(h, "pymetric", False):
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(level)
+    with logging_restored():
+        yield lambda opts: Trainer(load_cfg(None, opts), DistInfo())
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from metric.modeling.builders import build_backbone
 from metric.modeling.layers.resize import resize_2d
 from metric.modeling.layers.transformer import LayerNorm
 from metric.utils.errors import CheckpointError
-from tests.conftest import REPO, call_tool, tiny_opts
+from tests.conftest import REPO, call_tool, remove_pymetric_handlers, tiny_opts
 
 # WIDTH 128 (2 heads), 2 blocks, 8 px patches, 64-d image embedding, trained at 32 px (4 x 4 grid).
 TINY = ["MODEL.TYPE", "vit", "MODEL.WIDTH", "128", "MODEL.LAYERS", "2", "MODEL.PATCH_SIZE", "8",
@@ -518,15 +518,7 @@ def test_tiny_vit_trains_resumes_extracts_and_is_scored(tiny_data, tmp_path, mon
         _train_resume_extract_score(tiny_data, tmp_path, monkeypatch, opts)
     finally:
         torch.set_num_threads(threads)
-        _remove_log_handlers()
-
-
-def _remove_log_handlers():
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "pymetric", False):
-            root.removeHandler(h)
-            h.close()
+        remove_pymetric_handlers()
 
 
 def _train_resume_extract_score(tiny_data, tmp_path, monkeypatch, opts):

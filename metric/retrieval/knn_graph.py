@@ -23,7 +23,7 @@ import torch
 from metric.utils import io
 from metric.utils.errors import FeatureStoreError, MetricError
 from metric.retrieval.ann import _file_sha256, _store_digest
-from metric.retrieval.search import as_matrix, resolve_backend
+from metric.retrieval.search import as_matrix, is_int, resolve_backend
 
 # float32 elements of a block of similarities (rows x index chunk).
 GATHER_ELEMENTS = 1 << 25
@@ -31,10 +31,6 @@ GATHER_ELEMENTS = 1 << 25
 GRAPH_ROWS = 1 << 12
 GRAPH_FILES = ("knn_graph.npz", "knn_graph.json")
 GRAPH_VERSION = 1
-
-
-def _is_int(value):
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
 
 
 @dataclasses.dataclass
@@ -93,7 +89,7 @@ def build_index_graph(index, width, device=None, chunk_size=None, progress=False
     pass over the index (``N x N x D`` multiply-adds in all)."""
     index = as_matrix(index, "index")
     n = index.shape[0]
-    if not _is_int(width) or width < 1:
+    if not is_int(width) or width < 1:
         raise MetricError(f"graph width must be an integer >= 1, got {width!r}")
     _, dev = resolve_backend("torch", device)
     width = min(int(width), n)
@@ -181,7 +177,7 @@ def build_store_graph(store_path, k=20, out_dir=None, device=None, progress=Fals
     description written, with ``path``."""
     from metric.retrieval.store import load_features
 
-    if not _is_int(k) or k < 1:
+    if not is_int(k) or k < 1:
         raise MetricError(f"--knn must be an integer >= 1, got {k!r}")
     store = load_features(store_path, mmap=True)
     if len(store) == 0:

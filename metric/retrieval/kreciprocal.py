@@ -41,7 +41,7 @@ import torch
 
 from metric.utils.errors import MetricError
 from metric.retrieval.knn_graph import GRAPH_ROWS, IndexGraph, block_rows, build_index_graph, knn_rows
-from metric.retrieval.search import as_matrix, check_dims, resolve_backend
+from metric.retrieval.search import as_matrix, check_dims, is_int, resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +52,11 @@ DEFAULT_LAMBDA = 0.3
 GATHER_ELEMENTS = 1 << 25
 
 
-def _is_int(value):
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-
 def check_kreciprocal(k1, k2, lambda_value):
     """Validate the parameters (one-line :class:`MetricError`)."""
-    if not _is_int(k1) or k1 < 1:
+    if not is_int(k1) or k1 < 1:
         raise MetricError(f"k-reciprocal k1 must be an integer >= 1, got {k1!r}")
-    if not _is_int(k2) or k2 < 1:
+    if not is_int(k2) or k2 < 1:
         raise MetricError(f"k-reciprocal k2 must be an integer >= 1, got {k2!r}")
     if k2 > k1 + 1:
         raise MetricError(f"k-reciprocal k2 (local query expansion) must be at most k1 + 1 = {k1 + 1}, got {k2}")

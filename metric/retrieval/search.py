@@ -34,6 +34,13 @@ from metric.utils.errors import DataError, MetricError
 
 logger = logging.getLogger(__name__)
 
+
+def is_int(value):
+    """Whether ``value`` is a Python or numpy integer (not a bool): how re-ranking and graph
+    parameters are validated."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
 BACKENDS = ("auto", "faiss", "torch")
 # Faster exact CPU backend on 1,000 x 100,000 x 512, top-100 (benchmarks/search_bench.py on an
 # idle 2-core AVX-512 machine: faiss.knn chunks 0.47-0.49 s, the torch path 0.65 s, a bare

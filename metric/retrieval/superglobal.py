@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from metric.utils.errors import MetricError
-from metric.retrieval.search import _exact_boundary, as_matrix, resolve_backend
+from metric.retrieval.search import _exact_boundary, as_matrix, is_int, resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,11 @@ DEFAULT_BETA = 0.15
 GATHER_ELEMENTS = 1 << 25
 
 
-def _is_int(value):
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-
 def check_superglobal(m, k, beta):
     """Validate the parameters (one-line :class:`MetricError`)."""
-    if not _is_int(m) or m < 2:
+    if not is_int(m) or m < 2:
         raise MetricError(f"SuperGlobal M (candidates re-ranked per query) must be an integer >= 2, got {m!r}")
-    if not _is_int(k) or k < 1:
+    if not is_int(k) or k < 1:
         raise MetricError(f"SuperGlobal K (neighbours per candidate) must be an integer >= 1, got {k!r}")
     if not np.isfinite(beta) or beta < 0:
         raise MetricError(f"SuperGlobal beta must be a finite number >= 0, got {beta!r}")
