@@ -27,7 +27,7 @@ VARIANTS = {
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--cfg", default="configs/metric/demo_cpu.yaml")
     p.add_argument("--rounds", type=int, default=5, help="turns per variant (the median is shown)")
     p.add_argument("--iters", type=int, default=10, help="timed training steps per turn")

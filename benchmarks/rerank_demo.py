@@ -46,7 +46,7 @@ def main(argv=None):
     from metric.retrieval.metrics import evaluate_glr
     from metric.retrieval.rerank import search_stores
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--out-dir", default="output/demo", help="the trained demo's OUT_DIR")
     parser.add_argument("--data-dir", default="metric/datasets/data/demo", help="the demo data set folder")
     parser.add_argument("--work-dir", default=None, help="where to put stores and results (default: a temp dir)")

@@ -64,7 +64,7 @@ def rss_mib(pid="self"):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--part", default="all", help="list, search, classifier or all (comma-separated)")
     p.add_argument("--tmp", default=None, help="folder for the temporary list file and stores (default: system temp)")
     # list

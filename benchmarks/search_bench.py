@@ -211,7 +211,7 @@ def bench_rerank(args):
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--skip-rerank", action="store_true", help="do not time re-ranking")
     parser.add_argument("--rerank-skip-dba", action="store_true", help="do not time DBA (an index x index search)")
     parser.add_argument("--rerank-repeat", type=int, default=1, help="runs of each re-ranking timing (best kept)")

@@ -43,7 +43,7 @@ from metric.modeling import build_model
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--depth", type=int, default=18)
     p.add_argument("--width", type=int, default=32, help="RESNET.WIDTH_PER_GROUP and STEM_WIDTH")
     p.add_argument("--im-size", type=int, default=112)

@@ -13,6 +13,7 @@ import sys
 
 from metric.retrieval.store import add_verify_option, apply_verify_option
 from metric.utils.cli import make_parser, run_tool
+from metric.utils.io import check_distinct_paths
 from metric.retrieval.metrics import check_json_path, evaluate, format_table, write_json
 
 
@@ -29,6 +30,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     apply_verify_option(args)
     if args.json:
+        check_distinct_paths([("--json", args.json)],
+                             [(f"--{k.replace('_', '-')}", getattr(args, k))
+                              for k in ("results", "gt", "query_labels", "index_labels")],
+                             stores=[("--query", args.query), ("--index", args.index)])
         check_json_path(args.json)
 
     mode, metrics = evaluate(

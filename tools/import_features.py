@@ -7,6 +7,7 @@
 import sys
 
 from metric.utils.cli import make_parser, run_tool
+from metric.utils.io import check_distinct_paths
 from metric.retrieval.store import add_dtype_option, check_dtype, import_features
 
 
@@ -19,6 +20,7 @@ def main(argv=None):
     add_dtype_option(parser)
     args = parser.parse_args(argv)
     dtype = check_dtype(args.dtype)
+    check_distinct_paths([("--output", args.output)], [("--embeddings", args.embeddings), ("--ids", args.ids)])
     store = import_features(args.embeddings, args.ids, args.output, normalize=not args.no_normalize, dtype=dtype)
     print(f"imported {len(store)} x {store.dim} features ({store.dtype}) into {store.path}")
 

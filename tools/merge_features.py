@@ -8,6 +8,7 @@ import sys
 
 from metric.retrieval.store import add_dtype_option, add_verify_option, apply_verify_option, check_dtype
 from metric.utils.cli import make_parser, run_tool
+from metric.utils.io import check_distinct_paths
 from metric.retrieval.store import load_features, merge_stores
 
 
@@ -19,6 +20,7 @@ def main(argv=None):
     add_dtype_option(parser, default=None, help_extra="; default: the inputs' (which must agree)")
     args = parser.parse_args(argv)
     apply_verify_option(args)
+    check_distinct_paths([("--output", args.output)], stores=[(s, s) for s in args.stores])
     path = merge_stores(args.stores, args.output, dtype=None if args.dtype is None else check_dtype(args.dtype))
     store = load_features(path)
     failed = len(store.meta.get("failed_images", []))

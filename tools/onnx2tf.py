@@ -12,6 +12,7 @@ this tool wrote it. Fails if an fp32 model differs from onnxruntime by more than
 import sys
 
 from metric.utils.cli import run_tool
+from metric.utils.io import check_distinct_paths
 from metric.export import parse_tool_args
 from metric.export.onnx import format_results, read_image
 from metric.export.tensorflow import convert_onnx_to_tf
@@ -30,6 +31,7 @@ def _flags(parser):
 
 def main(argv=None):
     args = parse_tool_args(__doc__.splitlines()[0], _flags, argv, config=False)
+    check_distinct_paths([("OUTDIR", args.out_dir)], [("the ONNX file", args.onnx), ("--image", args.image)])
     image = read_image(args.image) if args.image else None
     report = convert_onnx_to_tf(args.onnx, args.out_dir, args.tflite, args.fp16, args.nchw, args.check_size, image)
     for line in format_results(report["checks"]):

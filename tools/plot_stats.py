@@ -9,7 +9,8 @@ stats.jsonl works too: its unfinished last line is skipped.
 import sys
 
 from metric.utils.cli import make_parser, run_tool
-from metric.utils.stats_plot import X_CHOICES, plot_runs
+from metric.utils.io import check_distinct_paths
+from metric.utils.stats_plot import X_CHOICES, plot_runs, stats_file
 
 
 def main(argv=None):
@@ -19,6 +20,7 @@ def main(argv=None):
     parser.add_argument("--x", choices=X_CHOICES, default="epoch", help="x axis (default epoch)")
     parser.add_argument("--title", default=None, help="figure title")
     args = parser.parse_args(argv)
+    check_distinct_paths([("--output", args.output)], [(stats_file(run), stats_file(run)) for run in args.runs])
     print(f"wrote {plot_runs(args.runs, args.output, x=args.x, title=args.title)}")
 
 

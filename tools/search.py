@@ -11,17 +11,37 @@ Re-rankers run in the order DBA, search, alpha-QE, then SuperGlobal or k-recipro
 (docs/RETRIEVAL.md lists their parameters and costs).
 """
 
+import re
+import shlex
 import sys
 
 from metric.retrieval.store import add_verify_option, apply_verify_option
 from metric.utils.cli import make_parser, run_tool
+from metric.utils.io import check_distinct_paths
 from metric.retrieval.rerank import search_stores
 from metric.retrieval.rerank_plan import GRAPH_MODES, RERANKERS
 from metric.retrieval.search import BACKENDS
 
 
+def original_search_form(args):
+    """The error for the original project's ``search.py search_gpu Q, R, OUT [TOPK]`` (its README's
+    form, commas and all), naming the equivalent command. It is refused, not translated: the
+    original read pickled features and wrote a pickle of (id, distance) lists, where this tool
+    reads feature stores and writes a results CSV."""
+    words = [w for w in re.split(r"[,\s]+", " ".join(args)) if w]
+    query, index, out, topk = (words + ["QDIR", "IDIR", "results.csv", "100"][len(words):])[:4]
+    out = re.sub(r"\.(pkl|pickle)$", ".csv", out)
+    cmd = " ".join(shlex.quote(w) for w in ("--query", query, "--index", index, "--output", out, "--topk", topk))
+    return (f"the original form 'search.py search_gpu QUERY, REFER, OUTPUT' is not supported (it read and wrote "
+            f"pickles); run: python tools/search.py {cmd} (QUERY and REFER: feature store folders written by "
+            "tools/extract_features.py; the output is a results CSV id,images)")
+
+
 def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0], config=False)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv and argv[0] == "search_gpu":  # the original project's form: search.py search_gpu Q, R, OUT [TOPK]
+        parser.error(original_search_form(argv[1:]))
     parser.add_argument("--query", required=True, help="query feature store folder")
     parser.add_argument("--index", required=True, help="index feature store folder")
     parser.add_argument("--output", required=True, help="results CSV to write (id,images)")
@@ -58,6 +78,9 @@ def main(argv=None):
     add_verify_option(parser)
     args = parser.parse_args(argv)
     apply_verify_option(args)
+    check_distinct_paths([("--output", args.output), ("--scores", args.scores)],
+                         [("--ann-dir", args.ann_dir), ("--graph-dir", args.graph_dir)],
+                         stores=[("--query", args.query), ("--index", args.index)])
     rerank_params = dict(sg_m=args.sg_m, sg_k=args.sg_k, sg_beta=args.sg_beta, kr_k1=args.kr_k1, kr_k2=args.kr_k2,
                          kr_lambda=args.kr_lambda, kr_graph=args.kr_graph, graph_dir=args.graph_dir)
     summary = search_stores(

@@ -6,6 +6,7 @@
 import sys
 
 from metric.utils.cli import make_parser, run_tool
+from metric.utils.io import check_distinct_paths
 from metric.config import load_cfg
 from metric.engine.evaluator import evaluate_model, format_metrics
 from metric.retrieval.metrics import check_json_path, write_json
@@ -16,8 +17,9 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
     cfg = load_cfg(args.cfg_file, args.opts)
-    if args.json:
-        check_json_path(args.json)  # before the work, not after it
+    if args.json:  # before the work, not after it
+        check_distinct_paths([("--json", args.json)], [("--cfg", args.cfg_file), ("TEST.WEIGHTS", cfg.TEST.WEIGHTS)])
+        check_json_path(args.json)
     metrics = evaluate_model(cfg)
     print(format_metrics(metrics))
     if args.json:

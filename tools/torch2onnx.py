@@ -11,6 +11,7 @@ input and on a real image (--image, default a built-in sample photo). See docs/E
 import sys
 
 from metric.utils.cli import run_tool
+from metric.utils.io import check_distinct_paths
 from metric.config import load_cfg
 from metric.export import parse_tool_args
 from metric.export.onnx import DEFAULT_OPSET, export_checked_onnx, format_results, read_image
@@ -27,6 +28,8 @@ def _flags(parser):
 def main(argv=None):
     args = parse_tool_args(__doc__.splitlines()[0], _flags, argv, required=("output",))
     cfg = load_cfg(args.cfg_file, args.opts)
+    check_distinct_paths([("--output", args.output)],
+                         [("--cfg", args.cfg_file), ("TEST.WEIGHTS", cfg.TEST.WEIGHTS), ("--image", args.image)])
     image = read_image(args.image) if args.image else None
     sig, results = export_checked_onnx(cfg, args.output, args.size, args.opset, args.dynamic, image)
     for line in format_results(results):

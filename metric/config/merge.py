@@ -172,13 +172,22 @@ def _read_yaml(path, seen):
         raise ConfigError(f"config file {path} inherits from itself through _BASE_")
     if not io.isfile(path):
         raise ConfigError(f"config file not found: {path}")
+    # Decoded line by line: bytes that are not UTF-8 (a binary file, latin-1 text) are one
+    # ConfigError naming the file, line and byte, not a decoder traceback.
+    with io.open_text(path, ConfigError, "config file") as lines:
+        text = "".join(lines)
     try:
-        with io.open_path(path, "r") as f:
-            data = yaml.safe_load(f) or {}
+        data = yaml.safe_load(text) or {}
+    except yaml.reader.ReaderError as err:  # a control character: its __str__ spans two lines
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        raise ConfigError(f"config file {path} is not valid yaml at line {line}, column {column}: unacceptable "
+                          f"character #x{err.character:04x} ({err.reason}); is it a text file?") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path} is not valid yaml{where}: {getattr(err, 'problem', err)}") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # one line
+        raise ConfigError(f"config file {path} is not valid yaml{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
     bases = data.pop("_BASE_", [])

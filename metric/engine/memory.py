@@ -25,6 +25,8 @@ cannot fit. Nothing is allocated to find out. The estimates are deliberately on 
   :data:`INFER_BYTES_PER_PIXEL` (an input and an output of the largest layer, 16 float channels
   per input pixel), the largest view being ``TEST.IM_SIZE x max(INFER.SCALES)`` on its longer
   side (bounded by the square).
+- **export** (ONNX, Kaggle; :func:`check_export_memory`): the inference estimate for the largest
+  input the export traces and checks on the CPU (two images of the export size).
 - **loader workers**: each of ``DATA_LOADER.NUM_WORKERS`` processes (per training process on this
   machine) holds :data:`WORKER_BASE_BYTES` plus two prefetched batches of float32 input tensors.
   More than :data:`WORKERS_PER_CORE` workers per CPU core in all is refused outright.
@@ -339,3 +341,20 @@ def check_extraction_memory(cfg, device, world_size=1, cpu_bytes=None, gpu_bytes
     cpu.check()
     if dev is not cpu:
         dev.check()
+
+
+def check_export_memory(cfg, images, what, hint, cpu_bytes=None):
+    """Refuse (ConfigError) an export whose trace and numerical checks cannot fit in this machine's
+    memory (the model is exported and checked on the CPU): the classifier weights and a forward
+    pass over ``images``, a list of ``(batch, height, width)`` inputs (the largest counts),
+    :data:`INFER_BYTES_PER_PIXEL` per input pixel as for extraction. ``what`` names the sizes in
+    the message (``export size 100000 x 100000``), ``hint`` says what to do. Nothing is allocated."""
+    memory = machine_memory() if cpu_bytes is None else cpu_bytes
+    cpu = _Budget(memory, f"this machine's {format_bytes(memory or 0)} of memory (CPU)")
+    _add_classifier(cfg, cpu, cpu, 1, 1, training=False)
+    batch, h, w = max(images, key=lambda i: i[0] * i[1] * i[2])
+    per_px = INFER_BYTES_PER_PIXEL * _width_scale(cfg) + 12
+    cpu.add(batch * h * w * per_px, "activations",
+            f"{what} ({batch} image{'s' if batch > 1 else ''} of {h} x {w} px at about {per_px:.0f} bytes per pixel "
+            "for the export and its checks)", hint)
+    cpu.check()

@@ -102,7 +102,8 @@ def make_kaggle_model(cfg, output, image=None, opset=None, threads=None, min_cos
     longer image side ``TEST.IM_SIZE``). Returns a report with every check's numbers; raises
     :class:`ExportError` if a check fails or the inputs are unusable."""
     from metric.utils.errors import ExportError, MetricError
-    from metric.export.onnx import DEFAULT_OPSET, diff_stats, export_onnx, load_export_model, verify_onnx
+    from metric.engine.memory import check_export_memory
+    from metric.export.onnx import DEFAULT_OPSET, diff_stats, export_inputs, export_onnx, load_export_model, verify_onnx
     from metric.export.tensorflow import convert_onnx_to_tf, keep_log, run_worker, tf_python
 
     from metric.utils import io
@@ -112,8 +113,10 @@ def make_kaggle_model(cfg, output, image=None, opset=None, threads=None, min_cos
     if cfg.MODEL.TYPE == "vit":  # see docs/EXPORT.md: onnx2tf cannot convert the ViT graph
         raise ExportError("the Kaggle (TensorFlow) model cannot be made for MODEL.TYPE vit: onnx2tf 1.29 does not "
                           "convert its graph; export ONNX instead (tools/torch2onnx.py, checked with onnxruntime)")
-    tf_python()
     max_side = cfg.TEST.IM_SIZE
+    check_export_memory(cfg, export_inputs((max_side, max_side), dynamic_hw=True), f"TEST.IM_SIZE={max_side}",
+                        "lower TEST.IM_SIZE (the longer image side of the submission model)")
+    tf_python()
     if list(cfg.INFER.SCALES) != [1.0] or cfg.INFER.FLIP or cfg.INFER.CENTER_CROP:
         raise ExportError(
             "the Kaggle model computes one scale of the whole image in its graph: set INFER.SCALES [1.0], "

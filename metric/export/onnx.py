@@ -20,6 +20,7 @@ import torch
 
 from metric.utils import io
 from metric.utils.errors import ExportError
+from metric.engine.memory import check_export_memory
 from metric.datasets.transforms import decode_image, resize_shorter, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,16 @@ def _check_size(size):
     if len(size) != 2 or any(int(s) != s or s < 32 for s in size):
         raise ExportError(f"export size must be two integers H W >= 32, got {tuple(size)}")
     return int(size[0]), int(size[1])
+
+
+def export_inputs(size, dynamic_hw=False):
+    """``(batch, height, width)`` of the inputs that :func:`export_onnx` and :func:`verify_onnx`
+    run through the model for an export of ``size`` (for :func:`check_export_memory`)."""
+    h, w = size
+    inputs = [(2, h, w)]
+    if dynamic_hw:
+        inputs += [(1, h + 32, max(32, w - 32)), (1, max(h, w), max(h, w))]  # the image: longer side max(h, w)
+    return inputs
 
 
 def export_onnx(model, path, size=(224, 224), opset=DEFAULT_OPSET, dynamic_hw=False, atomic=True):
@@ -260,8 +271,12 @@ def export_checked_onnx(cfg, output, size=None, opset=DEFAULT_OPSET, dynamic_hw=
     """The whole ``tools/torch2onnx.py``: load the model of ``cfg`` with ``TEST.WEIGHTS``, export
     it, check it (:func:`verify_onnx`) and only then move it to ``output``. ``size`` defaults to
     the evaluation crop ``TRAIN.IM_SIZE`` squared. Returns ``(signature, check results)``."""
+    given = size is not None
     size = _check_size(size or (cfg.TRAIN.IM_SIZE, cfg.TRAIN.IM_SIZE))
     output = io.check_output_path(output, "ONNX file")
+    check_export_memory(cfg, export_inputs(size, dynamic_hw),
+                        f"export size {size[0]} x {size[1]}" + ("" if given else " (TRAIN.IM_SIZE)"),
+                        "give a smaller size (--size H W)")
     model = load_export_model(cfg)
     with io.atomic_local_path(output, "ONNX file") as tmp:
         export_onnx(model, tmp, size, opset, dynamic_hw, atomic=False)

@@ -37,7 +37,21 @@ class _ArgumentParser(argparse.ArgumentParser):
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
         sys.exit(EXIT_USER_ERROR)
 
+    def _check_options(self, args):
+        """An unknown ``--option`` (an abbreviation of a known one included) is the error, even
+        when required arguments are missing too (argparse would report those first)."""
+        for token in args:
+            if token == "--":
+                return
+            name = token.split("=", 1)[0]
+            if name.startswith("--") and name not in self._option_string_actions:
+                near = sorted(o for o in self._option_string_actions if o.startswith(name) and o.startswith("--"))
+                hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+                self.error(f"unrecognized option {name}{hint}")
+
     def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        self._check_options(args)
         if not self.takes_config:
             return super().parse_args(args, namespace)
         ns, rest = self.parse_known_args(args, namespace)
@@ -49,9 +63,11 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def make_parser(description, config=True):
-    """An argument parser; with ``config=True`` it takes ``--cfg FILE`` and ``KEY VALUE`` overrides."""
+    """An argument parser; with ``config=True`` it takes ``--cfg FILE`` and ``KEY VALUE`` overrides.
+    Options are matched exactly (no prefixes): an abbreviation is an unknown option."""
     parser = _ArgumentParser(
         description=description,
+        allow_abbrev=False,  # --no-progres is an error, not --no-progress: an option must be spelled out
         epilog="Config overrides are KEY VALUE pairs, e.g. OPTIM.BASE_LR 0.01 (see docs/CONFIG.md)." if config else None,
     )
     if config:

@@ -135,12 +135,15 @@ def ls(path):
 
 
 def mkdirs(path, what="output"):
-    """Create folder ``path`` and its parents; an OS error becomes an :class:`OutputError`."""
+    """Create folder ``path`` and its parents; an OS error, or a file of that name, becomes an
+    :class:`OutputError`."""
     path = os.fspath(path)
     try:
         PATH_MANAGER.mkdirs(path)
     except OSError as err:
         raise output_error(err, path, f"{what} folder", verb="create") from None
+    if is_local(path) and not os.path.isdir(path):  # iopath ignores EEXIST: a file of that name is "created"
+        raise OutputError(f"cannot create {what} folder {path}: it exists and is not a folder; choose another path")
     return path
 
 
@@ -259,6 +262,51 @@ def check_output_path(path, what="output", folder=False, create=False):
         cause = "read-only file system" if _read_only_fs(parent) else "permission denied"
         raise OutputError(f"cannot write {what} {path}: {cause} (folder {parent})")
     return path
+
+
+def _same_file_key(path):
+    """The name that two spellings of one local path share (relative, ``..``, symlinks resolved)."""
+    path = os.fspath(path)
+    return os.path.realpath(path) if is_local(path) else path.rstrip("/")
+
+
+def _inside(path, folder):
+    return path.startswith(folder.rstrip("/") + "/")
+
+
+def check_distinct_paths(outputs, inputs=(), stores=()):
+    """Refuse (:class:`OutputError`, before any work) a command whose outputs collide, each pair
+    compared by real path (relative paths, ``..`` and symbolic links resolved):
+
+    - two ``outputs`` that are one file (``--output x.csv --scores x.csv``);
+    - an output that is one of the ``inputs`` or ``stores`` (it would be overwritten while read);
+    - an output inside one of ``stores``: folders the command reads that are replaced as a whole
+      (feature stores: a file written into one would break it, or be lost with it);
+    - an input or store inside an output (an output folder is replaced as a whole).
+
+    Each of ``outputs``, ``inputs`` and ``stores`` is a sequence of ``(name, path)`` where
+    ``name`` is how the user gave it (``--scores``, ``INFER.OUTPUT``); an empty or ``None`` path
+    is skipped."""
+    def label(name, path):
+        return name if name == path else f"{name} {path}"
+
+    outs = [(name, path, _same_file_key(path)) for name, path in outputs if path]
+    reads = [(name, path, _same_file_key(path), False) for name, path in inputs if path]
+    reads += [(name, path, _same_file_key(path), True) for name, path in stores if path]
+    for i, (name, path, key) in enumerate(outs):
+        for other, _, other_key in outs[:i]:
+            if key == other_key:
+                raise OutputError(f"{other} and {name} are the same file {key}; give each output its own path")
+        for in_name, in_path, in_key, store in reads:
+            if key == in_key:
+                raise OutputError(f"{label(name, path)} is also the input {in_name}: it would be overwritten; "
+                                  f"choose another {name}")
+            if store and _inside(key, in_key):
+                raise OutputError(f"{label(name, path)} is inside the input {label(in_name, in_path)}, a feature "
+                                  "store (replaced as a whole); write it outside that folder")
+            if _inside(in_key, key):
+                raise OutputError(f"the input {label(in_name, in_path)} is inside the output {label(name, path)}, "
+                                  f"which is replaced as a whole; choose another {name}")
 
 
 # ----------------------------------------------------------------------------- temporaries

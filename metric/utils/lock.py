@@ -25,7 +25,7 @@ import socket
 import threading
 
 import metric.utils.io as io
-from metric.utils.errors import OutputBusyError
+from metric.utils.errors import OutputBusyError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def acquire(lock_path, label, fix):
         if key in _held:
             _held[key][1] += 1
             return key
-        with io.write_errors(lock_path, "lock file"):
+        with io.write_errors(key, "lock file"):  # key: the name in the OS error
             fd = _lock_file(key, label, fix)
         if fd is None:
             return None
@@ -129,8 +129,12 @@ def hold(lock_path, label, fix):
 
 
 def folder_lock(folder, label, fix):
-    """The lock of a folder the run owns: ``FOLDER/.lock`` (the folder must exist)."""
-    return hold(os.path.join(os.fspath(folder), ".lock"), label, fix)
+    """The lock of a folder the run owns: ``FOLDER/.lock`` (the folder must exist; an existing
+    file of that name is an :class:`OutputError` ``"<label> exists and is not a folder; <fix>"``)."""
+    folder = os.fspath(folder)
+    if io.is_local(folder) and os.path.lexists(folder) and not os.path.isdir(folder):
+        raise OutputError(f"{label} exists and is not a folder; {fix}")
+    return hold(os.path.join(folder, ".lock"), label, fix)
 
 
 def sibling_lock(path, label, fix):
