@@ -104,6 +104,7 @@ _RULES = {
     "TEST.BATCH_SIZE": _ONE_UP,
     "TEST.IM_SIZE": _range(8),
     "DATA_LOADER.NUM_WORKERS": _NONNEG,
+    "DATA_LOADER.MAX_IMAGE_PIXELS": _NONNEG,
     "INFER.TOTAL_NUM": _ONE_UP,
     "INFER.CUT_NUM": _ONE_UP,
     "INFER.ID_MODE": _choices("stem", "relpath"),

@@ -558,6 +558,13 @@ _C.DATA_LOADER.PIN_MEMORY = True
 # True | False.
 _C.DATA_LOADER.CHECK_FILES = True
 
+# Largest image, in pixels (width x height read from the file's header, before decoding), that
+# training, evaluation and extraction decode; a larger one (a "decompression bomb": a small file
+# whose header claims e.g. 20000 x 20000) counts as unreadable: replaced by another image of its
+# class in training, listed in the store's failed_images at extraction. Checked for JPEG, PNG,
+# WebP, BMP, GIF and TIFF. Integer >= 0; 0 turns the check off. Default: Pillow's limit.
+_C.DATA_LOADER.MAX_IMAGE_PIXELS = 89_478_485
+
 # ---------------------------------------------------------------------------- #
 # cuDNN
 # ---------------------------------------------------------------------------- #

@@ -7,6 +7,7 @@ from torch.utils.data import Dataset
 
 from metric.utils.errors import DataError
 from metric.datasets.items import ItemList, class_members
+from metric.datasets.imagefile import DEFAULT_MAX_PIXELS, load_image, within_budget
 from metric.datasets.transforms import decode_image
 
 logger = logging.getLogger(__name__)
@@ -29,12 +30,17 @@ class ListDataset(Dataset):
     epoch, index) and which files are readable; the set of bad images already known
     (:meth:`add_known_bad`, e.g. restored from a checkpoint) only saves decoding them again.
     Random transforms draw from the same generator.
+
+    ``max_pixels`` (``DATA_LOADER.MAX_IMAGE_PIXELS``): an image whose header gives more pixels is
+    not decoded and counts as unreadable. What the image library says about a file it could
+    decode (a corrupt JPEG) is logged once per process with the file's name.
     """
 
-    def __init__(self, items, transform, seed=0):
+    def __init__(self, items, transform, seed=0, max_pixels=DEFAULT_MAX_PIXELS):
         self.items = ItemList.from_pairs(items)
         self.transform = transform
         self.seed = seed
+        self.max_pixels = max_pixels
         self.epoch = 0
         self._by_class = None
         self._bad = set()
@@ -72,12 +78,15 @@ class ListDataset(Dataset):
         """The image at ``index``, or ``None`` (logged once) if it cannot be decoded."""
         if index in self._bad:
             return None
-        im = decode_image(self.items.path(index))
+        im, note = load_image(self.items.path(index), self.max_pixels)
         if im is None:
             self._bad.add(index)
-            if index not in self._logged:
-                self._logged.add(index)
-                logger.warning("cannot decode image %s (label %s)", *self.items[index])
+        if note and index not in self._logged:
+            self._logged.add(index)
+            if im is None:
+                logger.warning("cannot decode image %s (label %s): it %s", *self.items[index], note)
+            else:
+                logger.info("image %s (label %s): %s", *self.items[index], note)
         return im
 
     def __getitem__(self, index):
@@ -117,20 +126,22 @@ def looks_like_image(path):
     return head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def check_readable_classes(items, source, max_report=5):
+def check_readable_classes(items, source, max_report=5, max_pixels=DEFAULT_MAX_PIXELS):
     """Raise :class:`DataError` naming the classes of ``[(path, label)]`` none of whose images
     can be read, before training starts (else the run would stop mid-epoch with "no readable
     image left in class N"). Cheap: per class, images are tried until one starts like an image
     file (usually the first: one 16-byte read per class); a file that does not is decoded, in
     case it is a format the header check does not know. An image with a good header but broken
-    data is still found only while training (and replaced by another of its class)."""
+    data is still found only while training (and replaced by another of its class). An image
+    whose header gives more than ``max_pixels`` pixels is not readable."""
     items = ItemList.from_pairs(items)
     classes, order, starts = class_members(items.labels)
     first_seen = np.argsort(order[starts[:-1]], kind="stable")  # classes in order of first appearance
     bad = []
     for j in first_seen:
         members = order[starts[j] : starts[j + 1]]
-        if not any(looks_like_image(p) or decode_image(p) is not None for p in map(items.path, members)):
+        if not any((looks_like_image(p) and within_budget(p, max_pixels)) or decode_image(p, max_pixels) is not None
+                   for p in map(items.path, members)):
             bad.append((items.label(int(members[0])), members))
     if bad:
         label, paths = bad[0]

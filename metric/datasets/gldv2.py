@@ -108,8 +108,36 @@ def convert_gldv2(csv_path, out_dir, images_dir="train", min_images=1, val_class
     val = sorted(random.Random(seed).sample(kept, val_classes), key=_sort_key) if val_classes else []
     val_set = set(val)
     train = [lid for lid in kept if lid not in val_set]
-    io.mkdirs(out_dir, "list")
-    io.check_output_path(os.path.join(out_dir, "train_list.txt"), "list file")  # writable, before the work
+    new_dirs = _missing_folders(out_dir)
+    names = ["train_list.txt"] + (["val_list.txt"] if val else []) + ["label_map.csv"]
+    new_files = [n for n in names if new_dirs or not io.exists(os.path.join(out_dir, n))]
+    try:
+        io.mkdirs(out_dir, "list")
+        io.check_output_path(os.path.join(out_dir, "train_list.txt"), "list file")  # writable, before the work
+        missing = _write_lists(out_dir, by_class, train, val, images_dir, check_files)
+    except BaseException:
+        # A failed write (full disk) leaves nothing of this run behind: the files and folders it
+        # created are removed; files that were there before are left (each is complete).
+        for name in new_files:
+            _remove_quietly(os.path.join(out_dir, name), io.rm)
+        for folder in new_dirs:  # deepest first
+            _remove_quietly(folder, _rmdir_if_empty)
+        raise
+    summary = {
+        "train_classes": len(train),
+        "train_images": sum(len(by_class[c]) for c in train),
+        "val_classes": len(val),
+        "val_images": sum(len(by_class[c]) for c in val),
+        "dropped_classes": len(by_class) - len(kept),
+        "missing_files": missing if check_files else None,
+    }
+    logger.info("GLDv2 lists written to %s: %s", out_dir, summary)
+    return summary
+
+
+def _write_lists(out_dir, by_class, train, val, images_dir, check_files):
+    """Write the list files and the label map; returns how many listed images are missing
+    (counted with ``check_files``)."""
     missing = 0
 
     def write(name, classes):
@@ -129,16 +157,38 @@ def convert_gldv2(csv_path, out_dir, images_dir="train", min_images=1, val_class
         f.write("landmark_id,label,split\n")
         f.writelines(f"{lid},{i},train\n" for i, lid in enumerate(train))
         f.writelines(f"{lid},{i},val\n" for i, lid in enumerate(val))
-    summary = {
-        "train_classes": len(train),
-        "train_images": sum(len(by_class[c]) for c in train),
-        "val_classes": len(val),
-        "val_images": sum(len(by_class[c]) for c in val),
-        "dropped_classes": len(by_class) - len(kept),
-        "missing_files": missing if check_files else None,
-    }
-    logger.info("GLDv2 lists written to %s: %s", out_dir, summary)
-    return summary
+    return missing
+
+
+def _missing_folders(path):
+    """The folders of ``path`` and its parents that do not exist yet, deepest first (on another
+    storage backend than the local disk: ``path`` alone)."""
+    path = io.abspath(path).rstrip("/")
+    if not io.is_local(path):
+        return [] if io.exists(path) else [path]
+    missing = []
+    while path and not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _rmdir_if_empty(path):
+    if io.is_local(path):
+        os.rmdir(path)  # fails (and is left) when not empty
+    elif not io.ls(path):
+        io.rm(path)
+
+
+def _remove_quietly(path, remove):
+    try:
+        if io.exists(path):
+            remove(path)
+    except OSError:
+        pass
 
 
 def _sort_key(lid):

@@ -39,7 +39,7 @@ def train_items(cfg):
     path, folder = dataset_list_path(cfg.DATA_DIR, cfg.TRAIN.DATASET, cfg.TRAIN.SPLIT)
     items = read_list(path, folder, cfg.MODEL.HEADS.NUM_CLASSES, check_files=cfg.DATA_LOADER.CHECK_FILES)
     if cfg.DATA_LOADER.CHECK_FILES:  # a class with no readable image stops the run now, not mid-epoch
-        check_readable_classes(items, path)
+        check_readable_classes(items, path, max_pixels=cfg.DATA_LOADER.MAX_IMAGE_PIXELS)
     return items
 
 
@@ -59,7 +59,7 @@ def build_train_loader(cfg, rank=0, world_size=1, items=None):
     items = train_items(cfg) if items is None else items
     batch = _per_process_batch(cfg.TRAIN.BATCH_SIZE, world_size, "TRAIN.BATCH_SIZE")
     transform = TrainTransform(cfg.TRAIN.IM_SIZE, cfg.TRAIN.CROP_SCALE, cfg.TRAIN.FLIP, cfg.TRAIN.COLOR_JITTER)
-    dataset = ListDataset(items, transform, seed=cfg.RNG_SEED)
+    dataset = ListDataset(items, transform, seed=cfg.RNG_SEED, max_pixels=cfg.DATA_LOADER.MAX_IMAGE_PIXELS)
     if len(dataset) < cfg.TRAIN.BATCH_SIZE:
         raise ConfigError(
             f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE} is larger than the training set ({len(dataset)} images)"

@@ -6,11 +6,16 @@ the ImageNet mean/std and returns float32 CHW. Random transforms take an explici
 (seed, epoch, index), not on worker count or order.
 """
 
+import logging
 import math
 
 import cv2
 import numpy as np
 import torch
+
+from metric.datasets.imagefile import DEFAULT_MAX_PIXELS, load_image
+
+logger = logging.getLogger(__name__)
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -18,18 +23,15 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 cv2.setNumThreads(1)
 
 
-def decode_image(path):
-    """RGB uint8 [H, W, 3], or ``None`` if the file cannot be read (missing, no permission) or decoded."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8) if isinstance(path, str) else path
-    except OSError:  # missing, unreadable, a folder: the caller decides what a bad image means
-        return None
-    if data.size == 0:
-        return None
-    im = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if im is None:
-        return None
-    return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
+def decode_image(path, max_pixels=DEFAULT_MAX_PIXELS):
+    """RGB uint8 [H, W, 3], or ``None`` if the file cannot be read (missing, no permission),
+    holds more than ``max_pixels`` pixels by its header (0: no limit) or cannot be decoded.
+    :func:`metric.datasets.imagefile.load_image` also says why; here what the image library says
+    about a file it could decode is logged (info) with the file's name."""
+    im, note = load_image(path, max_pixels)
+    if im is not None and note:
+        logger.info("image %s: %s", path if isinstance(path, str) else "(in memory)", note)
+    return im
 
 
 def random_resized_crop(im, size, rng, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):

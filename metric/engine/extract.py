@@ -31,6 +31,7 @@ from metric.utils import distributed as du
 from metric.utils.io import abspath, mkdirs
 from metric.utils.errors import ConfigError, DataError
 from metric.datasets.listfile import read_list
+from metric.datasets.imagefile import DEFAULT_MAX_PIXELS
 from metric.datasets.transforms import decode_image
 from metric.engine.memory import check_extraction_memory
 from metric.engine.predictor import Predictor, resolve_weights
@@ -75,9 +76,30 @@ def _check_ids(items, src, id_mode):
         if not image_id or any(c.isspace() for c in image_id):
             raise DataError(f"{src}: image {path} gives the id {image_id!r}, which is empty or has white space")
         if image_id in seen:
-            hint = " (set INFER.ID_MODE relpath)" if id_mode == "stem" else ""
-            raise DataError(f"{src}: images {seen[image_id]} and {path} have the same id {image_id!r}{hint}")
+            first = seen[image_id]
+            if os.path.normpath(first) == os.path.normpath(path):
+                lines = _lines_naming(src, path)
+                where = f"lines {lines[0]} and {lines[1]} both name" if len(lines) > 1 else "names twice"
+                raise DataError(f"{src}: {where} the image {path}; remove the repeated line")
+            if id_mode == "stem" and os.path.splitext(first)[0] != os.path.splitext(path)[0]:
+                hint = " (set INFER.ID_MODE relpath)"
+            else:
+                hint = " (an id leaves out the file extension: rename or remove one of them)"
+            raise DataError(f"{src}: images {first} and {path} have the same id {image_id!r}{hint}")
         seen[image_id] = path
+
+
+def _lines_naming(list_path, path):
+    """Numbers of the lines of the list file ``list_path`` that name the image ``path``."""
+    if not os.path.isfile(list_path):
+        return []
+    root, target, found = os.path.dirname(os.path.abspath(list_path)), os.path.normpath(path), []
+    with open(list_path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if parts and os.path.normpath(os.path.join(root, parts[0])) == target:
+                found.append(lineno)
+    return found
 
 
 def shard_path(out_dir, cut, total):
@@ -120,7 +142,7 @@ def _input_digest(items):
     return h.hexdigest()[:16]
 
 
-def _existing_matches(path, meta, dtype="float32"):
+def _existing_matches(path, meta, dtype="float32", max_pixels=DEFAULT_MAX_PIXELS):
     """Whether the store at ``path`` is complete and was made from the same model, input and
     settings (and stored as ``dtype``), with no image it lists as unreadable readable now (else
     it is extracted again)."""
@@ -131,7 +153,7 @@ def _existing_matches(path, meta, dtype="float32"):
         return False
     if old.get("dtype", "float32") != dtype:
         return False
-    readable = [p for p in old.get("failed_images") or [] if decode_image(p) is not None]
+    readable = [p for p in old.get("failed_images") or [] if decode_image(p, max_pixels) is not None]
     if readable:
         logger.info("%s lists %d unreadable images that are readable now (e.g. %s): extracting it again",
                     path, len(readable), readable[0])
@@ -155,7 +177,7 @@ def extract_shard(cfg, items, out_dir, shard, predictor, progress=True, dtype="f
         "input_digest": _input_digest(items),
         "shard": shard,
     }
-    if _existing_matches(out_dir, meta, dtype):
+    if _existing_matches(out_dir, meta, dtype, cfg.DATA_LOADER.MAX_IMAGE_PIXELS):
         logger.info("%s is already complete for this model, input and settings: skipped", out_dir)
         return out_dir
     mkdirs(os.path.dirname(abspath(out_dir)), "feature store")  # through the path manager
@@ -174,7 +196,8 @@ def extract_shard(cfg, items, out_dir, shard, predictor, progress=True, dtype="f
         if bar is not None:
             bar.close()
     for i in failed:
-        logger.warning("cannot decode image %s: left out of %s", items[i][1], out_dir)
+        why = predictor.failure_reasons.get(i)
+        logger.warning("cannot decode image %s%s: left out of %s", items[i][1], f" (it {why})" if why else "", out_dir)
     meta["failed_images"] = [items[i][1] for i in failed]
     save_features(out_dir, emb, [items[i][0] for i in ok], meta=meta, normalize=len(ok) > 0, dtype=dtype)
     logger.info("extracted %d images (%d unreadable) into %s in %.1fs", len(ok), len(failed), out_dir,

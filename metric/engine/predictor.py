@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from metric.checkpoint import best_checkpoint_path, load_inference_weights, unwrap
-from metric.datasets.transforms import center_crop, decode_image, resize_longer, resize_shorter, to_tensor
+from metric.datasets.imagefile import DEFAULT_MAX_PIXELS, load_image
+from metric.datasets.transforms import center_crop, resize_longer, resize_shorter, to_tensor
 from metric.engine.superglobal import apply_superglobal_from_cfg
 from metric.modeling import build_model
 from metric.utils import io
@@ -66,20 +67,23 @@ class Preprocess:
 
 class ImageViews(Dataset):
     """``(views, index, failed)`` of image files: the :class:`Preprocess` views of image ``i``
-    (``None`` and ``failed=True`` when it cannot be decoded). ``index`` is the position in
-    ``paths``, so shards of one list can be run separately and put back together."""
+    (``None`` and ``failed`` the reason, a non-empty string, when it cannot be used; ``""``
+    otherwise). ``index`` is the position in ``paths``, so shards of one list can be run
+    separately and put back together. ``max_pixels``: see :func:`~metric.datasets.imagefile.load_image`."""
 
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = list(paths), preprocess
+    def __init__(self, paths, preprocess, max_pixels=DEFAULT_MAX_PIXELS):
+        self.paths, self.preprocess, self.max_pixels = list(paths), preprocess, max_pixels
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        im = decode_image(self.paths[i])
+        im, note = load_image(self.paths[i], self.max_pixels)
         if im is None:
-            return None, i, True
-        return self.preprocess(im), i, False
+            return None, i, note
+        if note:
+            logger.info("image %s: %s", self.paths[i], note)
+        return self.preprocess(im), i, ""
 
 
 def _collate(batch):
@@ -114,8 +118,10 @@ class Predictor:
     """
 
     def __init__(self, model, device=None, preprocess=None, flip=False, pool="gem", p=3.0, amp_dtype=None,
-                 channels_last=False):
+                 channels_last=False, max_pixels=DEFAULT_MAX_PIXELS):
         self.model = model
+        self.max_pixels = max_pixels  # DATA_LOADER.MAX_IMAGE_PIXELS: larger images are not decoded
+        self.failure_reasons = {}  # index -> why, of the images the last run() could not use
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.preprocess = preprocess or Preprocess(224)
         self.flip, self.pool, self.p = bool(flip), pool, float(p)
@@ -140,7 +146,8 @@ class Predictor:
             model = build_inference_model(cfg, weights, missing_weights).to(device).eval()
         mode = cfg.INFER.MIXED_PRECISION if amp_mode is None else amp_mode
         return cls(model, device, Preprocess.from_cfg(cfg), cfg.INFER.FLIP, cfg.INFER.MULTISCALE_POOL,
-                   cfg.INFER.MULTISCALE_P, autocast_dtype(mode, device), channels_last)
+                   cfg.INFER.MULTISCALE_P, autocast_dtype(mode, device), channels_last,
+                   cfg.DATA_LOADER.MAX_IMAGE_PIXELS)
 
     @property
     def embedding_dim(self):
@@ -148,7 +155,7 @@ class Predictor:
 
     def loader(self, paths, batch_size, num_workers=0, indices=None):
         """A loader of :class:`ImageViews` over ``paths`` (only ``indices`` of them, if given)."""
-        dataset = ImageViews(paths, self.preprocess)
+        dataset = ImageViews(paths, self.preprocess, self.max_pixels)
         return DataLoader(dataset, batch_size=max(1, batch_size), sampler=indices, num_workers=num_workers,
                           collate_fn=_collate, pin_memory=False, generator=torch.Generator().manual_seed(0))
 
@@ -156,17 +163,20 @@ class Predictor:
     def run(self, loader, progress=None):
         """Descriptors of every image of an :class:`ImageViews` loader.
 
-        Returns ``(embeddings [n_ok, D] float32, ok_indices, failed_indices)``. Within a batch,
-        views of equal shape are forwarded together. The model's train/eval mode is restored.
+        Returns ``(embeddings [n_ok, D] float32, ok_indices, failed_indices)``; why each failed
+        image could not be used is in :attr:`failure_reasons` afterwards. Within a batch, views of
+        equal shape are forwarded together. The model's train/eval mode is restored.
         """
         model = unwrap(self.model)
         was_training = model.training
         model.eval()
         out_rows, ok, failed = [], [], []
+        self.failure_reasons = {}
         try:
             for batch in loader:
                 good = [(views, i) for views, i, bad in batch if not bad]
                 failed += [i for _, i, bad in batch if bad]
+                self.failure_reasons.update((i, bad) for _, i, bad in batch if isinstance(bad, str) and bad)
                 if good:
                     out_rows.append(self._describe_batch(model, [views for views, _ in good]))
                     ok += [i for _, i in good]

@@ -18,13 +18,18 @@ A run that starts after ``start_step`` iterations (a resume) opens its event fil
 view of it. So a TensorBoard write that fails (full disk, read-only folder, ``tb`` not a folder)
 never stops training: one warning line names the folder and the cause, and TensorBoard is off for
 the rest of the run. The same holds when the ``tensorboard`` package is missing, or when
-``OUT_DIR`` is not on the local file system (TensorBoard writes local files only).
+``OUT_DIR`` is not on the local file system (TensorBoard writes local files only). The event
+file is written by TensorBoard's own thread, which keeps a failed write's exception for the next
+call of ours to raise (and then to that one warning) but also lets it escape the thread, where
+Python would print its traceback: :func:`quiet_writer_thread` keeps such OS errors of that thread
+off the terminal (any other exception of any thread is reported as before).
 """
 
 import logging
 import math
 import os
 import re
+import threading
 
 import cv2
 import numpy as np
@@ -89,6 +94,7 @@ class TrainingBoard:
         except ImportError:
             self._disable("the tensorboard package is not installed (pip install tensorboard)")
             return
+        quiet_writer_thread()
         self._guard(lambda: setattr(self, "writer", SummaryWriter(log_dir, purge_step=start_step + 1)))
 
     @property
@@ -160,6 +166,32 @@ class TrainingBoard:
                 writer.close()
             except Exception:  # noqa: BLE001 (the same fault again; already reported)
                 pass
+
+
+def _is_event_writer_thread(thread):
+    """True for the thread of TensorBoard's event-file writer (``_AsyncWriterThread``)."""
+    cls = type(thread)
+    return cls.__name__ == "_AsyncWriterThread" and cls.__module__.startswith("tensorboard.")
+
+
+def quiet_writer_thread():
+    """Install (once; again if something replaced it) a ``threading.excepthook`` that drops the OS
+    errors (full disk, read-only file system, ...) escaping TensorBoard's event-file writer thread.
+    That thread stores the exception before it escapes, and the writer raises it at our next
+    write, flush or close, where :meth:`TrainingBoard._guard` turns it into one warning line.
+    Every other exception (another thread, or not an OS error) goes to the hook there was before."""
+    current = threading.excepthook
+    if getattr(current, "_pymetric_tb_quiet", False):
+        return
+
+    def hook(args):
+        if _is_event_writer_thread(args.thread) and args.exc_value is not None \
+                and io.find_os_error(args.exc_value) is not None:
+            return
+        current(args)
+
+    hook._pymetric_tb_quiet = True
+    threading.excepthook = hook
 
 
 def group_lrs(param_groups):

@@ -18,9 +18,9 @@ import logging
 import os
 
 import cv2
-import numpy as np
 from tqdm import tqdm
 
+from metric.datasets.imagefile import load_image
 from metric.utils import io
 from metric.utils.errors import DataError
 from metric.retrieval.groundtruth import read_glr_solution
@@ -66,10 +66,10 @@ class ImageFinder:
 def thumbnail_data_uri(path, size=128, quality=85):
     """``data:image/jpeg;base64,...`` of the image at ``path`` resized to ``size`` px (longer
     side), or ``None`` when it cannot be read."""
-    data = np.fromfile(path, dtype=np.uint8)  # imdecode also handles non-ASCII paths
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    image, _ = load_image(path)  # the pixel budget, and libjpeg/libpng messages kept off stderr
     if image is None:
         return None
+    image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     h, w = image.shape[:2]
     scale = size / max(h, w)
     if scale < 1:

@@ -19,6 +19,8 @@ from metric.utils.errors import DataError
 
 _FORMAT = "[%(asctime)s %(name)s] %(message)s"
 
+logger = logging.getLogger(__name__)
+
 # Records of this logger (the full config dump) go to log.txt only, not to the console.
 FILE_ONLY = "metric.file_only"
 
@@ -97,17 +99,35 @@ class _PathLogHandler(logging.StreamHandler):
 
 
 class StatsWriter:
-    """Appends JSON objects, one per line, to ``OUT_DIR/stats.jsonl`` (no-op unless ``enabled``)."""
+    """Appends JSON objects, one per line, to ``OUT_DIR/stats.jsonl`` (no-op unless ``enabled``).
+
+    Each record is in the file once, however often the run was killed and rerun: a resume cuts
+    the file back to the checkpoint it resumes from (:meth:`truncate`), and the first training
+    record a writer writes (``train_iter`` or ``train_epoch`` of 1-based epoch ``e``) first drops
+    every record of epoch ``e`` or later and the ``final`` record — those of a run killed before
+    it wrote the checkpoint this one starts after (for a run that starts from scratch, anything
+    an earlier run in the folder wrote for its epochs), and a half-written last line."""
 
     FILE = "stats.jsonl"
+    TRAINING = ("train_iter", "train_epoch")  # the records that say which epoch is being trained
 
     def __init__(self, out_dir, enabled=True):
         self.path = os.path.join(out_dir, self.FILE)
         self.enabled = enabled
+        self._training_started = False
 
     def write(self, kind, **stats):
         if not self.enabled:
             return
+        if kind in self.TRAINING and not self._training_started:
+            self._training_started = True
+            epoch = stats.get("epoch")
+            if isinstance(epoch, int) and io.exists(self.path):
+                dropped = self.truncate(epoch - 1)
+                if dropped:
+                    logger.info(
+                        "%s: dropped %d records of epochs from %d on (an earlier run stopped before its checkpoint)",
+                        self.path, dropped, epoch)
         record = {"_type": kind, **_clean(stats)}
         line = simplejson.dumps(record, sort_keys=False) + "\n"
         with io.write_errors(self.path, "stats file"), io.open_path(self.path, "a") as f:
@@ -123,10 +143,14 @@ class StatsWriter:
         """Keep only the records of the first ``epochs_done`` epochs (a resumed run writes the
         later ones again, so each is in the file once) and the ``final`` record only with
         ``keep_final``; returns how many were dropped."""
-        records = self.read()
+        if not self.enabled or not io.exists(self.path):
+            return 0
+        with io.open_path(self.path, "r") as f:
+            text = f.read()
+        records = _parse_stats(text, self.path)
         keep = [r for r in records if (keep_final or r.get("_type") != "final")
                 and (r.get("epoch") is None or r["epoch"] <= epochs_done)]
-        if len(keep) != len(records):
+        if len(keep) != len(records) or (text and not text.endswith("\n")):  # or a half-written last line
             text = "".join(simplejson.dumps(r, sort_keys=False) + "\n" for r in keep)
             io.write_text_atomic(self.path, text, what="stats file")
         return len(records) - len(keep)
@@ -134,9 +158,13 @@ class StatsWriter:
 
 def read_stats(path, kind=None):
     """The records of a ``stats.jsonl`` file (optionally only those of one ``_type``)."""
-    records = []
     with io.open_path(path, "r") as f:
-        lines = f.read().split("\n")
+        return _parse_stats(f.read(), path, kind)
+
+
+def _parse_stats(text, path, kind=None):
+    records = []
+    lines = text.split("\n")
     for n, line in enumerate(lines):
         if not line.strip():
             continue
