@@ -5,6 +5,8 @@ full matrix, and the one-line errors."""
 import json
 import math
 import os
+import sys
+import traceback
 
 import pytest
 import torch
@@ -170,6 +172,97 @@ def _train_steps(world, rank):
     return out
 
 
+# Every optimizer a user can choose (OPTIM.OPTIMIZER sgd | adamw), with and without its options.
+OPTIMIZERS = {
+    "sgd-nesterov-wd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "sgd-dampening": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, dampening=0.1),
+    "sgd-plain": lambda ps: torch.optim.SGD(ps, lr=0.5),
+    "adamw-wd": lambda ps: torch.optim.AdamW(ps, lr=0.05, betas=(0.9, 0.999), weight_decay=0.05),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05, betas=(0.8, 0.99), weight_decay=0.0),
+}
+MATRIX_STEPS = 8
+
+
+def _replicated_run(kind, world, rank, batches, permute):
+    """The non-parallel head under DDP (what a run without Partial FC trains): per-step global mean
+    losses, the final weights and optimizer. ``permute``: each process's rows in reverse order, the
+    same mathematics with other rounding (the rounding-only baseline)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    layer = MARGIN_LAYERS.get("arcface")(D, C, scale=16.0, margin=0.4).double().train()
+    net = _Net(layer).double()
+    ddp = DistributedDataParallel(net)
+    opt = OPTIMIZERS[kind](net.parameters())
+    n, losses = N // world, []
+    for inputs, labels in batches:
+        x, y = inputs[rank * n : (rank + 1) * n], labels[rank * n : (rank + 1) * n]
+        if permute:
+            x, y = x.flip(0), y.flip(0)
+        opt.zero_grad()
+        loss = ddp(x, y)
+        loss.backward()
+        opt.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(float(mean) / world)
+    return net, opt, losses
+
+
+def _optimizer_matrix(world, rank):
+    """Partial FC at SAMPLE_RATE 1 against the replicated head for every optimizer over
+    MATRIX_STEPS steps (float64): max differences of the per-step losses, the final weights (body and
+    this shard), and the checkpoint (full classifier and every row-shaped optimizer state, AdamW's
+    step count), next to the same differences of the rounding-only baseline."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from metric.engine import partial_fc as engine_pfc
+
+    batches = _batches(MATRIX_STEPS)
+    out = {}
+    for kind in OPTIMIZERS:
+        ref, ref_opt, ref_losses = _replicated_run(kind, world, rank, batches, permute=False)
+        alt, _, alt_losses = _replicated_run(kind, world, rank, batches, permute=True)
+        ref_layer = ref.head.classifier
+        torch.manual_seed(0)
+        start_layer = MARGIN_LAYERS.get("arcface")(D, C, scale=16.0, margin=0.4).double().train()
+        layer, (r0, r1) = _sharded_copy("arcface", {"scale": 16.0, "margin": 0.4}, start_layer, None, world, rank)
+        net = _Net(layer, PartialFC(1.0).train()).double()
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, ["head.classifier.weight"])
+        ddp = DistributedDataParallel(net)
+        opt = OPTIMIZERS[kind](net.parameters())
+        n, losses = N // world, []
+        for step, (inputs, labels) in enumerate(batches):
+            engine_pfc.set_step(net, step)
+            opt.zero_grad()
+            loss = ddp(inputs[rank * n : (rank + 1) * n], labels[rank * n : (rank + 1) * n])
+            loss.backward()
+            with engine_pfc.sampled_rows(opt, net):
+                opt.step()
+            losses.append(float(loss.detach()))
+        model_state, optim_state = engine_pfc.checkpoint_states(net, opt)
+        ours = {
+            "loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+            "body": _diff(net.body.weight, ref.body.weight),
+            "centres": _diff(layer.weight, ref_layer.weight[r0:r1]),
+        }
+        baseline = {
+            "loss": max(abs(a - b) for a, b in zip(alt_losses, ref_losses)),
+            "body": _diff(alt.body.weight, ref.body.weight),
+            "centres": _diff(alt.head.classifier.weight, ref_layer.weight),
+        }
+        if rank == 0:
+            index = len(list(net.body.parameters()))
+            ref_entry = ref_opt.state_dict()["state"].get(index, {})  # plain SGD keeps no state
+            entry = optim_state["state"].get(index, {})
+            ours["ckpt_weight"] = _diff(model_state["head.classifier.weight"], ref_layer.weight)
+            for key, value in ref_entry.items():
+                ours[f"ckpt_{key}"] = _diff(entry[key], value)
+            ours["state_keys_equal"] = float(sorted(entry) != sorted(ref_entry))
+        out[kind] = {"ours": ours, "baseline": baseline, "magnitude": float(ref_layer.weight.detach().abs().max())}
+    return out
+
+
 def _sampled_steps(world, rank):
     """SAMPLE_RATE 0.3 on 40 classes: every positive sampled, the same set for the same seed and
     step, and the rows not sampled keep their weights and momentum through a step."""
@@ -217,10 +310,14 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = {"cases": [_compare_case(case, world, rank) for case in CASES],
-                  "train": _train_steps(world, rank), "sampled": _sampled_steps(world, rank)}
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+                  "train": _train_steps(world, rank), "sampled": _sampled_steps(world, rank),
+                  "matrix": _optimizer_matrix(world, rank)}
+    except BaseException:  # not a barrier: the other process may be waiting in another collective
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # start_processes then ends the other process and raises
+    dist.barrier()
+    dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
@@ -239,6 +336,12 @@ def test_two_gloo_processes_equal_the_full_classifier(tmp_path):
         assert s["missing_positives"] == 0 and s["deterministic"], s
         assert s["untouched_moved"] == 0.0 and s["sampled_moved"] > 0, s
         assert min(s["sampled_sizes"]) >= math.ceil(0.3 * 20) and max(s["sampled_sizes"]) < 20, s
+        for kind, m in result["matrix"].items():
+            # the rounding-only baseline (same mathematics, rows in another order) sets the scale; a
+            # few float64 ulps of the values when it happens to round identically
+            floor = 64 * torch.finfo(torch.float64).eps * max(1.0, m["magnitude"])
+            tol = 100 * max(max(m["baseline"].values()), floor)
+            assert max(m["ours"].values()) <= tol, (rank, kind, tol, m)
 
 
 # --- one process ------------------------------------------------------------------------------
