@@ -39,18 +39,20 @@ RERANKS = {  # name: (re-rankers, parameters); published defaults unless the nam
 
 
 def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--out-dir", default="output/demo", help="the trained demo's OUT_DIR")
+    parser.add_argument("--data-dir", default="metric/datasets/data/demo", help="the demo data set folder")
+    parser.add_argument("--work-dir", default=None, help="where to put stores and results (default: a temp dir)")
+    args = parser.parse_args(argv)  # before the imports: --help and usage errors need no torch
+
     from metric.checkpoint import list_checkpoints
     from metric.config import load_cfg
     from metric.engine.demo import DEMO_CONFIG
     from metric.engine.extract import extract_features
     from metric.retrieval.metrics import evaluate_glr
-    from metric.retrieval.rerank import search_stores
+    from metric.retrieval.pipeline import SearchOptions, search_stores
+    from metric.retrieval.rerank_plan import RerankOptions
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--out-dir", default="output/demo", help="the trained demo's OUT_DIR")
-    parser.add_argument("--data-dir", default="metric/datasets/data/demo", help="the demo data set folder")
-    parser.add_argument("--work-dir", default=None, help="where to put stores and results (default: a temp dir)")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     checkpoint = list_checkpoints(args.out_dir)[-1]
     merged = os.path.join(args.out_dir, "config.yaml")
@@ -67,7 +69,8 @@ def main(argv=None):
         row = table[ename] = {}
         for rname, (rerank, params) in RERANKS.items():
             out = os.path.join(work, ename.replace(" ", "_"), rname.replace(" ", "_").replace(",", "_") + ".csv")
-            search_stores(stores["query"], stores["index"], out, topk=100, rerank=rerank, rerank_params=params)
+            options = SearchOptions(rerank=RerankOptions(steps=tuple(rerank), **params))
+            search_stores(stores["query"], stores["index"], out, topk=100, options=options)
             row[rname] = evaluate_glr(out, os.path.join(args.data_dir, "retrieval_solution.csv"))["mAP@100"]["All"]
             key = rname.replace(" ", "_").replace(",", "_").replace("=", "")
             summary[f"{ename.split()[0].lower()}_{key}"] = row[rname]

@@ -328,11 +328,12 @@ class PeakAnon:
 
 def _bench_ivfpq(args, store_path, store, xq, exact, tmp, summary=None):
     """IVF-PQ on the float32 store: build time, search time, recall@k against ``exact``."""
-    from metric.retrieval.ann import ann_search, build_ann_index, load_ann_index
+    from metric.retrieval.ann import AnnOptions, ann_search, build_ann_index, load_ann_index
 
     k = args.topk
-    _, tb = _timed(lambda: build_ann_index(store_path, "ivfpq", out_dir=tmp, nlist=args.nlist, nprobe=args.nprobe,
-                                           train_size=args.ivf_train, sample=min(100, len(store)), recall_k=k))
+    options = AnnOptions("ivfpq", nlist=args.nlist, nprobe=args.nprobe, train_size=args.ivf_train,
+                         sample=min(100, len(store)), recall_k=k)
+    _, tb = _timed(lambda: build_ann_index(store_path, options, out_dir=tmp))
     index, params = load_ann_index(store, "ivfpq", tmp)
     (_, found), ta = _timed(lambda: ann_search(index, params, xq, k))
     recall = recall_agreement(found, exact, k)
@@ -460,7 +461,7 @@ def _classifier_worker(rank, world, port, args, mode, out_dir):
     import torch.nn as nn
     import torch.nn.functional as F
 
-    from metric.engine import partial_fc as engine_pfc
+    from metric.engine import classifier_shards as engine_pfc
     from metric.modeling.layers.margins import ArcFace
     from metric.modeling.layers.partial_fc import PartialFC, shard_of
 

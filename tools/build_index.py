@@ -9,9 +9,8 @@
 
 import sys
 
-from metric.retrieval.store import add_verify_option, apply_verify_option
-from metric.utils.cli import make_parser, run_tool
-from metric.retrieval.ann import ANN_TYPES, build_ann_index
+from metric.utils.cli import add_verify_option, make_parser, run_tool
+from metric.retrieval.ann import ANN_TYPES, AnnOptions, build_ann_index
 from metric.retrieval.knn_graph import build_store_graph
 
 
@@ -38,19 +37,19 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_verify_option(parser)
     args = parser.parse_args(argv)
-    apply_verify_option(args)
     if args.type == "knn":
         desc = build_store_graph(args.index, args.knn, out_dir=args.output_dir, device=args.device,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, verify=not args.no_verify)
         print(f"built k-NN graph of {desc['count']} items, {desc['width']} neighbours each (itself included): "
               f"{desc['path']}")
         return
-    params = build_ann_index(
-        args.index, args.type, out_dir=args.output_dir, nlist=args.nlist, m=args.m, nbits=args.nbits,
-        nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search,
-        train_size=args.train_size, query_path=args.query, sample=args.sample, seed=args.seed,
-        progress=not args.no_progress,
+    options = AnnOptions(
+        index_type=args.type, nlist=args.nlist, m=args.m, nbits=args.nbits, nprobe=args.nprobe,
+        train_size=args.train_size, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+        ef_search=args.ef_search, sample=args.sample, seed=args.seed,
     )
+    params = build_ann_index(args.index, options, out_dir=args.output_dir, query_path=args.query,
+                             verify=not args.no_verify, progress=not args.no_progress)
     settings = {k: params[k] for k in ("nlist", "m", "nbits", "nprobe", "hnsw_m", "ef_construction", "ef_search")
                 if k in params}
     print(f"built {params['type']} index of {params['count']} x {params['dim']}: {params['index_path']}")

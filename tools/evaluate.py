@@ -11,8 +11,7 @@ Prints a table; ``--json FILE`` also writes the metrics (fractions in [0, 1]).
 
 import sys
 
-from metric.retrieval.store import add_verify_option, apply_verify_option
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import add_verify_option, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
 from metric.retrieval.metrics import check_json_path, evaluate, format_table, write_json
 
@@ -28,7 +27,6 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     add_verify_option(parser)
     args = parser.parse_args(argv)
-    apply_verify_option(args)
     if args.json:
         check_distinct_paths([("--json", args.json)],
                              [(f"--{k.replace('_', '-')}", getattr(args, k))
@@ -43,6 +41,7 @@ def main(argv=None):
         index=args.index,
         query_labels=args.query_labels,
         index_labels=args.index_labels,
+        verify=not args.no_verify,
     )
     print(format_table(mode, metrics))
     if args.json:

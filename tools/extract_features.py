@@ -9,17 +9,17 @@ SRC is a list file or an image folder; see docs/RETRIEVAL.md.
 
 import sys
 
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import add_dtype_option, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
 from metric.config import load_cfg
 from metric.engine.extract import extract_features
-from metric.retrieval.store import add_dtype_option, check_dtype
+from metric.retrieval.store import STORE_DTYPES, check_dtype
 
 
 def main(argv=None):
     parser = make_parser("Extract descriptors of images into a feature store.")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_dtype_option(parser)
+    add_dtype_option(parser, STORE_DTYPES)
     args = parser.parse_args(argv)
     dtype = check_dtype(args.dtype)
     cfg = load_cfg(args.cfg_file, args.opts)

@@ -6,9 +6,9 @@
 
 import sys
 
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import add_dtype_option, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
-from metric.retrieval.store import add_dtype_option, check_dtype, import_features
+from metric.retrieval.store import STORE_DTYPES, check_dtype, import_features
 
 
 def main(argv=None):
@@ -17,7 +17,7 @@ def main(argv=None):
     parser.add_argument("--ids", required=True, help="text file with N ids, one per line, in row order")
     parser.add_argument("--output", required=True, help="store folder to write (an existing store is replaced)")
     parser.add_argument("--no-normalize", action="store_true", help="store rows as given (already L2-normalized)")
-    add_dtype_option(parser)
+    add_dtype_option(parser, STORE_DTYPES)
     args = parser.parse_args(argv)
     dtype = check_dtype(args.dtype)
     check_distinct_paths([("--output", args.output)], [("--embeddings", args.embeddings), ("--ids", args.ids)])

@@ -6,10 +6,9 @@
 
 import sys
 
-from metric.retrieval.store import add_dtype_option, add_verify_option, apply_verify_option, check_dtype
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import add_dtype_option, add_verify_option, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
-from metric.retrieval.store import load_features, merge_stores
+from metric.retrieval.store import STORE_DTYPES, check_dtype, load_features, merge_stores
 
 
 def main(argv=None):
@@ -17,12 +16,12 @@ def main(argv=None):
     parser.add_argument("stores", nargs="+", help="store folders; shard stores are put in shard order")
     parser.add_argument("--output", required=True, help="merged store folder to write")
     add_verify_option(parser)
-    add_dtype_option(parser, default=None, help_extra="; default: the inputs' (which must agree)")
+    add_dtype_option(parser, STORE_DTYPES, default=None, help_extra="; default: the inputs' (which must agree)")
     args = parser.parse_args(argv)
-    apply_verify_option(args)
     check_distinct_paths([("--output", args.output)], stores=[(s, s) for s in args.stores])
-    path = merge_stores(args.stores, args.output, dtype=None if args.dtype is None else check_dtype(args.dtype))
-    store = load_features(path)
+    path = merge_stores(args.stores, args.output, dtype=None if args.dtype is None else check_dtype(args.dtype),
+                        verify=not args.no_verify)
+    store = load_features(path, verify=not args.no_verify)
     failed = len(store.meta.get("failed_images", []))
     print(f"merged {len(args.stores)} stores: {len(store)} x {store.dim} {store.dtype} features into {path} "
           f"({failed} failed images)")

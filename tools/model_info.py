@@ -18,7 +18,7 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     args = parser.parse_args(argv)
     if args.list:
-        from metric.modeling import registries as r
+        from metric.modeling import registry as r
 
         for title, reg in (("backbones (MODEL.TYPE)", r.BACKBONES), ("heads (MODEL.HEADS.NAME)", r.HEADS),
                            ("pool layers (MODEL.HEADS.POOL_LAYER)", r.POOL_LAYERS),

@@ -15,11 +15,11 @@ import re
 import shlex
 import sys
 
-from metric.retrieval.store import add_verify_option, apply_verify_option
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import add_verify_option, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
-from metric.retrieval.rerank import search_stores
-from metric.retrieval.rerank_plan import GRAPH_MODES, RERANKERS
+from metric.retrieval.ann import ANN_TYPES, AnnSearchOptions
+from metric.retrieval.pipeline import SearchOptions, search_stores
+from metric.retrieval.rerank_plan import GRAPH_MODES, RERANKERS, RerankOptions
 from metric.retrieval.search import BACKENDS
 
 
@@ -52,7 +52,7 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=int, default=None, help="index rows per chunk (default: 512 MB of scores)")
     parser.add_argument("--batch", type=int, default=None, help="queries per matrix product (torch backend)")
     parser.add_argument("--ann", action="store_true", help="use the approximate index built by tools/build_index.py")
-    parser.add_argument("--ann-type", default=None, choices=("ivfpq", "hnsw"), help="which saved index (if several)")
+    parser.add_argument("--ann-type", default=None, choices=ANN_TYPES, help="which saved index (if several)")
     parser.add_argument("--ann-dir", default=None, help="folder of the approximate index (default: the index store)")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (default: as built)")
     parser.add_argument("--ef-search", type=int, default=None, help="HNSW search depth (default: as built)")
@@ -77,19 +77,21 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_verify_option(parser)
     args = parser.parse_args(argv)
-    apply_verify_option(args)
     check_distinct_paths([("--output", args.output), ("--scores", args.scores)],
                          [("--ann-dir", args.ann_dir), ("--graph-dir", args.graph_dir)],
                          stores=[("--query", args.query), ("--index", args.index)])
-    rerank_params = dict(sg_m=args.sg_m, sg_k=args.sg_k, sg_beta=args.sg_beta, kr_k1=args.kr_k1, kr_k2=args.kr_k2,
-                         kr_lambda=args.kr_lambda, kr_graph=args.kr_graph, graph_dir=args.graph_dir)
-    summary = search_stores(
-        args.query, args.index, args.output, topk=args.topk, scores_path=args.scores, backend=args.backend,
-        device=args.device, chunk_size=args.chunk_size, query_chunk_size=args.batch, ann=args.ann,
-        ann_type=args.ann_type, ann_dir=args.ann_dir, nprobe=args.nprobe, ef_search=args.ef_search,
-        qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba, dba_alpha=args.dba_alpha, rerank=args.rerank,
-        rerank_params=rerank_params, progress=not args.no_progress,
+    rerank = RerankOptions(
+        steps=tuple(args.rerank or ()), qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba, dba_alpha=args.dba_alpha,
+        sg_m=args.sg_m, sg_k=args.sg_k, sg_beta=args.sg_beta, kr_k1=args.kr_k1, kr_k2=args.kr_k2,
+        kr_lambda=args.kr_lambda, kr_graph=args.kr_graph, graph_dir=args.graph_dir,
     )
+    ann = (AnnSearchOptions(index_type=args.ann_type, index_dir=args.ann_dir, nprobe=args.nprobe,
+                            ef_search=args.ef_search) if args.ann else None)
+    options = SearchOptions(backend=args.backend, device=args.device, chunk_size=args.chunk_size,
+                            query_chunk_size=args.batch, ann=ann, rerank=rerank, verify=not args.no_verify,
+                            progress=not args.no_progress)
+    summary = search_stores(args.query, args.index, args.output, topk=args.topk, scores_path=args.scores,
+                            options=options)
     print(f"searched {summary['queries']} queries in {summary['index']} index items, top-{summary['topk']}"
           + (f", re-ranked with {' + '.join(summary['rerank'])}" if summary["rerank"] else ""))
     print(f"results: {summary['output']}")

@@ -5,7 +5,7 @@ is allowed."""
 import difflib
 import re
 
-from metric.config.defaults import _DEFAULTS, CURRENT_VERSION
+from metric.config.defaults import CURRENT_VERSION, DEFAULTS
 from metric.utils.errors import ConfigError
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
@@ -154,7 +154,7 @@ def _validate_backbone(c):
     if t == "resnest" and depth not in RESNEST_DEPTHS:
         _fail("MODEL.DEPTH", depth, "one of " + " | ".join(map(str, RESNEST_DEPTHS)) + " for MODEL.TYPE resnest")
     named = t[len("resnest"):] if t.startswith("resnest") else ""
-    if named.isdigit() and depth not in (int(named), _DEFAULTS.MODEL.DEPTH):
+    if named.isdigit() and depth not in (int(named), DEFAULTS.MODEL.DEPTH):
         _fail("MODEL.DEPTH", depth, f"{named} (or left out) for MODEL.TYPE {t}")
     if t == "timm" and not c.MODEL.TIMM.NAME:
         _fail("MODEL.TIMM.NAME", "", "a timm model name for MODEL.TYPE timm, e.g. resnet50 or convnext_tiny")
@@ -173,7 +173,7 @@ def _validate_wide_resnet(c):
     if not m:
         return
     t, named = c.MODEL.TYPE, int(m.group(1))
-    if c.MODEL.DEPTH not in (named, _DEFAULTS.MODEL.DEPTH):
+    if c.MODEL.DEPTH not in (named, DEFAULTS.MODEL.DEPTH):
         _fail("MODEL.DEPTH", c.MODEL.DEPTH, f"{named} (or left out) for MODEL.TYPE {t}")
     if c.RESNET.NUM_GROUPS != 1:
         _fail("RESNET.NUM_GROUPS", c.RESNET.NUM_GROUPS, f"1 for MODEL.TYPE {t} (no grouped convolutions)")

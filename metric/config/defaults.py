@@ -713,5 +713,8 @@ _C.DATA_DIR = "metric/datasets/data"
 _C.VERSION = 2
 CURRENT_VERSION = 2
 
-_DEFAULTS = _C.clone()
+# The pristine defaults, frozen: what get_cfg() copies and what merging and validation compare a
+# value with ("was this key left at its default?"). Never modified; change a copy of it.
+DEFAULTS = _C.clone()
+DEFAULTS.freeze()
 

@@ -16,7 +16,7 @@ import yaml
 
 from yacs.config import CfgNode
 
-from metric.config.defaults import _DEFAULTS, CURRENT_VERSION
+from metric.config.defaults import CURRENT_VERSION, DEFAULTS
 from metric.config.check import validate
 from metric.utils import io
 from metric.utils.errors import ConfigError
@@ -35,12 +35,14 @@ _PAIR_LIST_KEYS = ("MODEL.HEADS.MARGIN_SCHEDULE",)
 
 def get_cfg():
     """A fresh, unfrozen copy of the defaults."""
-    return _DEFAULTS.clone()
+    c = DEFAULTS.clone()
+    c.defrost()
+    return c
 
 
 def all_keys(node=None, prefix=""):
     """Every leaf key of a config as a dotted name, in definition order."""
-    node = _DEFAULTS if node is None else node
+    node = DEFAULTS if node is None else node
     keys = []
     for k, v in node.items():
         if isinstance(v, CfgNode):
@@ -228,7 +230,7 @@ def upgrade_original(data, source):
         heads["ATTENTION"] = "spatial"
         _logger.info("%s: original pymetric config (no VERSION): IN_FEAT 512 on a %d-channel %s -> "
                      "MODEL.HEADS.ATTENTION spatial (whose output has 512 channels)", source,
-                     _original_channels(model), model.get("TYPE", _DEFAULTS.MODEL.TYPE))
+                     _original_channels(model), model.get("TYPE", DEFAULTS.MODEL.TYPE))
     data["VERSION"] = CURRENT_VERSION
     return data
 
@@ -236,8 +238,8 @@ def upgrade_original(data, source):
 def _original_channels(model):
     """Channels of the last feature map of an original file's ResNet-family backbone (``MODEL``
     dict; defaults for keys it leaves out), or None for other backbones."""
-    t = str(model.get("TYPE", _DEFAULTS.MODEL.TYPE))
-    depth = model.get("DEPTH", _DEFAULTS.MODEL.DEPTH)
+    t = str(model.get("TYPE", DEFAULTS.MODEL.TYPE))
+    depth = model.get("DEPTH", DEFAULTS.MODEL.DEPTH)
     wide = re.fullmatch(r"resnet(\d+)x(\d+)", t)
     if wide:
         return 2048 * int(wide.group(2))
@@ -303,7 +305,7 @@ _ALIASES = {k: pair for pair in (_NUM_CLASSES_KEYS, _GRAD_CLIP_KEYS) for k in pa
 
 
 def _default_of(key):
-    node = _DEFAULTS
+    node = DEFAULTS
     for part in key.split("."):
         if not isinstance(node, CfgNode) or part not in node:
             return None
@@ -313,7 +315,7 @@ def _default_of(key):
 
 def _sync_num_classes(c):
     top, head = c.MODEL.NUM_CLASSES, c.MODEL.HEADS.NUM_CLASSES
-    d_top, d_head = _DEFAULTS.MODEL.NUM_CLASSES, _DEFAULTS.MODEL.HEADS.NUM_CLASSES
+    d_top, d_head = DEFAULTS.MODEL.NUM_CLASSES, DEFAULTS.MODEL.HEADS.NUM_CLASSES
     if top == head:
         return
     if head == d_head:

@@ -229,7 +229,7 @@ def convert_onnx_to_tf(onnx_path, out_dir, tflite=False, fp16=False, keep_nchw=F
                 checks.append({"check": f"{model_name} vs onnxruntime", "shape": list(x.shape), **stats})
         report = {
             "format": MARKER_FORMAT, "version": FORMAT_VERSION,
-            "source": {"onnx": onnx_path, "sha256": _sha256(onnx_path)},
+            "source": {"onnx": onnx_path, "sha256": io.file_sha256(onnx_path)},
             "options": {"tflite": tflite, "fp16": fp16, "keep_nchw": keep_nchw},
             "signature": result["signature"], "files": result["files"], "versions": result["versions"],
             "timings_s": dict(result["timings"], total=round(time.time() - start, 1)),
@@ -268,14 +268,6 @@ def _check_tolerances(checks, tol):
                 f"{c['check']}: relative difference {c['rel']:.2e} (max abs {c['max_abs']:.2e}) on input "
                 f"{c['shape']} is above {limit:g}"
             )
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # =============================================================================================

@@ -9,12 +9,16 @@ The Python API::
     scores, indices = search(query, store.embeddings, topk=100)
     scores, indices = superglobal_rerank(query, store.embeddings, *search(query, store.embeddings, 400))
     scores, indices = k_reciprocal_rerank(query, store.embeddings, topk=100)
+    search_stores("feats/query", "feats/index", "results.csv", topk=100,   # the tools/search.py pipeline
+                  options=SearchOptions(rerank=RerankOptions(steps=("dba", "qe"))))
 """
 
 from metric.retrieval.metrics import glr_map_at_k, labelled_metrics, revisited_map
 from metric.retrieval.knn_graph import build_index_graph
 from metric.retrieval.kreciprocal import k_reciprocal_rerank
-from metric.retrieval.rerank import database_augmentation, query_expansion, search_stores
+from metric.retrieval.pipeline import SearchOptions, search_stores
+from metric.retrieval.rerank import database_augmentation, query_expansion
+from metric.retrieval.rerank_plan import RerankOptions
 from metric.retrieval.results import read_results_csv, write_results_csv
 from metric.retrieval.search import search
 from metric.retrieval.store import FeatureStore, import_features, load_features, merge_stores, save_features
@@ -23,6 +27,6 @@ from metric.retrieval.superglobal import superglobal_rerank
 __all__ = [
     "FeatureStore", "save_features", "load_features", "merge_stores", "import_features", "search",
     "query_expansion", "database_augmentation", "superglobal_rerank", "k_reciprocal_rerank", "build_index_graph",
-    "search_stores", "write_results_csv", "read_results_csv",
+    "search_stores", "SearchOptions", "RerankOptions", "write_results_csv", "read_results_csv",
     "glr_map_at_k", "revisited_map", "labelled_metrics",
 ]

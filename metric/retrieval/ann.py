@@ -12,17 +12,19 @@ Recall@k is ``|approx top-k ∩ exact top-k| / k`` averaged over sample queries
 (rows of a query store when given, else random rows of the index itself).
 """
 
+import dataclasses
 import hashlib
 import logging
 import math
 import os
+from typing import Optional
 
 import numpy as np
 
 from metric.utils import io
 from metric.utils.errors import FeatureStoreError, MetricError
 from metric.retrieval.search import as_matrix, check_dims, check_topk, search
-from metric.retrieval.store import load_features, read_json_object
+from metric.retrieval.store import load_features, read_json_object, store_digest
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +59,59 @@ def default_pq_m(dim):
     return max(m for m in range(1, limit + 1) if dim % m == 0)
 
 
-def _file_sha256(path):
-    h = hashlib.sha256()
-    with io.open_path(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+@dataclasses.dataclass(frozen=True)
+class AnnOptions:
+    """How :func:`build_ann_index` builds an approximate index (``tools/build_index.py``'s options).
+
+    Only the fields of ``index_type`` are used and checked (the IVF-PQ ones for ``"ivfpq"``, the
+    HNSW ones for ``"hnsw"``), plus the recall check's; a bad value is a one-line
+    :class:`MetricError` at construction. ``None`` means "derived from the store" where noted.
+    """
+
+    index_type: str = "ivfpq"  # one of ANN_TYPES: "ivfpq" (faiss IVF-PQ) or "hnsw" (faiss HNSW over the vectors)
+    nlist: Optional[int] = None  # IVF lists; None: default_nlist(N), about 4 sqrt(N)
+    m: Optional[int] = None  # PQ sub-quantizers, must divide the dimension; None: default_pq_m(D), about D / 8
+    nbits: int = 8  # bits per PQ code, 1..16
+    nprobe: Optional[int] = None  # IVF lists visited per query, saved as the index's default; None: min(nlist, 32)
+    train_size: Optional[int] = None  # IVF-PQ training vectors; None: max(100000, 40 nlist), at most N
+    hnsw_m: int = 32  # HNSW neighbours per node, >= 2
+    ef_construction: int = 80  # HNSW build depth
+    ef_search: int = 128  # HNSW search depth, saved as the index's default
+    sample: int = 1000  # queries of the recall check (at most the number available)
+    recall_k: int = 100  # k of the recall@k measured against exact search
+    seed: int = 0  # seed of the training sample and of the recall sample, >= 0
+
+    def __post_init__(self):
+        _check_type(self.index_type)
+        if self.index_type == "ivfpq":
+            checks = [("nlist", 1, True), ("m", 1, True), ("nbits", 1, False), ("nprobe", 1, True),
+                      ("train_size", 1, True)]
+        else:
+            checks = [("hnsw_m", 2, False), ("ef_construction", 1, False), ("ef_search", 1, False)]
+        for name, low, optional in checks + [("sample", 1, False), ("recall_k", 1, False), ("seed", 0, False)]:
+            value = getattr(self, name)
+            if not (optional and value is None):
+                object.__setattr__(self, name, _positive(name, value, low))
+        if self.index_type == "ivfpq" and self.nbits > 16:
+            raise MetricError(f"nbits must be at most 16, got {self.nbits}")
 
 
-def _store_digest(store):
-    digest = store.meta.get("digest")
-    if not digest:
-        raise FeatureStoreError(f"store {store.path} has no digest in meta.json; re-create it with this pymetric")
-    return digest
+@dataclasses.dataclass(frozen=True)
+class AnnSearchOptions:
+    """Which saved approximate index a search uses, and its query-time settings
+    (``tools/search.py --ann``); checked at construction (one-line :class:`MetricError`)."""
+
+    index_type: Optional[str] = None  # one of ANN_TYPES; None: the only index saved in index_dir
+    index_dir: Optional[str] = None  # folder of the index; None: the index store's own folder
+    nprobe: Optional[int] = None  # IVF lists visited per query; None: as saved at build time
+    ef_search: Optional[int] = None  # HNSW search depth; None: as saved at build time
+
+    def __post_init__(self):
+        if self.index_type is not None:
+            _check_type(self.index_type)
+        for name in ("nprobe", "ef_search"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _positive(name, getattr(self, name)))
 
 
 def set_search_params(index, params, nprobe=None, ef_search=None):
@@ -125,26 +167,25 @@ def recall_at_k(approx, exact, k):
     return float(np.mean(hits) / exact.shape[1])
 
 
-def _make_index(index_type, dim, n, nlist, m, nbits, hnsw_m, ef_construction):
+def _make_ivfpq(dim, nlist, m, nbits):
     import faiss
 
-    if index_type == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = ef_construction
-        return index
     if dim % m:
         raise MetricError(f"--m {m} must divide the dimension {dim} (PQ sub-quantizers); try {default_pq_m(dim)}")
     return faiss.index_factory(dim, f"IVF{nlist},PQ{m}x{nbits}", faiss.METRIC_INNER_PRODUCT)
 
 
-def build_ann_index(store_path, index_type="ivfpq", out_dir=None, nlist=None, m=None, nbits=8, nprobe=None,
-                    hnsw_m=32, ef_construction=80, ef_search=128, train_size=None, query_path=None,
-                    sample=1000, recall_k=100, seed=0, progress=False):
-    """Train and fill an approximate index on a store, save it, measure recall@k; return its parameters."""
+def build_ann_index(store_path, options=None, out_dir=None, query_path=None, verify=True, progress=False):
+    """Train and fill an approximate index on the store at ``store_path`` as ``options`` (an
+    :class:`AnnOptions`; default: IVF-PQ with the derived settings) say, save it into ``out_dir``
+    (default: the store's folder), measure recall@k against exact search on sample queries (rows
+    of the store at ``query_path``, default: of the index store itself); return its parameters.
+    ``verify``: check the stores against their ``meta.json`` while loading them."""
     import faiss
 
-    _check_type(index_type)
-    store = load_features(store_path, mmap=True)
+    options = AnnOptions() if options is None else options
+    index_type = options.index_type
+    store = load_features(store_path, mmap=True, verify=verify)
     out_dir = io.abspath(out_dir or store.path)
     if not io.isdir(out_dir):
         raise MetricError(f"index output folder {out_dir} does not exist; create it first")
@@ -153,34 +194,30 @@ def build_ann_index(store_path, index_type="ivfpq", out_dir=None, nlist=None, m=
     n, dim = len(store), store.dim
     if n == 0:
         raise FeatureStoreError(f"store {store.path} is empty; nothing to index")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(options.seed)
     params = {"type": index_type, "dim": dim, "count": n, "store": store.path,
-              "store_digest": _store_digest(store), "seed": seed}
+              "store_digest": store_digest(store), "seed": options.seed}
     if index_type == "ivfpq":
-        nlist = _positive("nlist", nlist if nlist is not None else default_nlist(n))
-        m = _positive("m", m if m is not None else default_pq_m(dim))
-        nbits = _positive("nbits", nbits)
-        if nbits > 16:
-            raise MetricError(f"nbits must be at most 16, got {nbits}")
-        train_size = _positive("train_size", train_size if train_size is not None else min(n, max(100_000, 40 * nlist)))
-        train_size = min(train_size, n)
+        nlist = options.nlist if options.nlist is not None else default_nlist(n)
+        m = options.m if options.m is not None else default_pq_m(dim)
+        nbits = options.nbits
+        train_size = min(n, options.train_size if options.train_size is not None else max(100_000, 40 * nlist))
         need = max(nlist, 2 ** nbits)
         if train_size < need:
             raise MetricError(
                 f"IVF-PQ with nlist={nlist}, nbits={nbits} needs at least {need} training vectors but the store "
                 f"has {n} (train size {train_size}); lower --nlist/--nbits or use --type hnsw"
             )
-        nprobe = _positive("nprobe", nprobe if nprobe is not None else min(nlist, 32))
+        nprobe = options.nprobe if options.nprobe is not None else min(nlist, 32)
         params.update(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, train_size=train_size)
-    else:
-        hnsw_m = _positive("hnsw_m", hnsw_m, 2)
-        params.update(hnsw_m=hnsw_m, ef_construction=_positive("ef_construction", ef_construction),
-                      ef_search=_positive("ef_search", ef_search))
-    index = _make_index(index_type, dim, n, nlist, m, nbits, hnsw_m, ef_construction)
-    if index_type == "ivfpq":
+        index = _make_ivfpq(dim, nlist, m, nbits)
         rows = np.sort(rng.choice(n, size=train_size, replace=False))
         logger.info("training %s on %d vectors", index_type, train_size)
         index.train(np.array(store.embeddings[rows], dtype=np.float32))
+    else:
+        params.update(hnsw_m=options.hnsw_m, ef_construction=options.ef_construction, ef_search=options.ef_search)
+        index = faiss.IndexHNSWFlat(dim, options.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = options.ef_construction
     bar = None
     if progress:
         from tqdm import tqdm
@@ -196,13 +233,13 @@ def build_ann_index(store_path, index_type="ivfpq", out_dir=None, nlist=None, m=
 
     # recall@k against exact search on sample queries
     if query_path is not None:
-        queries = load_features(query_path, mmap=True).embeddings
+        queries = load_features(query_path, mmap=True, verify=verify).embeddings
         check_dims(queries, store.embeddings)
         params["recall_queries"] = io.abspath(query_path)
     else:
         queries = store.embeddings
         params["recall_queries"] = "index sample"
-    sample = min(_positive("sample", sample), len(queries))
+    sample, recall_k = min(options.sample, len(queries)), options.recall_k
     rows = np.sort(rng.choice(len(queries), size=sample, replace=False))
     sample_q = np.array(queries[rows], dtype=np.float32)
     _, exact = search(sample_q, store.embeddings, recall_k)
@@ -249,24 +286,25 @@ def find_ann_type(index_dir, index_type=None):
     return found[0]
 
 
-def load_ann_index(store, index_type=None, index_dir=None):
-    """Load the saved index of ``store`` (a FeatureStore or path); return ``(faiss index, params)``."""
+def load_ann_index(store, index_type=None, index_dir=None, verify=True):
+    """Load the saved index of ``store`` (a FeatureStore, or a path loaded with ``verify``);
+    return ``(faiss index, params)``."""
     import faiss
 
     if not hasattr(store, "meta"):
-        store = load_features(store, mmap=True)
+        store = load_features(store, mmap=True, verify=verify)
     index_dir = io.abspath(index_dir or store.path)
     index_type = find_ann_type(index_dir, index_type)
     index_path, json_path = ann_paths(index_dir, index_type)
     if not io.isfile(json_path) or not io.isfile(index_path):
         raise FeatureStoreError(f"no {index_type} index in {index_dir}; build one with tools/build_index.py --type {index_type}")
     params = read_json_object(json_path, "rebuild the index")
-    if params.get("store_digest") != _store_digest(store) or params.get("count") != len(store):
+    if params.get("store_digest") != store_digest(store) or params.get("count") != len(store):
         raise FeatureStoreError(
             f"{index_path} was built for a different version of store {store.path}; "
             "rebuild it with tools/build_index.py"
         )
-    if params.get("index_sha256") != _file_sha256(index_path):
+    if params.get("index_sha256") != io.file_sha256(index_path):
         raise FeatureStoreError(f"{index_path} does not match {json_path} (interrupted build?); rebuild the index")
     index = faiss.read_index(io.get_local_path(index_path))
     return index, params

@@ -20,7 +20,7 @@ import os
 import cv2
 from tqdm import tqdm
 
-from metric.datasets.imagefile import load_image
+from metric.utils.imagefile import load_image
 from metric.utils import io
 from metric.utils.errors import DataError
 from metric.retrieval.groundtruth import read_glr_solution

@@ -22,8 +22,9 @@ import torch
 
 from metric.utils import io
 from metric.utils.errors import FeatureStoreError, MetricError
-from metric.retrieval.ann import _file_sha256, _store_digest
-from metric.retrieval.search import as_matrix, is_int, resolve_backend
+from metric.retrieval.search import (RunningTopK, as_matrix, check_finite, chunk_as_float32, deterministic_topk,
+                                     is_int, resolve_backend)
+from metric.retrieval.store import load_features, read_json_object, store_digest
 
 # float32 elements of a block of similarities (rows x index chunk).
 GATHER_ELEMENTS = 1 << 25
@@ -59,22 +60,20 @@ def knn_rows(rows, base, k, dev, chunk_size=None):
     """Top-``k`` of float32 ``rows`` [r, D] in ``base`` [N, D] (best first, ties to the lower row)
     and each row's smallest similarity, in one pass of torch matrix products over ``base`` chunks
     on ``dev``: ``(scores [r, k], indices [r, k], min_sim [r])`` as numpy arrays."""
-    from metric.retrieval.search import _chunk_as_float32, _exact_boundary, _RunningTopK
-
     r, n = rows.shape[0], base.shape[0]
     k = min(k, n)
     q = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(dev)
     ic = min(n, chunk_size or max(k + 1, GATHER_ELEMENTS // max(1, r)))
-    best = _RunningTopK(k, r)
+    best = RunningTopK(k, r)
     mins = torch.full((r,), float("inf"), device=dev)
     for start in range(0, n, ic):
         stop = min(n, start + ic)
         if isinstance(base, torch.Tensor):
             xb = base[start:stop].to(dev, torch.float32)
         else:
-            xb = torch.from_numpy(_chunk_as_float32(base, start, stop)).to(dev)
+            xb = torch.from_numpy(chunk_as_float32(base, start, stop)).to(dev)
         sims = q @ xb.T
-        idx, vals = _exact_boundary(sims, min(k, stop - start))
+        idx, vals = deterministic_topk(sims, min(k, stop - start))
         best.add(vals, idx + start)
         mins = torch.minimum(mins, sims.amin(1))
         del sims
@@ -104,19 +103,13 @@ def build_index_graph(index, width, device=None, chunk_size=None, progress=False
     for start in range(0, n, GRAPH_ROWS):
         stop = min(n, start + GRAPH_ROWS)
         block = block_rows(index, start, stop)
-        _check_finite(block, start)
+        check_finite(block, "index", start)
         sc[start:stop], nb[start:stop], mins[start:stop] = knn_rows(block, index, width, dev, chunk_size)
         if bar is not None:
             bar.update(stop - start)
     if bar is not None:
         bar.close()
     return IndexGraph(nb, sc, mins)
-
-
-def _check_finite(block, start):
-    from metric.retrieval.search import _check_finite as check
-
-    check(block, "index", start)
 
 
 def graph_paths(graph_dir):
@@ -135,7 +128,7 @@ def save_index_graph(store, graph, graph_dir=None):
     with io.atomic_write(npz_path, "wb", what="k-NN graph") as f:
         np.savez(f, neighbours=graph.neighbours, scores=graph.scores, min_sim=graph.min_sim)
     desc = {"type": "knn", "version": GRAPH_VERSION, "width": graph.width, "count": int(len(graph.min_sim)),
-            "store": store.path, "store_digest": _store_digest(store), "graph_sha256": _file_sha256(npz_path)}
+            "store": store.path, "store_digest": store_digest(store), "graph_sha256": io.file_sha256(npz_path)}
     io.write_json_atomic(json_path, desc, what="k-NN graph description", indent=1, sort_keys=True)
     desc["path"] = npz_path
     return desc
@@ -148,8 +141,6 @@ def has_index_graph(store, graph_dir=None):
 def load_index_graph(store, width, graph_dir=None):
     """The saved graph of ``store`` cut to ``width`` columns; a one-line error when it is missing,
     was built for another version of the store, or is narrower than ``width``."""
-    from metric.retrieval.store import read_json_object
-
     graph_dir = io.abspath(graph_dir or store.path)
     npz_path, json_path = graph_paths(graph_dir)
     fix = f"build it with tools/build_index.py --index {store.path} --type knn --knn {max(1, width - 1)}"
@@ -157,12 +148,12 @@ def load_index_graph(store, width, graph_dir=None):
         raise FeatureStoreError(f"store {store.path} has no k-NN graph in {graph_dir} (needed for k-reciprocal "
                                 f"re-ranking with --kr-graph saved); {fix}")
     desc = read_json_object(json_path, fix)
-    if desc.get("store_digest") != _store_digest(store) or desc.get("count") != len(store):
+    if desc.get("store_digest") != store_digest(store) or desc.get("count") != len(store):
         raise FeatureStoreError(f"{npz_path} was built for a different version of store {store.path}; {fix}")
     if int(desc.get("width", 0)) < min(width, len(store)):
         raise FeatureStoreError(f"{npz_path} holds {int(desc.get('width', 1)) - 1} neighbours per item but "
                                 f"k-reciprocal re-ranking with k1={width - 1} needs {width - 1}; {fix}")
-    if desc.get("graph_sha256") != _file_sha256(npz_path):
+    if desc.get("graph_sha256") != io.file_sha256(npz_path):
         raise FeatureStoreError(f"{npz_path} does not match {json_path} (interrupted build?); {fix}")
     with np.load(io.get_local_path(npz_path), allow_pickle=False) as data:
         nb, sc, mins = data["neighbours"], data["scores"], data["min_sim"]
@@ -171,15 +162,14 @@ def load_index_graph(store, width, graph_dir=None):
     return IndexGraph(nb[:, :width].astype(np.int64), sc[:, :width].astype(np.float32), mins.astype(np.float32))
 
 
-def build_store_graph(store_path, k=20, out_dir=None, device=None, progress=False):
+def build_store_graph(store_path, k=20, out_dir=None, device=None, progress=False, verify=True):
     """Build the graph of the store at ``store_path`` with ``k`` neighbours besides each item itself
-    (width ``k + 1``, enough for k-reciprocal re-ranking with ``k1 <= k``) and save it; returns the
-    description written, with ``path``."""
-    from metric.retrieval.store import load_features
-
+    (width ``k + 1``, enough for k-reciprocal re-ranking with ``k1 <= k``) and save it into
+    ``out_dir`` (default: the store's folder); returns the description written, with ``path``.
+    ``verify``: check the store against its ``meta.json`` when loading it."""
     if not is_int(k) or k < 1:
         raise MetricError(f"--knn must be an integer >= 1, got {k!r}")
-    store = load_features(store_path, mmap=True)
+    store = load_features(store_path, mmap=True, verify=verify)
     if len(store) == 0:
         raise FeatureStoreError(f"store {store.path} is empty; nothing to build a graph of")
     if k >= len(store):

@@ -41,7 +41,8 @@ import torch
 
 from metric.utils.errors import MetricError
 from metric.retrieval.knn_graph import GRAPH_ROWS, IndexGraph, block_rows, build_index_graph, knn_rows
-from metric.retrieval.search import as_matrix, check_dims, is_int, resolve_backend
+from metric.retrieval.search import (as_matrix, check_dims, check_finite, check_topk, deterministic_topk, is_int,
+                                     resolve_backend)
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def _graph_all(query, index, graph, width, dev, chunk_size):
     smallest similarity of each item [A]."""
     q_count, n = query.shape[0], index.shape[0]
     qb = block_rows(query, 0, q_count)
-    _check_finite(qb, "query")
+    check_finite(qb, "query", 0)
     qx_s, qx_i, min_qx = knn_rows(qb, index, width, dev, chunk_size)
     qq_s, qq_i, min_qq = knn_rows(qb, qb, width, dev)
     s_q, knn_q = _merge([(qq_s, qq_i), (qx_s, qx_i + q_count)], width)
@@ -281,8 +282,6 @@ def _final_topk(items, inv, rows, cols, vals, maxd, lam, k, progress):
     Query chunks are scored against the whole index: a ``[chunk, N]`` block of distances
     (bounded by :data:`GATHER_ELEMENTS`), with the Jaccard term where a gallery item shares an
     entry of ``V`` with the query (elsewhere ``d_J = 1``)."""
-    from metric.retrieval.search import _exact_boundary
-
     q_count = items.q_count
     n = items.y.shape[0] - q_count
     dev = items.y.device
@@ -306,7 +305,7 @@ def _final_topk(items, inv, rows, cols, vals, maxd, lam, k, progress):
         else:
             keys, m = inv.min_sums(*part)
             score.view(-1)[keys] += (1.0 - lam) * m / (2.0 - m)
-        idx, neg = _exact_boundary(score, k)  # ties at the k-th place: lower index
+        idx, neg = deterministic_topk(score, k)  # ties at the k-th place: lower index
         del score
         order = torch.sort(idx, dim=1).indices
         idx, neg = idx.gather(1, order), neg.gather(1, order)
@@ -316,12 +315,6 @@ def _final_topk(items, inv, rows, cols, vals, maxd, lam, k, progress):
         if progress is not None:
             progress.update(e - s)
     return out_d, out_i
-
-
-def _check_finite(block, what):
-    from metric.retrieval.search import _check_finite as check
-
-    check(block, what, 0)
 
 
 def k_reciprocal_rerank(query, index, topk, k1=DEFAULT_K1, k2=DEFAULT_K2, lambda_value=DEFAULT_LAMBDA,
@@ -334,8 +327,6 @@ def k_reciprocal_rerank(query, index, topk, k1=DEFAULT_K1, k2=DEFAULT_K2, lambda
     torch on ``device`` (default: CUDA if available, else CPU); ``chunk_size`` is the number of
     index rows per matrix product of the graph passes (default: about 128 MB of similarities).
     """
-    from metric.retrieval.search import check_topk
-
     check_kreciprocal(k1, k2, lambda_value)
     topk = check_topk(topk)
     query, index = as_matrix(query, "query"), as_matrix(index, "index")

@@ -74,16 +74,16 @@ def _match_ids(store_ids, wanted, what, store_path, gt_path):
     return np.fromiter((row_of[w] for w in wanted), dtype=np.int64, count=len(wanted))
 
 
-def evaluate_revisited(query_dir, index_dir, gt_path, ks=(1, 5, 10)):
+def evaluate_revisited(query_dir, index_dir, gt_path, ks=(1, 5, 10), verify=True):
     """Revisited Oxford/Paris scores of a query and an index feature store.
 
     Store ids are matched to the ground truth's ``qimlist`` / ``imlist`` by id (image name
     without extension). Index-store ids not in ``imlist`` are kept as distractors (e.g. the
     R1M set), ranked after the ``imlist`` images they tie with; query-store ids not in
-    ``qimlist`` are ignored.
+    ``qimlist`` are ignored. ``verify``: check the stores against their ``meta.json`` when loading them.
     """
     gt = read_revisited_gnd(gt_path)
-    query, index = load_features(query_dir), load_features(index_dir)
+    query, index = load_features(query_dir, verify=verify), load_features(index_dir, verify=verify)
     if query.dim != index.dim:
         raise MetricError(
             f"query store {query_dir} has dimension {query.dim} but index store {index_dir} has "
@@ -99,18 +99,19 @@ def evaluate_revisited(query_dir, index_dir, gt_path, ks=(1, 5, 10)):
     return revisited_map(ranks, gt["gnd"], ks=ks)
 
 
-def evaluate_labelled(query_dir, query_labels_path, index_dir=None, index_labels_path=None):
+def evaluate_labelled(query_dir, query_labels_path, index_dir=None, index_labels_path=None, verify=True):
     """recall@1,5,10 and mAP@R of labelled feature stores (leave-one-out without an index).
 
     Labels come from ``NAME LABEL`` lists (see :func:`~metric.retrieval.groundtruth.read_labels`)
-    matched to store ids by exact name or file-name stem.
+    matched to store ids by exact name or file-name stem. ``verify``: check the stores against their
+    ``meta.json`` when loading them.
     """
-    query = load_features(query_dir)
+    query = load_features(query_dir, verify=verify)
     q_labels = labels_for_ids(read_labels(query_labels_path), query.ids, query_labels_path)
     if index_dir is None:
         result = labelled_metrics(np.asarray(query.embeddings), q_labels)
     else:
-        index = load_features(index_dir)
+        index = load_features(index_dir, verify=verify)
         if query.dim != index.dim:
             raise MetricError(
                 f"query store {query_dir} has dimension {query.dim} but index store {index_dir} "
@@ -128,14 +129,15 @@ def evaluate_labelled(query_dir, query_labels_path, index_dir=None, index_labels
 
 
 def evaluate(results=None, gt=None, query=None, index=None, query_labels=None,
-             index_labels=None):
+             index_labels=None, verify=True):
     """Score in the mode the given arguments select; returns ``(mode, metrics)``.
 
     - ``results`` + ``gt`` (solution CSV): mode ``"glr"``;
     - ``query`` + ``index`` + ``gt`` (``gnd_*.pkl``): mode ``"revisited"``;
     - ``query`` + ``query_labels`` [+ ``index`` + ``index_labels``]: mode ``"labelled"``.
 
-    Any other combination is a :class:`MetricError` that says what to give.
+    Any other combination is a :class:`MetricError` that says what to give. ``verify``: check the
+    feature stores against their ``meta.json`` when loading them (``--no-verify`` turns it off).
     """
     given = {name for name, value in (("--results", results), ("--gt", gt), ("--query", query),
                                       ("--index", index), ("--query-labels", query_labels),
@@ -159,14 +161,14 @@ def evaluate(results=None, gt=None, query=None, index=None, query_labels=None,
             raise MetricError(
                 f"{gt} looks like a GLR solution CSV; score it with --results RESULTS.csv --gt {gt}"
             )
-        return "revisited", evaluate_revisited(query, index, gt)
+        return "revisited", evaluate_revisited(query, index, gt, verify=verify)
     if query is not None and query_labels is not None:
         if (index is None) != (index_labels is None):
             raise MetricError(
                 "give --index and --index-labels together, or neither (leave-one-out within the "
                 "query set)"
             )
-        return "labelled", evaluate_labelled(query, query_labels, index, index_labels)
+        return "labelled", evaluate_labelled(query, query_labels, index, index_labels, verify=verify)
     raise MetricError(f"nothing to score with these arguments; {USAGE_HINT}")
 
 

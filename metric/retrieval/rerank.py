@@ -15,12 +15,11 @@ is dropped instead). Negative similarities are clamped to 0 before the power,
 so ``alpha = 0`` gives plain average expansion (every neighbour weight 1).
 Neighbours missing from an approximate search (index -1) get weight 0.
 
-:func:`search_stores` runs the whole ``tools/search.py`` pipeline on two stores:
-DBA, search (exact or approximate), αQE and a second search, results CSV.
+The whole ``tools/search.py`` pipeline on two stores (DBA, search, αQE, SuperGlobal or
+k-reciprocal, results CSV) is :func:`metric.retrieval.pipeline.search_stores`.
 """
 
 import logging
-import os
 
 import numpy as np
 
@@ -34,6 +33,7 @@ GATHER_ELEMENTS = 1 << 25
 
 
 def check_expansion(k, alpha, what):
+    """Validate the K and alpha of αQE / DBA (``what`` names which); one-line :class:`MetricError`."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise MetricError(f"{what} K must be an integer >= 1, got {k!r}")
     if not np.isfinite(alpha) or alpha < 0:
@@ -109,77 +109,3 @@ def database_augmentation(index, k, alpha=3.0, backend="auto", chunk_size=None, 
     indices = indices[keep].reshape(n, kk)
     logger.info("database-side augmentation of %d vectors with K=%d, alpha=%g", n, kk, alpha)
     return expand(index, index, scores, indices, alpha)
-
-
-def search_stores(query, index, output, topk=100, scores_path=None, backend="auto", device=None,
-                  chunk_size=None, query_chunk_size=None, ann=False, ann_type=None, ann_dir=None,
-                  nprobe=None, ef_search=None, qe=0, qe_alpha=3.0, dba=0, dba_alpha=3.0, rerank=None,
-                  rerank_params=None, progress=False):
-    """Search a query store in an index store, re-rank, write the Kaggle results CSV; return a summary.
-
-    The pipeline: DBA on the index (``dba`` > 0), search (exact, or the saved
-    approximate index with ``ann``), αQE (``qe`` > 0) and a second search, then
-    SuperGlobal or k-reciprocal re-ranking, then
-    :func:`~metric.retrieval.results.write_results_csv`. ``rerank`` names the re-rankers
-    (:mod:`metric.retrieval.rerank_plan`: order, defaults) and ``rerank_params`` their
-    parameters (``sg_m``, ``sg_k``, ``sg_beta``, ``kr_k1``, ``kr_k2``, ``kr_lambda``,
-    ``kr_graph``, ``graph_dir``). Everything the user gave is checked before the long work starts.
-    """
-    import metric.retrieval.ann as ann_mod
-    import metric.retrieval.rerank_plan as rerank_plan
-    from metric.retrieval.results import check_output_file, write_results_csv
-    from metric.retrieval.search import check_dims, check_topk, resolve_backend
-    from metric.retrieval.store import load_features
-
-    topk = check_topk(topk)
-    check_output_file(output)
-    if scores_path is not None:
-        check_output_file(scores_path, "scores")
-    plan = rerank_plan.make_plan(rerank, qe, dba, **(rerank_params or {}))
-    qe, dba = plan.qe, plan.dba
-    if qe:
-        check_expansion(qe, qe_alpha, "query expansion")
-    if dba:
-        check_expansion(dba, dba_alpha, "database augmentation")
-    if ann and dba:
-        raise MetricError("--dba changes the index vectors, so it cannot use a saved approximate index; drop --ann or --dba")
-    resolve_backend(backend, device)
-    qstore = load_features(query, mmap=True)
-    istore = load_features(index, mmap=True)
-    check_dims(qstore.embeddings, istore.embeddings)
-    graph = rerank_plan.check_plan(plan, qstore, istore, ann)
-    summary = {"queries": len(qstore), "index": len(istore), "topk": topk, "output": os.path.abspath(output),
-               "rerank": list(plan.steps)}
-
-    index_emb = istore.embeddings
-    if dba:
-        index_emb = database_augmentation(index_emb, dba, dba_alpha, backend=backend, chunk_size=chunk_size,
-                                          device=device, progress=progress)
-    if ann:
-        ann_index, params = ann_mod.load_ann_index(istore, ann_type, ann_dir)
-        summary["ann"] = params["type"]
-
-        def run(q, k):
-            return ann_mod.ann_search(ann_index, params, q, k, nprobe=nprobe, ef_search=ef_search, progress=progress)
-    else:
-        def run(q, k):
-            return search(q, index_emb, k, backend=backend, chunk_size=chunk_size, device=device,
-                          query_chunk_size=query_chunk_size, progress=progress)
-
-    width = plan.search_width(topk)
-    query_emb, scores, indices = qstore.embeddings, None, None
-    if qe or plan.final != "kreciprocal":  # k-reciprocal searches by itself
-        scores, indices = run(query_emb, max(width, qe))
-    if qe:
-        query_emb = query_expansion(query_emb, index_emb, scores, indices, qe, qe_alpha)
-        if plan.final != "kreciprocal":
-            scores, indices = run(query_emb, width)
-    if plan.final:
-        scores, indices = rerank_plan.final_rerank(plan, query_emb, index_emb, scores, indices, topk, graph,
-                                                   backend=backend, device=device, chunk_size=chunk_size,
-                                                   progress=progress)
-    scores, indices = scores[:, :topk], indices[:, :topk]
-    write_results_csv(output, qstore.ids, istore.ids, indices, scores=scores, scores_path=scores_path)
-    if scores_path is not None:
-        summary["scores"] = os.path.abspath(scores_path)
-    return summary

@@ -1,4 +1,4 @@
-"""Which re-rankers ``tools/search.py`` runs, in which order, with which parameters.
+"""Which re-rankers ``tools/search.py`` runs, in which order, with which parameters: :class:`RerankOptions`.
 
 The order is fixed: **DBA** (changes the index vectors, before the search), the search, **αQE**
 (a new query and a second search), then at most one final re-scoring of the list: **SuperGlobal**
@@ -13,11 +13,13 @@ L2-normalized, a missing or stale saved k-NN graph with ``--kr-graph saved``).
 """
 
 import dataclasses
+from typing import Optional
 
 from metric.utils.errors import FeatureStoreError, MetricError
 import metric.retrieval.kreciprocal as kr
 import metric.retrieval.superglobal as sg
 from metric.retrieval.knn_graph import has_index_graph, load_index_graph
+from metric.retrieval.rerank import check_expansion
 
 RERANKERS = ("dba", "qe", "superglobal", "kreciprocal")
 ORDER = "dba, qe, then superglobal or kreciprocal"
@@ -26,21 +28,66 @@ DEFAULT_DBA_K = 2
 GRAPH_MODES = ("auto", "saved", "compute")
 
 
-@dataclasses.dataclass
-class RerankPlan:
-    """What :func:`metric.retrieval.rerank.search_stores` runs after reading the stores."""
+@dataclasses.dataclass(frozen=True)
+class RerankOptions:
+    """Which re-rankers :func:`metric.retrieval.pipeline.search_stores` runs and their parameters
+    (``tools/search.py``'s ``--rerank``, ``--qe``, ``--sg-*``, ``--kr-*``, ...).
 
-    steps: tuple = ()
-    qe: int = 0
-    dba: int = 0
-    sg_m: int = sg.DEFAULT_M
-    sg_k: int = sg.DEFAULT_K
-    sg_beta: float = sg.DEFAULT_BETA
-    kr_k1: int = kr.DEFAULT_K1
-    kr_k2: int = kr.DEFAULT_K2
-    kr_lambda: float = kr.DEFAULT_LAMBDA
-    kr_graph: str = "auto"
-    graph_dir: str = None
+    ``steps`` names re-rankers of :data:`RERANKERS` in their fixed order; ``qe`` / ``dba`` > 0 turn
+    αQE / DBA on as well (as ``--qe K`` / ``--dba K`` always did), and a step named without its K
+    gets :data:`DEFAULT_QE_K` / :data:`DEFAULT_DBA_K`. After construction ``steps`` holds every step
+    that runs, in order, and ``qe`` / ``dba`` the K that each runs with (0: off), so two options
+    that run the same re-ranking compare equal. Everything is checked at construction: an unknown
+    name, a repeated one, a wrong order, SuperGlobal with k-reciprocal, or a bad parameter of a
+    step that runs is a one-line :class:`MetricError` (parameters of steps that do not run are
+    not used and not checked).
+    """
+
+    steps: tuple = ()  # re-rankers by name, a subsequence of RERANKERS (dba, qe, superglobal | kreciprocal)
+    qe: int = 0  # αQE neighbours K; > 0 turns αQE on; 0 with "qe" in steps: DEFAULT_QE_K
+    qe_alpha: float = 3.0  # αQE weight exponent, finite and >= 0
+    dba: int = 0  # DBA neighbours K; > 0 turns DBA on; 0 with "dba" in steps: DEFAULT_DBA_K
+    dba_alpha: float = 3.0  # DBA weight exponent, finite and >= 0
+    sg_m: int = sg.DEFAULT_M  # SuperGlobal: candidates re-ranked per query, >= 2
+    sg_k: int = sg.DEFAULT_K  # SuperGlobal: neighbours per candidate, >= 1
+    sg_beta: float = sg.DEFAULT_BETA  # SuperGlobal: neighbour weight, finite and >= 0
+    kr_k1: int = kr.DEFAULT_K1  # k-reciprocal: k1, the reciprocal neighbourhood, >= 1 (below the index size)
+    kr_k2: int = kr.DEFAULT_K2  # k-reciprocal: k2, the local query expansion, 1..k1 + 1
+    kr_lambda: float = kr.DEFAULT_LAMBDA  # k-reciprocal: weight of the original distance, in [0, 1]
+    kr_graph: str = "auto"  # k-reciprocal index graph, one of GRAPH_MODES: the saved one if valid, only it, or computed
+    graph_dir: Optional[str] = None  # folder of the saved k-NN graph; None: the index store's folder
+
+    def __post_init__(self):
+        names = [self.steps] if isinstance(self.steps, str) else list(self.steps or ())
+        for name in names:
+            if name not in RERANKERS:
+                raise MetricError(f"unknown re-ranker {name!r}; choose from {', '.join(RERANKERS)}")
+        if len(set(names)) != len(names):
+            raise MetricError(f"--rerank {' '.join(names)} names a re-ranker twice")
+        if "superglobal" in names and "kreciprocal" in names:
+            raise MetricError("--rerank superglobal and kreciprocal cannot be combined: each re-scores the final "
+                              "list; choose one")
+        positions = [RERANKERS.index(n) for n in names]
+        if positions != sorted(positions):
+            raise MetricError(f"--rerank {' '.join(names)}: re-rankers run in the order {ORDER}; "
+                              f"write --rerank {' '.join(sorted(names, key=RERANKERS.index))}")
+        for name, k in (("qe", self.qe), ("dba", self.dba)):
+            if k and name not in names:
+                names.append(name)
+        steps = tuple(sorted(names, key=RERANKERS.index))
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "qe", (self.qe or DEFAULT_QE_K) if "qe" in steps else 0)
+        object.__setattr__(self, "dba", (self.dba or DEFAULT_DBA_K) if "dba" in steps else 0)
+        if self.qe:
+            check_expansion(self.qe, self.qe_alpha, "query expansion")
+        if self.dba:
+            check_expansion(self.dba, self.dba_alpha, "database augmentation")
+        if self.final == "superglobal":
+            sg.check_superglobal(self.sg_m, self.sg_k, self.sg_beta)
+        if self.final == "kreciprocal":
+            kr.check_kreciprocal(self.kr_k1, self.kr_k2, self.kr_lambda)
+            if self.kr_graph not in GRAPH_MODES:
+                raise MetricError(f"--kr-graph {self.kr_graph!r}: choose one of {', '.join(GRAPH_MODES)}")
 
     @property
     def final(self):
@@ -52,41 +99,9 @@ class RerankPlan:
         return max(topk, self.sg_m) if self.final == "superglobal" else topk
 
 
-def make_plan(rerank=None, qe=0, dba=0, **params):
-    """The plan of ``rerank`` (names in :data:`RERANKERS`, in the allowed order) plus ``qe``/``dba``
-    given as K > 0 (which enable them, as ``--qe K`` / ``--dba K`` always did). ``params`` are the
-    :class:`RerankPlan` parameter fields; all are validated."""
-    names = list(rerank or ())
-    for name in names:
-        if name not in RERANKERS:
-            raise MetricError(f"unknown re-ranker {name!r}; choose from {', '.join(RERANKERS)}")
-    if len(set(names)) != len(names):
-        raise MetricError(f"--rerank {' '.join(names)} names a re-ranker twice")
-    if "superglobal" in names and "kreciprocal" in names:
-        raise MetricError("--rerank superglobal and kreciprocal cannot be combined: each re-scores the final list; "
-                          "choose one")
-    positions = [RERANKERS.index(n) for n in names]
-    if positions != sorted(positions):
-        raise MetricError(f"--rerank {' '.join(names)}: re-rankers run in the order {ORDER}; "
-                          f"write --rerank {' '.join(sorted(names, key=RERANKERS.index))}")
-    for name, k in (("qe", qe), ("dba", dba)):
-        if k and name not in names:
-            names.append(name)
-    steps = tuple(sorted(names, key=RERANKERS.index))
-    plan = RerankPlan(steps=steps, **params)
-    plan.qe = (qe or DEFAULT_QE_K) if "qe" in steps else 0
-    plan.dba = (dba or DEFAULT_DBA_K) if "dba" in steps else 0
-    if plan.final == "superglobal":
-        sg.check_superglobal(plan.sg_m, plan.sg_k, plan.sg_beta)
-    if plan.final == "kreciprocal":
-        kr.check_kreciprocal(plan.kr_k1, plan.kr_k2, plan.kr_lambda)
-        if plan.kr_graph not in GRAPH_MODES:
-            raise MetricError(f"--kr-graph {plan.kr_graph!r}: choose one of {', '.join(GRAPH_MODES)}")
-    return plan
-
-
 def check_plan(plan, qstore, istore, ann=False):
-    """Refuse, in one line, what the stores cannot do; returns the saved index graph to use (or None)."""
+    """Refuse, in one line, what the stores cannot do with the re-ranking ``plan`` (a
+    :class:`RerankOptions`); returns the saved index graph to use (or None)."""
     n = len(istore)
     if plan.qe > n:
         raise MetricError(f"--qe {plan.qe} is larger than the index ({n} items); use --qe {max(1, n)} or less")
@@ -121,7 +136,8 @@ def check_plan(plan, qstore, istore, ann=False):
 
 def final_rerank(plan, query, index, scores, indices, topk, graph=None, backend="auto", device=None,
                  chunk_size=None, progress=False):
-    """The plan's final re-scoring of the last search ``(scores, indices)``; returns the new pair.
+    """The final re-scoring of ``plan`` (a :class:`RerankOptions`) of the last search ``(scores,
+    indices)``; returns the new pair.
     (k-reciprocal searches with torch on ``device`` by itself; ``backend`` is the search's.)"""
     if plan.final == "superglobal":
         return sg.superglobal_rerank(query, index, scores, indices, m=plan.sg_m, k=plan.sg_k, beta=plan.sg_beta,

@@ -14,7 +14,7 @@ sizes, never by ``Q x N``. Backends:
   ``benchmarks/search_bench.py``).
 
 Float16 stores (and any other dtype) are converted to float32 one chunk at a time
-(:func:`_chunk_as_float32`) before the product, so products accumulate in float32 and
+(:func:`chunk_as_float32`) before the product, so products accumulate in float32 and
 faiss gets the float32 blocks it needs; the extra memory is one chunk.
 
 Tie-breaking (all backends): results are ordered by score, highest first, and
@@ -74,6 +74,16 @@ def check_topk(topk):
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
         raise MetricError(f"topk must be an integer >= 1, got {topk!r}")
     return int(topk)
+
+
+def check_chunk_size(name, value):
+    """``value`` as an int when it is an integer >= 1, ``None`` when it is ``None`` (the default
+    chunking); a one-line :class:`MetricError` naming ``name`` otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, np.integer)) or value < 1:
+        raise MetricError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def check_dims(query, index):
@@ -136,8 +146,9 @@ def resolve_backend(backend, device=None):
     return "torch", device
 
 
-def _chunk_as_float32(x, start, stop):
-    """Rows [start, stop) of a numpy array/memmap or tensor as a contiguous float32 numpy array."""
+def chunk_as_float32(x, start, stop):
+    """Rows [start, stop) of a numpy array/memmap or tensor as a contiguous float32 numpy array
+    (a float16 store's rows are converted one chunk at a time)."""
     block = x[start:stop]
     if isinstance(block, torch.Tensor):
         return block.to("cpu", torch.float32).contiguous().numpy()
@@ -146,7 +157,10 @@ def _chunk_as_float32(x, start, stop):
     return np.array(block, dtype=np.float32, order="C")
 
 
-def _check_finite(block, name, start):
+def check_finite(block, name, start):
+    """Raise :class:`DataError` naming the first row of ``block`` (a float numpy array of the
+    ``name`` embeddings whose first row is row ``start``) that holds NaN or infinite values.
+    Search, the k-NN graph and k-reciprocal re-ranking check every block they read with it."""
     # A sum is NaN/inf when any element is (one cheap pass, no temporary array); a float32 sum of
     # large finite values can overflow too, so only then is every element checked.
     if not np.isfinite(block.sum()) and not np.isfinite(block).all():
@@ -157,8 +171,9 @@ def _check_finite(block, name, start):
 # ----------------------------------------------------------------------------- top-k merging
 
 
-def _exact_boundary(scores, k):
-    """Each row's top ``k`` of a [q, c] block (unordered), ties at the k-th place to the lower column.
+def deterministic_topk(scores, k):
+    """Each row's top ``k`` of a [q, c] tensor block (unordered), ties at the k-th place to the
+    lower column: the tie rule every search and re-ranker here keeps (see the module doc).
 
     Returns ``(columns, values)``. ``torch.topk`` does the work; rows whose k-th and
     (k+1)-th values are equal are redone with the exact rule.
@@ -195,8 +210,10 @@ def _merge_exact(scores, indices, k):
     return s[:, :k].contiguous(), i.gather(1, perm2[:, :k])
 
 
-class _RunningTopK:
-    """Candidates of one set of queries from successive index chunks, merged every few chunks.
+class RunningTopK:
+    """Candidates of one set of queries from successive index chunks, merged every few chunks
+    (``add(scores, indices)`` per chunk, ``result()`` at the end: the top ``k`` of each query,
+    ordered by score, ties to the lower index).
 
     Pending candidates of all ``total_queries`` queries stay below about
     :data:`PENDING_ELEMENTS` (at least two chunks' worth are kept before a merge).
@@ -242,28 +259,28 @@ def _search_torch(query, index, k, device, chunk_size, query_chunk_size, progres
     if isinstance(query, torch.Tensor):
         q_all = query.to(device, torch.float32)
     else:
-        q_all = torch.from_numpy(_chunk_as_float32(query, 0, q_count)).to(device)
+        q_all = torch.from_numpy(chunk_as_float32(query, 0, q_count)).to(device)
     if not torch.isfinite(q_all).all():
-        _check_finite(q_all.cpu().numpy(), "query", 0)
+        check_finite(q_all.cpu().numpy(), "query", 0)
     buf = torch.empty(qc * ic, dtype=torch.float32, device=device)
-    best = [_RunningTopK(k, q_count) for _ in range(0, q_count, qc)]
+    best = [RunningTopK(k, q_count) for _ in range(0, q_count, qc)]
     bar = _progress(n, progress, "search")
     for start in range(0, n, ic):
         stop = min(n, start + ic)
         if isinstance(index, torch.Tensor):
             xb = index[start:stop].to(device, torch.float32)
             if not torch.isfinite(xb).all():
-                _check_finite(xb.cpu().numpy(), "index", start)
+                check_finite(xb.cpu().numpy(), "index", start)
         else:
-            block = _chunk_as_float32(index, start, stop)
-            _check_finite(block, "index", start)
+            block = chunk_as_float32(index, start, stop)
+            check_finite(block, "index", start)
             xb = torch.from_numpy(block).to(device, non_blocking=True)
         xbt = xb.t()
         for j, qs in enumerate(range(0, q_count, qc)):
             qe = min(q_count, qs + qc)
             scores = buf[: (qe - qs) * (stop - start)].view(qe - qs, stop - start)
             torch.mm(q_all[qs:qe], xbt, out=scores)
-            idx, vals = _exact_boundary(scores, k)
+            idx, vals = deterministic_topk(scores, k)
             best[j].add(vals, idx + start)
         if bar is not None:
             bar.update(stop - start)
@@ -292,18 +309,18 @@ def _search_faiss(query, index, k, chunk_size, progress):
     import faiss
 
     q_count, n = query.shape[0], index.shape[0]
-    xq = _chunk_as_float32(query, 0, q_count)
-    _check_finite(xq, "query", 0)
+    xq = chunk_as_float32(query, 0, q_count)
+    check_finite(xq, "query", 0)
     ic = min(n, chunk_size or max(k + 1, FAISS_CHUNK_ELEMENTS // index.shape[1]))
     use_gpu = faiss_num_gpus() > 0 and k + 1 <= FAISS_GPU_MAX_K
     if faiss_num_gpus() > 0 and not use_gpu:
         logger.info("top-%d exceeds faiss's GPU limit (%d); searching with faiss on CPU", k, FAISS_GPU_MAX_K - 1)
-    best = _RunningTopK(k, q_count)
+    best = RunningTopK(k, q_count)
     bar = _progress(n, progress, "search")
     for start in range(0, n, ic):
         stop = min(n, start + ic)
-        xb = _chunk_as_float32(index, start, stop)
-        _check_finite(xb, "index", start)
+        xb = chunk_as_float32(index, start, stop)
+        check_finite(xb, "index", start)
         kk = min(k + 1, stop - start)
         if use_gpu:
             s, i = _faiss_gpu_knn(xq, xb, kk)
@@ -316,7 +333,7 @@ def _search_faiss(query, index, k, chunk_size, progress):
             s, i = s[:, :kc], i[:, :kc]
             if tied.numel():  # redo these rows exactly so the lower index wins the tie
                 rows = torch.from_numpy(xq[tied.numpy()] @ xb.T)
-                sel, vals = _exact_boundary(rows, kc)
+                sel, vals = deterministic_topk(rows, kc)
                 s, i = s.clone(), i.clone()
                 s[tied], i[tied] = vals, sel
         best.add(s, i + start)
@@ -341,9 +358,8 @@ def search(query, index, topk, backend="auto", chunk_size=None, device=None, que
     topk = check_topk(topk)
     query, index = as_matrix(query, "query"), as_matrix(index, "index")
     check_dims(query, index)
-    for name, value in (("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
-            raise MetricError(f"{name} must be an integer >= 1, got {value!r}")
+    check_chunk_size("chunk_size", chunk_size)
+    check_chunk_size("query_chunk_size", query_chunk_size)
     backend, device = resolve_backend(backend, device)
     k = min(topk, index.shape[0])
     if k == 0 or query.shape[0] == 0:

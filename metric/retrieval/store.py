@@ -100,13 +100,6 @@ def check_dtype(dtype):
     return name
 
 
-def add_dtype_option(parser, default="float32", help_extra=""):
-    """``--dtype float32|float16`` for a tool that writes stores."""
-    parser.add_argument("--dtype", default=default,
-                        help="precision of the store written: float32 or float16 (half the disk and page "
-                             "cache; searched exactly, accumulating in float32)" + help_extra)
-
-
 # ----------------------------------------------------------------------------- validation
 
 
@@ -415,11 +408,12 @@ def _interrupted_hint(path):
     return ""
 
 
-def load_features(path, mmap=True, verify=None):
+def load_features(path, mmap=True, verify=True):
     """Load a complete store; raise FeatureStoreError when it is missing, incomplete or inconsistent.
 
-    With ``verify`` (default: on, see :func:`set_store_verification`) the content is checked
-    against ``meta.json`` as well (:func:`verify_store`: digest, finite rows, unit norms)."""
+    With ``verify`` (the default) the content is checked against ``meta.json`` as well
+    (:func:`verify_store`: digest, finite rows, unit norms); ``verify=False`` (the tools'
+    ``--no-verify``) skips that read of the embeddings for a trusted store."""
     path = io.abspath(path)
     if not io.isdir(path):
         raise FeatureStoreError(f"feature store {path} does not exist{_interrupted_hint(path)}")
@@ -455,34 +449,13 @@ def load_features(path, mmap=True, verify=None):
         )
     validate_ids(ids, what=ids_path)
     store = FeatureStore(embeddings=emb, ids=ids, meta=meta, path=path)
-    if _VERIFY["enabled"] if verify is None else verify:
+    if verify:
         verify_store(store)
     return store
 
 
-# Whether load_features verifies what it reads (tools' --no-verify turns it off for trusted stores).
-_VERIFY = {"enabled": True}
 _VERIFIED = {}  # (path, size, mtime) of the embeddings -> digest, so one process reads a store once
 _VERIFY_NORM_TOL = 1e-3
-
-
-def set_store_verification(enabled):
-    """Turn the verification of every store read by :func:`load_features` on or off (for trusted
-    stores: ``--no-verify`` of the tools). Returns the previous setting."""
-    previous, _VERIFY["enabled"] = _VERIFY["enabled"], bool(enabled)
-    return previous
-
-
-def add_verify_option(parser):
-    """``--no-verify`` for a tool that reads stores (see :func:`set_store_verification`)."""
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip checking stores against their meta.json (digest, finite rows, norms): "
-                             "for trusted stores, saves one read of each")
-
-
-def apply_verify_option(args):
-    """Set store verification as the tool's command line asks (on unless ``--no-verify``)."""
-    set_store_verification(not getattr(args, "no_verify", False))
 
 
 def verify_store(store):
@@ -525,6 +498,16 @@ def verify_store(store):
     if key is not None:
         _VERIFIED[key] = expected
     return store
+
+
+def store_digest(store):
+    """The digest recorded in ``store``'s ``meta.json`` (SHA-256 of its rows and ids): what an
+    approximate index or a k-NN graph built on the store records, so that one built on another
+    version of it is refused. :class:`FeatureStoreError` for a store written without one."""
+    digest = store.meta.get("digest")
+    if not digest:
+        raise FeatureStoreError(f"store {store.path} has no digest in meta.json; re-create it with this pymetric")
+    return digest
 
 
 def is_complete_store(path):
@@ -576,11 +559,12 @@ def _order_shards(stores):
 
 
 @_locks_store
-def merge_stores(paths, out_dir, dtype=None):
+def merge_stores(paths, out_dir, dtype=None, verify=True):
     """Concatenate stores (in shard order when they carry shard meta) into a new store at ``out_dir``.
 
     ``dtype`` ("float32"/"float16") converts the rows, block by block; by default the inputs must
-    share one dtype, which the merged store keeps."""
+    share one dtype, which the merged store keeps. ``verify``: check each input against its
+    ``meta.json`` while loading it (:func:`load_features`)."""
     if dtype is not None:
         dtype = check_dtype(dtype)
     paths = [io.abspath(p) for p in paths]
@@ -593,7 +577,7 @@ def merge_stores(paths, out_dir, dtype=None):
     stores, bad = [], []
     for p in paths:
         try:
-            stores.append(load_features(p, mmap=True))
+            stores.append(load_features(p, mmap=True, verify=verify))
         except FeatureStoreError as err:
             bad.append(f"{p} (missing)" if not io.isdir(p) else f"{p} (incomplete or inconsistent: {err})")
             logger.debug("cannot load %s: %s", p, err)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from metric.utils.errors import MetricError
-from metric.retrieval.search import _exact_boundary, as_matrix, is_int, resolve_backend
+from metric.retrieval.search import as_matrix, deterministic_topk, is_int, resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def superglobal_rerank(query, index, scores, indices, m=DEFAULT_M, k=DEFAULT_K, 
         sim = torch.bmm(x, x.transpose(1, 2))  # [c, M, M]
         sim.diagonal(dim1=1, dim2=2).fill_(neg_inf)
         sim.masked_fill_(~valid[:, None, :], neg_inf)
-        nbr, s_nbr = _exact_boundary(sim.view(c * mm, mm), k)  # [c*M, K], ties to the better rank
+        nbr, s_nbr = deterministic_topk(sim.view(c * mm, mm), k)  # [c*M, K], ties to the better rank
         del sim
         nbr = nbr.reshape(c, mm, k)
         w = torch.where(torch.isfinite(s_nbr), beta * s_nbr, torch.zeros_like(s_nbr)).view(c, mm, k)
@@ -129,7 +129,7 @@ def superglobal_rerank(query, index, scores, indices, m=DEFAULT_M, k=DEFAULT_K, 
 
         # 2. query refined by the element-wise max of its K+1 best refined candidates
         r = refine(torch.einsum("cd,cmd->cm", q, x)).masked_fill(~valid, neg_inf)  # q . x~_m
-        top, top_r = _exact_boundary(r, k + 1)  # [c, K+1]
+        top, top_r = deterministic_topk(r, k + 1)  # [c, K+1]
         rows = torch.arange(c, device=dev)[:, None]
         top_nbr = nbr[rows, top]  # [c, K+1, K]
         sel = (x[rows, top] + torch.einsum("ctk,ctkd->ctd", w[rows, top], x[rows[..., None], top_nbr]))

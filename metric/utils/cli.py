@@ -76,6 +76,23 @@ def make_parser(description, config=True):
     return parser
 
 
+def add_verify_option(parser):
+    """``--no-verify`` for a tool that reads feature stores: ``args.no_verify``; the tool passes
+    ``verify=not args.no_verify`` to what loads the stores."""
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking stores against their meta.json (digest, finite rows, norms): "
+                             "for trusted stores, saves one read of each")
+
+
+def add_dtype_option(parser, dtypes, default="float32", help_extra=""):
+    """``--dtype`` for a tool that writes feature stores; ``dtypes`` are the store precisions
+    (:data:`metric.retrieval.store.STORE_DTYPES`, float32 first). The value is not checked here:
+    the tool passes it to :func:`metric.retrieval.store.check_dtype`, whose error names them."""
+    parser.add_argument("--dtype", default=default,
+                        help=f"precision of the store written: {' or '.join(dtypes)} (half the disk and page "
+                             "cache; searched exactly, accumulating in float32)" + help_extra)
+
+
 def one_line(err):
     """The message of a user error. One raised in a DataLoader worker comes back from torch as
     "Caught DataError in DataLoader worker process 0." followed by the worker's traceback: its last

@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -558,6 +559,16 @@ def read_json(path):
     """A JSON document from ``path`` (simplejson)."""
     with open_path(path, "r") as f:
         return simplejson.load(f)
+
+
+def file_sha256(path):
+    """The SHA-256 hex digest of the file at ``path``, read through the path manager in 4 MiB
+    blocks: what a saved index, graph or export records of the file it describes."""
+    h = hashlib.sha256()
+    with open_path(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- atomic folders

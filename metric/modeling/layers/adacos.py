@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from metric.modeling.layers.margins import _ClassWeights
-from metric.modeling.registries import MARGIN_LAYERS
+from metric.modeling.layers.margins import ClassWeights
+from metric.modeling.registry import MARGIN_LAYERS
 
 
 def fixed_adacos_scale(num_classes):
@@ -17,7 +17,7 @@ def fixed_adacos_scale(num_classes):
 
 
 @MARGIN_LAYERS.register("adacos")
-class AdaCos(_ClassWeights):
+class AdaCos(ClassWeights):
     """Logits ``s * cos(theta)``; ``s`` is the buffer ``scale`` (state-dict key ``scale``).
 
     It starts at the fixed scale ``sqrt(2) * ln(C - 1)``. With ``adaptive=True`` every

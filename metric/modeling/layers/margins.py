@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metric.modeling.registries import MARGIN_LAYERS
+from metric.modeling.registry import MARGIN_LAYERS
 
 # Rows of the class-weight matrix drawn per generator when a sharded layer is initialized
 # (``init_seed``): row r's initial value depends on the seed and r only, not on the shards.
@@ -42,8 +42,9 @@ def _seeded_rows(rows, cols, seed, std, dtype=torch.float32):
     return out
 
 
-class _ClassWeights(nn.Module):
-    """``weight`` [num_classes * centers, D]; rows ``c * centers ... c * centers + centers - 1``
+class ClassWeights(nn.Module):
+    """The class-weight matrix every classifier layer here builds on (the margin layers, AdaCos,
+    the plain linear classifier): ``weight`` [num_classes * centers, D]; rows ``c * centers ... c * centers + centers - 1``
     belong to class ``c``. With ``shard=(start, stop)`` only classes ``start .. stop - 1`` are
     held (row ``(c - start) * centers + k`` is centre k of class c). ``init_seed``: draw the rows
     from per-block generators (:func:`_seeded_rows`), so a shard gets the same rows whatever the
@@ -100,7 +101,7 @@ class _ClassWeights(nn.Module):
         return f"in_features={self.in_features}, num_classes={self.num_classes}{extra}{shard}"
 
 
-class _Margin(_ClassWeights):
+class _Margin(ClassWeights):
     """A scalar margin that can be rescheduled, optionally replaced by per-class margins.
 
     ``set_class_margins(m_c)`` stores ``m_c`` as the per-class margins *at the layer's
@@ -173,7 +174,7 @@ def replace_targets(cos, cols, fn):
 
 
 @MARGIN_LAYERS.register("linear")
-class LinearClassifier(_ClassWeights):
+class LinearClassifier(ClassWeights):
     """Plain softmax classifier without bias: ``x @ W^T``."""
 
     def __init__(self, in_features, num_classes, shard=None, init_seed=None, **unused):
