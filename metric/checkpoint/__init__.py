@@ -1,7 +1,8 @@
-"""Checkpoints and weights: file I/O (:mod:`.io`), loading into a model (:mod:`.load`) and the
-recognition and key mapping of foreign weight files (:mod:`.convert`)."""
+"""Checkpoints and weights: file I/O (:mod:`.io`), loading into a model (:mod:`.load`), the
+training state assembled and restored (:mod:`.checkpointer`) and the recognition and key mapping
+of foreign weight files (:mod:`.convert`)."""
 
-from metric.checkpoint.io import (  # noqa: F401
+from metric.checkpoint.files import (  # noqa: F401
     CHECKPOINT_VERSION,
     checkpoint_dir,
     check_resumable,
@@ -26,3 +27,4 @@ from metric.checkpoint.load import (  # noqa: F401
     unwrap,
     weights_digest,
 )
+from metric.checkpoint.checkpointer import Checkpointer  # noqa: F401

@@ -238,7 +238,7 @@ def _registry_name(registry, obj):
 
 def model_summary(model):
     """The config-like description of a built MetricModel, from its modules."""
-    from metric.modeling.registries import MARGIN_LAYERS, POOL_LAYERS
+    from metric.modeling.registry import MARGIN_LAYERS, POOL_LAYERS
 
     head = getattr(model, "head", None)
     out = {}

@@ -10,7 +10,7 @@ import logging
 import torch
 
 from metric.checkpoint.convert import convert_state
-from metric.checkpoint.io import read_checkpoint
+from metric.checkpoint.files import read_checkpoint
 from metric.utils import io
 from metric.utils.errors import CheckpointError
 
@@ -102,7 +102,7 @@ def load_state(model, state, source="weights", fit=False):
     model = unwrap(model)
     own = model.state_dict()
     state = _as_model_keys(state, own)
-    state = shard_classifier(state, model)
+    state = cut_classifier_to_shard(state, model)
     adapt = getattr(getattr(model, "backbone", None), "adapt_state_dict", None)
     if adapt is not None:  # e.g. a ViT's positional embedding made for another image size
         state = adapt(state, prefix="backbone.", source=source)
@@ -160,7 +160,7 @@ def load_weights(model, path, fit=False, kind="raw"):
     return missing, unexpected
 
 
-def classifier_shard(model):
+def find_classifier_shard(model):
     """``(layer, first row, rows)`` of a margin layer holding a shard of the classes (Partial FC),
     or None when the model holds every class."""
     layer = getattr(getattr(unwrap(model), "head", None), "classifier", None)
@@ -170,11 +170,11 @@ def classifier_shard(model):
     return layer, start * layer.centers, layer.weight.shape[0]
 
 
-def shard_classifier(state, model):
+def cut_classifier_to_shard(state, model):
     """``state`` with a full classifier matrix (checkpoints always hold all classes) cut to the rows
     of the model's shard, when the model holds a Partial FC shard; else ``state`` unchanged (a
     matrix of another class count stays as it is, to be reported)."""
-    found = classifier_shard(model)
+    found = find_classifier_shard(model)
     key = CLASSIFIER_PREFIX + "weight"
     if found is None or key not in state:
         return state
@@ -200,7 +200,7 @@ def load_inference_weights(model, path, kind="auto"):
 def load_for_resume(model, state, path):
     """Load our own checkpoint to resume training: the model must be exactly the one saved."""
     own = unwrap(model).state_dict()
-    weights = shard_classifier(model_state_of(state, path), model)
+    weights = cut_classifier_to_shard(model_state_of(state, path), model)
     diff = sorted(set(own) ^ set(weights)) + sorted(k for k in own if k in weights and own[k].shape != weights[k].shape)
     if diff:
         raise CheckpointError(

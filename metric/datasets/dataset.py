@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 
 from metric.utils.errors import DataError
 from metric.datasets.items import ItemList, class_members
-from metric.datasets.imagefile import DEFAULT_MAX_PIXELS, load_image, within_budget
+from metric.utils.imagefile import DEFAULT_MAX_PIXELS, load_image, within_budget
 from metric.datasets.transforms import decode_image
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import torch
 
-from metric.datasets.imagefile import DEFAULT_MAX_PIXELS, load_image
+from metric.utils.imagefile import DEFAULT_MAX_PIXELS, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ cv2.setNumThreads(1)
 def decode_image(path, max_pixels=DEFAULT_MAX_PIXELS):
     """RGB uint8 [H, W, 3], or ``None`` if the file cannot be read (missing, no permission),
     holds more than ``max_pixels`` pixels by its header (0: no limit) or cannot be decoded.
-    :func:`metric.datasets.imagefile.load_image` also says why; here what the image library says
+    :func:`metric.utils.imagefile.load_image` also says why; here what the image library says
     about a file it could decode is logged (info) with the file's name."""
     im, note = load_image(path, max_pixels)
     if im is not None and note:

@@ -17,14 +17,14 @@ a row's momentum starts at zero, not at its first gradient (the same unless OPTI
 so a checkpoint is the same as one of the non-parallel head: it resumes with another number of
 processes and loads into either head; :func:`shard_optimizer_state` cuts the optimizer state
 back to a process's rows on resume (the weights are cut by
-:func:`metric.checkpoint.load.shard_classifier`).
+:func:`metric.checkpoint.load.cut_classifier_to_shard`).
 """
 
 import contextlib
 
 import torch
 
-from metric.checkpoint.load import CLASSIFIER_PREFIX, classifier_shard, unwrap
+from metric.checkpoint.load import CLASSIFIER_PREFIX, find_classifier_shard, unwrap
 from metric.utils import distributed as du
 
 
@@ -95,7 +95,7 @@ def checkpoint_states(model, optimizer):
     """``(model state dict, optimizer state dict)`` for a checkpoint on rank 0, ``(None, None)`` on
     the others; every rank calls it. A Partial FC shard (and its optimizer state) is gathered into
     the full matrix of all classes."""
-    found = classifier_shard(model)
+    found = find_classifier_shard(model)
     if found is None:
         if not du.rank() == 0:
             return None, None
@@ -125,7 +125,7 @@ def checkpoint_states(model, optimizer):
 def shard_optimizer_state(optim_state, model, optimizer):
     """A checkpoint's optimizer state dict with the classifier's full row-shaped state cut to this
     process's shard (Partial FC); unchanged otherwise."""
-    found = classifier_shard(model)
+    found = find_classifier_shard(model)
     if found is None or not isinstance(optim_state, dict):
         return optim_state
     layer, first, rows = found

@@ -21,7 +21,7 @@ from metric.datasets.listfile import resolve_data_dir
 from metric.engine.extract import extract_features
 from metric.retrieval.gallery import build_gallery
 from metric.retrieval.metrics import evaluate_glr
-from metric.retrieval.rerank import search_stores
+from metric.retrieval.pipeline import search_stores
 from metric.utils.stats_plot import plot_runs
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from metric.checkpoint.load import CLASSIFIER_PREFIX, classifier_shard, shard_classifier, unwrap
+from metric.checkpoint.load import CLASSIFIER_PREFIX, find_classifier_shard, cut_classifier_to_shard, unwrap
 from metric.utils import distributed as du
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class ModelEma:
         calls it: a Partial FC shard of the classifier is gathered into the full matrix on rank 0
         (the other ranks' result is not complete)."""
         state = self.module.state_dict()
-        found = classifier_shard(self.module)
+        found = find_classifier_shard(self.module)
         if found is not None:
             layer, first, _ = found
             full = du.gather_rows_to_master(layer.weight, layer.num_classes * layer.centers, first)
@@ -98,6 +98,6 @@ class ModelEma:
             logger.warning("%s holds no EMA weights (trained without TRAIN.EMA.ENABLED): the EMA starts "
                            "from the resumed weights", path)
             return False
-        self.module.load_state_dict(shard_classifier(ema_state, self.module))  # Partial FC: this rank's rows
+        self.module.load_state_dict(cut_classifier_to_shard(ema_state, self.module))  # Partial FC: this rank's rows
         self.updates = int(state.get("ema_updates", 0))
         return True

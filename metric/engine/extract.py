@@ -31,9 +31,9 @@ from metric.utils import distributed as du
 from metric.utils.io import abspath, mkdirs
 from metric.utils.errors import ConfigError, DataError
 from metric.datasets.listfile import read_list
-from metric.datasets.imagefile import DEFAULT_MAX_PIXELS
+from metric.utils.imagefile import DEFAULT_MAX_PIXELS
 from metric.datasets.transforms import decode_image
-from metric.engine.memory import check_extraction_memory
+from metric.engine.memory_estimates import check_extraction_memory
 from metric.engine.predictor import Predictor, resolve_weights
 from metric.retrieval.store import (check_dtype, check_output, is_complete_store, load_features, merge_stores,
                                     save_features, store_lock)

@@ -22,9 +22,9 @@ import os
 import torch
 
 from metric.checkpoint import list_checkpoints
-from metric.checkpoint.io import incomplete_reason
+from metric.checkpoint.files import incomplete_reason
 from metric.datasets.loader import build_train_loader, test_items, train_items
-from metric.engine.memory import check_training_memory
+from metric.engine.memory_estimates import check_training_memory
 from metric.utils import distributed as du
 from metric.utils import io
 from metric.utils.errors import CheckpointError, ConfigError, MetricError

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from metric.checkpoint import best_checkpoint_path, load_inference_weights, unwrap
-from metric.datasets.imagefile import DEFAULT_MAX_PIXELS, load_image
+from metric.utils.imagefile import DEFAULT_MAX_PIXELS, load_image
 from metric.datasets.transforms import center_crop, resize_longer, resize_shorter, to_tensor
-from metric.engine.superglobal import apply_superglobal_from_cfg
+from metric.modeling.layers.superglobal_pooling import apply_superglobal_pooling
 from metric.modeling import build_model
 from metric.utils import io
 from metric.utils.errors import CheckpointError, ConfigError
@@ -69,7 +69,7 @@ class ImageViews(Dataset):
     """``(views, index, failed)`` of image files: the :class:`Preprocess` views of image ``i``
     (``None`` and ``failed`` the reason, a non-empty string, when it cannot be used; ``""``
     otherwise). ``index`` is the position in ``paths``, so shards of one list can be run
-    separately and put back together. ``max_pixels``: see :func:`~metric.datasets.imagefile.load_image`."""
+    separately and put back together. ``max_pixels``: see :func:`~metric.utils.imagefile.load_image`."""
 
     def __init__(self, paths, preprocess, max_pixels=DEFAULT_MAX_PIXELS):
         self.paths, self.preprocess, self.max_pixels = list(paths), preprocess, max_pixels
@@ -95,7 +95,7 @@ def combine_views(descriptors, pool="gem", p=3.0):
 
     ``pool``: ``gem`` (signed power mean), ``mean``, ``max`` (SuperGlobal Scale-GeM, p = inf) or
     ``sgem`` (Scale-GeM with finite ``p``, shifted by each image's smallest value; see
-    :mod:`metric.engine.superglobal`)."""
+    :mod:`metric.modeling.layers.superglobal_pooling`)."""
     if pool == "mean" or len(descriptors) == 1:
         out = descriptors.mean(0)
     elif pool == "max":
@@ -239,7 +239,7 @@ def build_inference_model(cfg, weights=None, missing_weights="warn"):
     RNG) with ``weights`` (default ``TEST.WEIGHTS``; ``best``: :func:`resolve_weights`) loaded to
     fit exactly except for the classifier, the EMA or raw weights of a checkpoint as
     ``TEST.WEIGHTS_KIND`` says; in eval mode on the CPU, with SuperGlobal's GeM+ / Regional-GeM
-    when ``INFER.POOL_P`` / ``INFER.REGIONAL_GEM`` ask for them (:mod:`metric.engine.superglobal`).
+    when ``INFER.POOL_P`` / ``INFER.REGIONAL_GEM`` ask for them (:mod:`metric.modeling.layers.superglobal_pooling`).
     See :meth:`Predictor.from_cfg` for ``missing_weights``."""
     weights = resolve_weights(cfg, weights)
     with torch.random.fork_rng(devices=[]):
@@ -253,5 +253,6 @@ def build_inference_model(cfg, weights=None, missing_weights="warn"):
         logger.warning("TEST.WEIGHTS is empty: using randomly initialized weights")
     else:
         logger.info("no weights given: using randomly initialized weights (seeded by RNG_SEED)")
-    apply_superglobal_from_cfg(model, cfg)  # INFER.POOL_P / INFER.REGIONAL_GEM (after the weights)
+    i = cfg.INFER  # INFER.POOL_P / INFER.REGIONAL_GEM (after the weights)
+    apply_superglobal_pooling(model, i.POOL_P, i.REGIONAL_GEM, i.REGIONAL_GEM_P, i.REGIONAL_GEM_SIZE)
     return model.eval()

@@ -102,7 +102,7 @@ def make_kaggle_model(cfg, output, image=None, opset=None, threads=None, min_cos
     longer image side ``TEST.IM_SIZE``). Returns a report with every check's numbers; raises
     :class:`ExportError` if a check fails or the inputs are unusable."""
     from metric.utils.errors import ExportError, MetricError
-    from metric.engine.memory import check_export_memory
+    from metric.engine.memory_estimates import check_export_memory
     from metric.export.onnx import DEFAULT_OPSET, diff_stats, export_inputs, export_onnx, load_export_model, verify_onnx
     from metric.export.tensorflow import convert_onnx_to_tf, keep_log, run_worker, tf_python
 

@@ -20,7 +20,7 @@ import torch
 
 from metric.utils import io
 from metric.utils.errors import ExportError
-from metric.engine.memory import check_export_memory
+from metric.engine.memory_estimates import check_export_memory
 from metric.datasets.transforms import decode_image, resize_shorter, to_tensor
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from metric.modeling.layers.margin_policy import dynamic_margins, scheduled_marg
 from metric.modeling.layers.partial_fc import PartialFC
 from metric.modeling.losses.combined import CombinedLoss, ComputedLoss
 from metric.modeling.model import MetricModel
-from metric.modeling.registries import BACKBONES, HEADS, LOSSES
+from metric.modeling.registry import BACKBONES, HEADS, LOSSES
 
 
 logger = logging.getLogger(__name__)

@@ -52,3 +52,14 @@ class Registry:
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ConfigError(f"unknown {self.what} {where}{extra}; known: {', '.join(self.names())}")
         return self._items[name]
+
+
+# The registries. Implementations register themselves with a decorator when ``metric.modeling``
+# imports them; the builders (``metric/modeling/builders.py``) look names up here.
+BACKBONES = Registry("backbone", key="MODEL.TYPE")
+HEADS = Registry("head", key="MODEL.HEADS.NAME")
+POOL_LAYERS = Registry("pool layer", key="MODEL.HEADS.POOL_LAYER")
+MARGIN_LAYERS = Registry("margin layer", key="MODEL.HEADS.CLS_LAYER")
+LOSSES = Registry("loss", key="MODEL.LOSSES.NAME")
+ATTENTIONS = Registry("attention block", key="MODEL.HEADS.ATTENTION")
+

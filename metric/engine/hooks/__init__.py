@@ -13,7 +13,7 @@ from metric.engine.hooks.ema import EmaHook
 from metric.engine.hooks.evaluation import Evaluation
 from metric.engine.hooks.freeze import FreezeBackbone
 from metric.engine.hooks.margin_schedule import MarginSchedule
-from metric.engine.hooks.partial_fc import PartialFCSampling
+from metric.engine.hooks.class_sampling import PartialFCSampling
 from metric.engine.hooks.tensorboard import TensorBoard
 
 HOOKS = (

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from metric.modeling.backbones.resnet import init_resnet_weights
-from metric.modeling.registries import BACKBONES
+from metric.modeling.registry import BACKBONES
 
 # Blocks per stage and stem width of the published models.
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 200: (3, 24, 36, 3), 269: (3, 30, 48, 8)}

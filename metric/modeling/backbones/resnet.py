@@ -8,7 +8,7 @@ ResNet-18/34 shapes and smaller widths give tiny models for tests and demos.
 
 import torch.nn as nn
 
-from metric.modeling.registries import BACKBONES
+from metric.modeling.registry import BACKBONES
 
 STAGE_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 

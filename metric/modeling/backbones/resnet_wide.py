@@ -17,7 +17,7 @@ replace the two 64s above, as they do for the pycls ResNet.
 import torch.nn as nn
 
 from metric.modeling.backbones.resnet import init_resnet_weights
-from metric.modeling.registries import BACKBONES
+from metric.modeling.registry import BACKBONES
 
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 152: (3, 8, 36, 3)}
 # The registered names: depth and width multiplier (those of the original project).

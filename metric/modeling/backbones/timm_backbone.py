@@ -21,7 +21,7 @@ import math
 import torch.nn as nn
 
 from metric.utils.errors import ConfigError
-from metric.modeling.registries import BACKBONES
+from metric.modeling.registry import BACKBONES
 
 
 def import_timm():

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from metric.modeling.layers.resize import grid_resize_matrix, resize_2d
 from metric.modeling.layers.transformer import LayerNorm, Transformer, exporting
-from metric.modeling.registries import BACKBONES
+from metric.modeling.registry import BACKBONES
 
 logger = logging.getLogger(__name__)
 

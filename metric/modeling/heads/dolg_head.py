@@ -20,7 +20,7 @@ from metric.utils.errors import ConfigError
 from metric.modeling.heads.linear_head import MarginHead, margin_layer_from_config
 from metric.modeling.layers.dolg import LocalBranch, orthogonal_fusion
 from metric.modeling.layers.pooling import GeM
-from metric.modeling.registries import HEADS
+from metric.modeling.registry import HEADS
 
 
 @HEADS.register("DOLGHead")

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from metric.utils import distributed as du
 from metric.modeling.layers.partial_fc import shard_of
-from metric.modeling.registries import ATTENTIONS, HEADS, MARGIN_LAYERS, POOL_LAYERS
+from metric.modeling.registry import ATTENTIONS, HEADS, MARGIN_LAYERS, POOL_LAYERS
 
 
 class MarginHead(nn.Module):

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metric.modeling.registries import ATTENTIONS
+from metric.modeling.registry import ATTENTIONS
 
 SPATIAL_CHANNELS = 512  # the width of the spatial attention's output (the original's)
 

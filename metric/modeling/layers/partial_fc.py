@@ -20,7 +20,7 @@ With ``sample_rate < 1`` each process keeps, per step, the positive classes of t
 in its shard plus a uniform sample of its other classes, ``max(positives, ceil(rate * classes))``
 in all (drawn from a generator seeded with the seed, the step and the shard), and computes
 logits for those only. Their rows are a separate leaf tensor (``self.sampled``), so only they get
-a gradient; :mod:`metric.engine.sampled_rows` steps the optimizer on them alone.
+a gradient; :func:`metric.engine.classifier_shards.sampled_rows` steps the optimizer on them alone.
 
 The value returned is the cross-entropy averaged over the global batch (the same on every
 process); every process's gradient of the class centres is that of this mean, and the gradient

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from metric.utils.errors import ConfigError
-from metric.modeling.registries import POOL_LAYERS
+from metric.modeling.registry import POOL_LAYERS
 
 
 @POOL_LAYERS.register("avgpool")

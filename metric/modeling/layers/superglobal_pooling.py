@@ -88,9 +88,3 @@ def apply_superglobal_pooling(model, pool_p=0.0, regional=False, regional_p=2.5,
         pool = pool.base
     head.pool_layer = SuperGlobalPool(pool, pool_p, RegionalGeM(regional_p, regional_size) if regional else None)
     return model
-
-
-def apply_superglobal_from_cfg(model, cfg):
-    """:func:`apply_superglobal_pooling` with ``cfg.INFER``'s settings."""
-    i = cfg.INFER
-    return apply_superglobal_pooling(model, i.POOL_P, i.REGIONAL_GEM, i.REGIONAL_GEM_P, i.REGIONAL_GEM_SIZE)

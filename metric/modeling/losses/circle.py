@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from metric.modeling.losses.pairwise import at_least_float32, cosine_similarities, no_loss, pair_masks
-from metric.modeling.registries import LOSSES
+from metric.modeling.registry import LOSSES
 
 _EMPTY = -1e9  # stands for an empty sum's log (a finite value keeps gradients free of NaN)
 

@@ -3,7 +3,7 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metric.modeling.registries import LOSSES
+from metric.modeling.registry import LOSSES
 
 
 @LOSSES.register("cross_entropy")

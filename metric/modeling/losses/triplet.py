@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from metric.modeling.losses.pairwise import at_least_float32, euclidean_distances, no_loss, pair_masks
-from metric.modeling.registries import LOSSES
+from metric.modeling.registry import LOSSES
 
 
 @LOSSES.register("triplet")
