@@ -83,8 +83,10 @@ def main():
         for name, (step, _) in steps.items():
             rates[name].append(args.iters * batch / timed(step, args.iters, args.device))
     base = statistics.median(rates["GeM (LinearHead)"])
-    print(f"{args.cfg} {' '.join(args.opts)}: batch {batch}, {cfg.TRAIN.IM_SIZE} px, {args.device}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.iters} steps")
+    print(
+        f"{args.cfg} {' '.join(args.opts)}: batch {batch}, {cfg.TRAIN.IM_SIZE} px, {args.device}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.iters} steps"
+    )
     print(f"{'head':<22}{'params':>10}{'img/s (median)':>16}{'min':>8}{'max':>8}{'vs GeM':>8}")
     for name, r in rates.items():
         med = statistics.median(r)

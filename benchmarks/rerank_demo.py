@@ -20,8 +20,16 @@ SCALES = "[0.7071, 1.0, 1.4142]"
 EXTRACTIONS = {
     "demo (1 scale)": [],
     "3 scales, gem": ["INFER.SCALES", SCALES],
-    "SuperGlobal pooling": ["INFER.SCALES", SCALES, "INFER.MULTISCALE_POOL", "max", "INFER.POOL_P", "4.6",
-                            "INFER.REGIONAL_GEM", "True"],
+    "SuperGlobal pooling": [
+        "INFER.SCALES",
+        SCALES,
+        "INFER.MULTISCALE_POOL",
+        "max",
+        "INFER.POOL_P",
+        "4.6",
+        "INFER.REGIONAL_GEM",
+        "True",
+    ],
 }
 RERANKS = {  # name: (re-rankers, parameters); published defaults unless the name says otherwise
     "none": ([], {}),
@@ -62,9 +70,20 @@ def main(argv=None):
         stores = {}
         for split in ("query", "index"):
             stores[split] = os.path.join(work, ename.replace(" ", "_"), split)
-            cfg = load_cfg(merged if os.path.isfile(merged) else DEMO_CONFIG, [
-                "TEST.WEIGHTS", checkpoint, "INFER.INPUT", os.path.join(args.data_dir, f"{split}_list.txt"),
-                "INFER.OUTPUT", stores[split], "OUT_DIR", args.out_dir, *opts])
+            cfg = load_cfg(
+                merged if os.path.isfile(merged) else DEMO_CONFIG,
+                [
+                    "TEST.WEIGHTS",
+                    checkpoint,
+                    "INFER.INPUT",
+                    os.path.join(args.data_dir, f"{split}_list.txt"),
+                    "INFER.OUTPUT",
+                    stores[split],
+                    "OUT_DIR",
+                    args.out_dir,
+                    *opts,
+                ],
+            )
             extract_features(cfg, progress=False)
         row = table[ename] = {}
         for rname, (rerank, params) in RERANKS.items():

@@ -138,8 +138,12 @@ def write_synthetic_list(path, n, classes, seed=0):
         step = 200_000
         for start in range(0, n, step):
             ids = rng.integers(0, 2**63, size=min(step, n - start), dtype=np.int64)
-            f.write("".join(f"train/{h[0]}/{h[1]}/{h[2]}/{h}.jpg {lab}\n"
-                            for h, lab in zip((f"{i:016x}" for i in ids.tolist()), labels[start:start + step].tolist())))
+            f.write(
+                "".join(
+                    f"train/{h[0]}/{h[1]}/{h[2]}/{h}.jpg {lab}\n"
+                    for h, lab in zip((f"{i:016x}" for i in ids.tolist()), labels[start : start + step].tolist())
+                )
+            )
     return path
 
 
@@ -207,17 +211,31 @@ def _list_child(args):
             path, label = items[i]
             return label, len(path)
 
-    loader = DataLoader(NoDecode(), batch_size=args.list_batch, shuffle=True, num_workers=args.workers,
-                        persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        NoDecode(),
+        batch_size=args.list_batch,
+        shuffle=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(0),
+    )
     start = time.perf_counter()
     seen = 0
     for labels, _ in loader:
         seen += len(labels)
     pass_s = time.perf_counter() - start
     workers = _children(os.getpid()) if args.workers else []
-    out = {"parse_s": parse_s, "pass_s": pass_s, "items": len(items), "seen": seen,
-           "main_base_mib": base, "main_items_mib": after_parse - base, "main_mib": rss_mib(),
-           "worker_rss_mib": [rss_mib(w) for w in workers], "worker_private_mib": [private_mib(w) for w in workers]}
+    out = {
+        "parse_s": parse_s,
+        "pass_s": pass_s,
+        "items": len(items),
+        "seen": seen,
+        "main_base_mib": base,
+        "main_items_mib": after_parse - base,
+        "main_mib": rss_mib(),
+        "worker_rss_mib": [rss_mib(w) for w in workers],
+        "worker_private_mib": [private_mib(w) for w in workers],
+    }
     print(json.dumps(out), flush=True)
 
 
@@ -234,13 +252,25 @@ def bench_list(args):
         size_mib = os.path.getsize(list_path) / 2**20
         results = {}
         for kind in (["old"] if not args.skip_old else []) + ["new"]:
-            cmd = [sys.executable, os.path.abspath(__file__), "--list-child", kind, "--list-file", list_path,
-                   "--list-classes", str(args.list_classes), "--workers", str(args.workers),
-                   "--list-batch", str(args.list_batch)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--list-child",
+                kind,
+                "--list-file",
+                list_path,
+                "--list-classes",
+                str(args.list_classes),
+                "--workers",
+                str(args.workers),
+                "--list-batch",
+                str(args.list_batch),
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[kind] = json.loads(out.strip().splitlines()[-1])
-    rows = [("synthetic list", size_mib, f"MiB; {args.list_n} lines, {args.list_classes} classes, "
-                                         f"written in {made_s:.1f}s")]
+    rows = [
+        ("synthetic list", size_mib, f"MiB; {args.list_n} lines, {args.list_classes} classes, written in {made_s:.1f}s")
+    ]
     summary = {"list_lines": args.list_n, "list_workers": args.workers}
     for kind, r in results.items():
         w_rss, w_priv = r["worker_rss_mib"], r["worker_private_mib"]
@@ -248,24 +278,43 @@ def bench_list(args):
         rows += [
             (f"{name}: parse", r["parse_s"], "s"),
             (f"{name}: main process items", r["main_items_mib"], "MiB RSS added by the parse"),
-            (f"{name}: main process RSS", r["main_mib"], f"MiB after the pass (interpreter+torch {r['main_base_mib']:.0f})"),
-            (f"{name}: pass over the items", r["pass_s"], f"s; {len(w_rss)} workers, batch {args.list_batch}, shuffled"),
+            (
+                f"{name}: main process RSS",
+                r["main_mib"],
+                f"MiB after the pass (interpreter+torch {r['main_base_mib']:.0f})",
+            ),
+            (
+                f"{name}: pass over the items",
+                r["pass_s"],
+                f"s; {len(w_rss)} workers, batch {args.list_batch}, shuffled",
+            ),
         ]
         if w_rss:
-            rows += [(f"{name}: worker RSS (mean)", float(np.mean(w_rss)), f"MiB; max {max(w_rss):.0f}"),
-                     (f"{name}: worker private (mean)", float(np.mean(w_priv)),
-                      f"MiB copied per worker; sum over workers {sum(w_priv):.0f}")]
-        summary.update({f"{kind}_parse_s": r["parse_s"], f"{kind}_items_mib": r["main_items_mib"],
-                        f"{kind}_main_rss_mib": r["main_mib"],
-                        f"{kind}_worker_rss_mib": float(np.mean(w_rss)) if w_rss else 0.0,
-                        f"{kind}_worker_private_mib": float(np.mean(w_priv)) if w_priv else 0.0})
+            rows += [
+                (f"{name}: worker RSS (mean)", float(np.mean(w_rss)), f"MiB; max {max(w_rss):.0f}"),
+                (
+                    f"{name}: worker private (mean)",
+                    float(np.mean(w_priv)),
+                    f"MiB copied per worker; sum over workers {sum(w_priv):.0f}",
+                ),
+            ]
+        summary.update(
+            {
+                f"{kind}_parse_s": r["parse_s"],
+                f"{kind}_items_mib": r["main_items_mib"],
+                f"{kind}_main_rss_mib": r["main_mib"],
+                f"{kind}_worker_rss_mib": float(np.mean(w_rss)) if w_rss else 0.0,
+                f"{kind}_worker_private_mib": float(np.mean(w_priv)) if w_priv else 0.0,
+            }
+        )
     if "old" in results:
         old, new = results["old"], results["new"]
         summary["parse_speedup"] = old["parse_s"] / new["parse_s"]
         summary["items_mem_ratio"] = old["main_items_mib"] / max(new["main_items_mib"], 1e-3)
         if old["worker_private_mib"]:
-            summary["worker_private_ratio"] = (float(np.mean(old["worker_private_mib"]))
-                                               / max(float(np.mean(new["worker_private_mib"])), 1e-3))
+            summary["worker_private_ratio"] = float(np.mean(old["worker_private_mib"])) / max(
+                float(np.mean(new["worker_private_mib"])), 1e-3
+            )
     return rows, summary
 
 
@@ -331,19 +380,33 @@ def _bench_ivfpq(args, store_path, store, xq, exact, tmp, summary=None):
     from metric.retrieval.ann import AnnOptions, ann_search, build_ann_index, load_ann_index
 
     k = args.topk
-    options = AnnOptions("ivfpq", nlist=args.nlist, nprobe=args.nprobe, train_size=args.ivf_train,
-                         sample=min(100, len(store)), recall_k=k)
+    options = AnnOptions(
+        "ivfpq",
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        train_size=args.ivf_train,
+        sample=min(100, len(store)),
+        recall_k=k,
+    )
     _, tb = _timed(lambda: build_ann_index(store_path, options, out_dir=tmp))
     index, params = load_ann_index(store, "ivfpq", tmp)
     (_, found), ta = _timed(lambda: ann_search(index, params, xq, k))
     recall = recall_agreement(found, exact, k)
     note = f"nlist {params['nlist']}, PQ{params['m']}x{params['nbits']}, trained on {params['train_size']}"
     if summary is not None:
-        summary.update(ivfpq_build_s=tb, ivfpq_search_s=ta, ivfpq_recall=recall, ivfpq_nlist=params["nlist"],
-                       ivfpq_nprobe=params["nprobe"], ivfpq_train=params["train_size"])
-    return [("IVF-PQ build", tb, f"s; {note} (incl. its 100-query recall check)"),
-            ("IVF-PQ search", ta, f"s; nprobe {params['nprobe']}"),
-            ("IVF-PQ recall@k vs exact", recall, f"{len(xq)} queries")]
+        summary.update(
+            ivfpq_build_s=tb,
+            ivfpq_search_s=ta,
+            ivfpq_recall=recall,
+            ivfpq_nlist=params["nlist"],
+            ivfpq_nprobe=params["nprobe"],
+            ivfpq_train=params["train_size"],
+        )
+    return [
+        ("IVF-PQ build", tb, f"s; {note} (incl. its 100-query recall check)"),
+        ("IVF-PQ search", ta, f"s; nprobe {params['nprobe']}"),
+        ("IVF-PQ recall@k vs exact", recall, f"{len(xq)} queries"),
+    ]
 
 
 @register("search")
@@ -379,16 +442,20 @@ def bench_search(args):
             summary["exact_f32_s"] = t32
             return rows + _bench_ivfpq(args, p32, s32, xq, i32, tmp, summary), summary
         with PeakAnon() as peak16:
-            p16, w16 = _timed(lambda: save_features(os.path.join(tmp, "s16"), s32.embeddings, ids, normalize=False,
-                                                    dtype="float16"))
+            p16, w16 = _timed(
+                lambda: save_features(os.path.join(tmp, "s16"), s32.embeddings, ids, normalize=False, dtype="float16")
+            )
         peak = max(peak32.peak, peak16.peak) - anon0
         s16, l16 = _timed(lambda: load_features(p16))
         mib = lambda p: os.path.getsize(os.path.join(p, "embeddings.npy")) / 2**20  # noqa: E731
         rows += [
             ("write float32 store", w32, f"s; {mib(p32):.0f} MiB, from a memmap in blocks"),
             ("write float16 store", w16, f"s; {mib(p16):.0f} MiB"),
-            ("peak anonymous memory added while writing", peak,
-             f"MiB (the data is {n * d * 4 / 2**20:.0f} MiB; mapped file pages not counted)"),
+            (
+                "peak anonymous memory added while writing",
+                peak,
+                f"MiB (the data is {n * d * 4 / 2**20:.0f} MiB; mapped file pages not counted)",
+            ),
             ("load+verify float32 store", l32, "s (memory-mapped, digest/finite/norms in blocks)"),
             ("load+verify float16 store", l16, "s"),
         ]
@@ -396,24 +463,44 @@ def bench_search(args):
         agree16 = recall_agreement(i16, i32, k)
         top1 = float(np.mean(i16[:, 0] == i32[:, 0]))
         rows += [
-            (f"exact search, float32 store ({backend if backend != 'auto' else CPU_AUTO_BACKEND})", t32,
-             f"s; {nq} x {n} x {d}, top-{k}"),
+            (
+                f"exact search, float32 store ({backend if backend != 'auto' else CPU_AUTO_BACKEND})",
+                t32,
+                f"s; {nq} x {n} x {d}, top-{k}",
+            ),
             ("exact search, float16 store", t16, "s; converted to float32 block by block"),
-            ("float16 vs float32 recall@k", agree16, f"top-1 same: {top1:.4f}; max |score diff| "
-                                                     f"{float(np.abs(sc16 - sc32).max()):.2e}"),
+            (
+                "float16 vs float32 recall@k",
+                agree16,
+                f"top-1 same: {top1:.4f}; max |score diff| {float(np.abs(sc16 - sc32).max()):.2e}",
+            ),
         ]
         flat = faiss.IndexFlatIP(d)
-        _, add_s = _timed(lambda: [flat.add(np.ascontiguousarray(s32.embeddings[i:i + 262144]))
-                                   for i in range(0, n, 262144)])
+        _, add_s = _timed(
+            lambda: [flat.add(np.ascontiguousarray(s32.embeddings[i : i + 262144])) for i in range(0, n, 262144)]
+        )
         (fs, fi), tf = _timed(lambda: flat.search(xq, k))
         agree_faiss = recall_agreement(i32, fi, k)
         flat = None
-        rows += [("faiss IndexFlatIP search", tf, f"s; same float32 data in memory (add: {add_s:.1f}s, not counted)"),
-                 ("ours float32 vs faiss recall@k", agree_faiss, "")]
-        summary.update(write_f32_s=w32, write_f16_s=w16, write_peak_anon_mib=peak, load_verify_f32_s=l32,
-                       load_verify_f16_s=l16, exact_f32_s=t32, exact_f16_s=t16, faiss_flat_s=tf,
-                       f16_vs_f32_ratio=t16 / t32, ours_vs_faiss=t32 / tf, f16_recall_agreement=agree16,
-                       f16_top1_same=top1, ours_vs_faiss_agreement=agree_faiss)
+        rows += [
+            ("faiss IndexFlatIP search", tf, f"s; same float32 data in memory (add: {add_s:.1f}s, not counted)"),
+            ("ours float32 vs faiss recall@k", agree_faiss, ""),
+        ]
+        summary.update(
+            write_f32_s=w32,
+            write_f16_s=w16,
+            write_peak_anon_mib=peak,
+            load_verify_f32_s=l32,
+            load_verify_f16_s=l16,
+            exact_f32_s=t32,
+            exact_f16_s=t16,
+            faiss_flat_s=tf,
+            f16_vs_f32_ratio=t16 / t32,
+            ours_vs_faiss=t32 / tf,
+            f16_recall_agreement=agree16,
+            f16_top1_same=top1,
+            ours_vs_faiss_agreement=agree_faiss,
+        )
         if not args.skip_ivfpq:
             rows += _bench_ivfpq(args, p32, s32, xq, i32, tmp, summary)
     return rows, summary
@@ -437,8 +524,11 @@ def _classifier_options(p):
     p.add_argument("--cls-batch", type=int, default=64, help="embeddings per process per step (classifier part)")
     p.add_argument("--cls-steps", type=int, default=5, help="timed steps per mode (after one untimed)")
     p.add_argument("--cls-procs", type=int, default=2, help="gloo processes of the classifier part")
-    p.add_argument("--cls-modes", default="full,pfc1,pfc0.1",
-                   help="comma-separated: full (replicated head), pfc1 (Partial FC, rate 1.0), pfc0.1 (rate 0.1)")
+    p.add_argument(
+        "--cls-modes",
+        default="full,pfc1,pfc0.1",
+        help="comma-separated: full (replicated head), pfc1 (Partial FC, rate 1.0), pfc0.1 (rate 0.1)",
+    )
 
 
 def _status_mib(key, pid="self"):
@@ -506,9 +596,15 @@ def _classifier_worker(rank, world, port, args, mode, out_dir):
         if step:
             times.append(time.perf_counter() - t)
     state = list(opt.state[layer.weight].values()) if layer.weight in opt.state else []
-    result = {"rank": rank, "rows": layer.weight.shape[0], "base_rss_mib": base, "peak_rss_mib": _status_mib("VmHWM"),
-              "state_mib": _tensor_mib([layer.weight, layer.weight.grad] + [v for v in state if torch.is_tensor(v)]),
-              "step_s": sorted(times)[len(times) // 2], "loss": float(loss.detach())}
+    result = {
+        "rank": rank,
+        "rows": layer.weight.shape[0],
+        "base_rss_mib": base,
+        "peak_rss_mib": _status_mib("VmHWM"),
+        "state_mib": _tensor_mib([layer.weight, layer.weight.grad] + [v for v in state if torch.is_tensor(v)]),
+        "step_s": sorted(times)[len(times) // 2],
+        "loss": float(loss.detach()),
+    }
     dist.barrier()
     dist.destroy_process_group()
     with open(os.path.join(out_dir, f"{mode}_rank{rank}.json"), "w") as f:
@@ -534,25 +630,41 @@ def bench_classifier(args):
     if bad:
         raise SystemExit(f"error: unknown --cls-modes {', '.join(bad)}; choose from {', '.join(CLASSIFIER_MODES)}")
     world = args.cls_procs
-    rows, summary, got = [], {"cls_classes": args.classes, "cls_dim": args.cls_dim, "cls_procs": world,
-                              "cls_batch_per_proc": args.cls_batch}, {}
+    rows, summary, got = (
+        [],
+        {
+            "cls_classes": args.classes,
+            "cls_dim": args.cls_dim,
+            "cls_procs": world,
+            "cls_batch_per_proc": args.cls_batch,
+        },
+        {},
+    )
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for mode in modes:
-            mp.start_processes(_classifier_worker, args=(world, _free_port(), args, mode, tmp), nprocs=world,
-                               start_method="spawn")
+            mp.start_processes(
+                _classifier_worker, args=(world, _free_port(), args, mode, tmp), nprocs=world, start_method="spawn"
+            )
             per = [json.load(open(os.path.join(tmp, f"{mode}_rank{r}.json"))) for r in range(world)]
-            got[mode] = {"peak": max(p["peak_rss_mib"] for p in per), "base": max(p["base_rss_mib"] for p in per),
-                         "state": max(p["state_mib"] for p in per), "step": max(p["step_s"] for p in per),
-                         "rows": max(p["rows"] for p in per)}
+            got[mode] = {
+                "peak": max(p["peak_rss_mib"] for p in per),
+                "base": max(p["base_rss_mib"] for p in per),
+                "state": max(p["state_mib"] for p in per),
+                "step": max(p["step_s"] for p in per),
+                "rows": max(p["rows"] for p in per),
+            }
             g = got[mode]
             note = f"{g['rows']} rows per process, global batch {args.cls_batch * world}"
             before = f"{note}; {g['base']:.0f} MiB before the classifier"
-            rows += [(f"{mode} peak RSS per process (MiB)", g["peak"], before),
-                     (f"{mode} classifier+grad+momentum (MiB)", g["state"], "per process"),
-                     (f"{mode} step time (s)", g["step"], f"median of {args.cls_steps}, slowest process")]
+            rows += [
+                (f"{mode} peak RSS per process (MiB)", g["peak"], before),
+                (f"{mode} classifier+grad+momentum (MiB)", g["state"], "per process"),
+                (f"{mode} step time (s)", g["step"], f"median of {args.cls_steps}, slowest process"),
+            ]
             key = mode.replace(".", "")
-            summary.update({f"{key}_peak_rss_mib": g["peak"], f"{key}_state_mib": g["state"],
-                            f"{key}_step_s": g["step"]})
+            summary.update(
+                {f"{key}_peak_rss_mib": g["peak"], f"{key}_state_mib": g["state"], f"{key}_step_s": g["step"]}
+            )
     if "full" in got:
         for mode in modes:
             if mode == "full":
@@ -561,10 +673,14 @@ def bench_classifier(args):
             mem = got["full"]["peak"] / got[mode]["peak"]
             state = got["full"]["state"] / got[mode]["state"]
             speed = got["full"]["step"] / got[mode]["step"]
-            rows += [(f"full / {mode} peak RSS", mem, "per process"), (f"full / {mode} classifier state", state, ""),
-                     (f"full / {mode} step time", speed, "> 1: Partial FC is faster")]
-            summary.update({f"full_over_{key}_rss": mem, f"full_over_{key}_state": state,
-                            f"full_over_{key}_step": speed})
+            rows += [
+                (f"full / {mode} peak RSS", mem, "per process"),
+                (f"full / {mode} classifier state", state, ""),
+                (f"full / {mode} step time", speed, "> 1: Partial FC is faster"),
+            ]
+            summary.update(
+                {f"full_over_{key}_rss": mem, f"full_over_{key}_state": state, f"full_over_{key}_step": speed}
+            )
     return rows, summary
 
 

@@ -118,13 +118,32 @@ def bench_extraction(args):
     from metric.engine.predictor import Predictor, Preprocess
 
     size, batch = args.extract_size, args.extract_batch
-    cfg = load_cfg(None, ["MODEL.DEPTH", str(args.extract_depth), "MODEL.HEADS.IN_FEAT", "0",
-                          "MODEL.HEADS.POOL_LAYER", "gempool", "MODEL.HEADS.NUM_CLASSES", "10"])
+    cfg = load_cfg(
+        None,
+        [
+            "MODEL.DEPTH",
+            str(args.extract_depth),
+            "MODEL.HEADS.IN_FEAT",
+            "0",
+            "MODEL.HEADS.POOL_LAYER",
+            "gempool",
+            "MODEL.HEADS.NUM_CLASSES",
+            "10",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        make_demo_dataset(tmp + "/data", num_train_classes=2, train_per_class=2, num_heldout_classes=args.extract_images // 8,
-                          queries_per_class=1, index_per_class=8, num_distractor_classes=0, image_size=size)
+        make_demo_dataset(
+            tmp + "/data",
+            num_train_classes=2,
+            train_per_class=2,
+            num_heldout_classes=args.extract_images // 8,
+            queries_per_class=1,
+            index_per_class=8,
+            num_distractor_classes=0,
+            image_size=size,
+        )
         paths = [p for _, p in list_images(tmp + "/data/index_list.txt")]
         predictor = Predictor(model, "cpu", Preprocess(size))
         loader = predictor.loader(paths, batch, args.extract_workers)
@@ -143,8 +162,10 @@ def bench_extraction(args):
     n = len(paths)
     ours_ips, bare_ips = n / times["ours"], n_batches * batch / times["bare"]
     note = f"ResNet-{args.extract_depth}, {size}px, batch {batch}, {args.extract_workers} workers, {n} images"
-    rows = [("extract (ours)", times["ours"], f"{ours_ips:.1f} img/s; {note}"),
-            ("bare forward", times["bare"], f"{bare_ips:.1f} img/s; same model and batch, ready tensors")]
+    rows = [
+        ("extract (ours)", times["ours"], f"{ours_ips:.1f} img/s; {note}"),
+        ("bare forward", times["bare"], f"{bare_ips:.1f} img/s; same model and batch, ready tensors"),
+    ]
     return rows, {"extract_img_s": ours_ips, "forward_img_s": bare_ips, "extract_vs_forward": ours_ips / bare_ips}
 
 

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from metric.config import load_cfg
-from metric.utils.distributed import DistInfo
-from metric.engine.trainer import Trainer
 from metric.datasets.demo import make_demo_dataset
 from metric.datasets.loader import build_train_loader, train_items
+from metric.engine.trainer import Trainer
 from metric.modeling import build_model
+from metric.utils.distributed import DistInfo
 
 
 def parse_args():
@@ -53,27 +53,66 @@ def parse_args():
     p.add_argument("--per-class", type=int, default=24)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per method (after one warm-up)")
     p.add_argument("--data", default=None, help="data folder (default: a temporary demo set)")
-    p.add_argument("--compare-tensorboard", action="store_true",
-                   help="only measure the trainer with TensorBoard on vs off (LOG.TENSORBOARD)")
+    p.add_argument(
+        "--compare-tensorboard",
+        action="store_true",
+        help="only measure the trainer with TensorBoard on vs off (LOG.TENSORBOARD)",
+    )
     p.add_argument("--log-period", type=int, default=10, help="LOG_PERIOD of --compare-tensorboard (default 10)")
     p.add_argument("--rounds", type=int, default=3, help="on/off rounds of --compare-tensorboard (default 3)")
-    p.add_argument("--compare-compile", action="store_true",
-                   help="only measure the trainer eager vs TRAIN.COMPILE, ResNet and the tiny ViT")
-    p.add_argument("opts", nargs="*", help="config overrides KEY VALUE applied last, e.g. another model: "
-                   "MODEL.TYPE vit MODEL.WIDTH 128 MODEL.LAYERS 2 MODEL.PATCH_SIZE 8 MODEL.EMB_DIM 64 "
-                   "MODEL.HEADS.POOL_LAYER identity")
+    p.add_argument(
+        "--compare-compile",
+        action="store_true",
+        help="only measure the trainer eager vs TRAIN.COMPILE, ResNet and the tiny ViT",
+    )
+    p.add_argument(
+        "opts",
+        nargs="*",
+        help="config overrides KEY VALUE applied last, e.g. another model: "
+        "MODEL.TYPE vit MODEL.WIDTH 128 MODEL.LAYERS 2 MODEL.PATCH_SIZE 8 MODEL.EMB_DIM 64 "
+        "MODEL.HEADS.POOL_LAYER identity",
+    )
     return p.parse_args()
 
 
 def make_cfg(args, data_dir, out_dir):
     opts = [
-        "MODEL.DEPTH", args.depth, "RESNET.WIDTH_PER_GROUP", args.width, "RESNET.STEM_WIDTH", args.width,
-        "MODEL.HEADS.IN_FEAT", 0, "MODEL.HEADS.NUM_CLASSES", args.classes, "MODEL.HEADS.CLS_LAYER", "arcface",
-        "MODEL.HEADS.POOL_LAYER", "gempool", "DATA_DIR", os.path.dirname(data_dir),
-        "TRAIN.DATASET", os.path.basename(data_dir), "TRAIN.SPLIT", "train_list.txt",
-        "TRAIN.BATCH_SIZE", args.batch, "TRAIN.IM_SIZE", args.im_size, "OPTIM.MAX_EPOCH", 100,
-        "DATA_LOADER.NUM_WORKERS", args.workers, "DATA_LOADER.PIN_MEMORY", False, "LOG_PERIOD", 1000,
-        "OUT_DIR", out_dir, "TRAIN.AUTO_RESUME", False,
+        "MODEL.DEPTH",
+        args.depth,
+        "RESNET.WIDTH_PER_GROUP",
+        args.width,
+        "RESNET.STEM_WIDTH",
+        args.width,
+        "MODEL.HEADS.IN_FEAT",
+        0,
+        "MODEL.HEADS.NUM_CLASSES",
+        args.classes,
+        "MODEL.HEADS.CLS_LAYER",
+        "arcface",
+        "MODEL.HEADS.POOL_LAYER",
+        "gempool",
+        "DATA_DIR",
+        os.path.dirname(data_dir),
+        "TRAIN.DATASET",
+        os.path.basename(data_dir),
+        "TRAIN.SPLIT",
+        "train_list.txt",
+        "TRAIN.BATCH_SIZE",
+        args.batch,
+        "TRAIN.IM_SIZE",
+        args.im_size,
+        "OPTIM.MAX_EPOCH",
+        100,
+        "DATA_LOADER.NUM_WORKERS",
+        args.workers,
+        "DATA_LOADER.PIN_MEMORY",
+        False,
+        "LOG_PERIOD",
+        1000,
+        "OUT_DIR",
+        out_dir,
+        "TRAIN.AUTO_RESUME",
+        False,
     ]
     return load_cfg(None, [str(o) for o in opts] + list(args.opts))
 
@@ -131,13 +170,15 @@ def torchvision_loader(cfg, items):
     from PIL import Image
     from torchvision import transforms as T
 
-    tf = T.Compose([
-        T.RandomResizedCrop(cfg.TRAIN.IM_SIZE, scale=tuple(cfg.TRAIN.CROP_SCALE)),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(cfg.TRAIN.COLOR_JITTER, cfg.TRAIN.COLOR_JITTER, cfg.TRAIN.COLOR_JITTER),
-        T.ToTensor(),
-        T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    ])
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(cfg.TRAIN.IM_SIZE, scale=tuple(cfg.TRAIN.CROP_SCALE)),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(cfg.TRAIN.COLOR_JITTER, cfg.TRAIN.COLOR_JITTER, cfg.TRAIN.COLOR_JITTER),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
 
     class PilDataset(torch.utils.data.Dataset):
         def __len__(self):
@@ -149,13 +190,17 @@ def torchvision_loader(cfg, items):
                 return tf(im.convert("RGB")), label
 
     return torch.utils.data.DataLoader(
-        PilDataset(), batch_size=cfg.TRAIN.BATCH_SIZE, shuffle=True, num_workers=cfg.DATA_LOADER.NUM_WORKERS,
+        PilDataset(),
+        batch_size=cfg.TRAIN.BATCH_SIZE,
+        shuffle=True,
+        num_workers=cfg.DATA_LOADER.NUM_WORKERS,
         drop_last=True,
     )
 
 
 def _timed_board(board, spent):
     """Wrap the board's logging methods so the seconds spent in them add up in ``spent[0]``."""
+
     def timed(fn):
         def wrapper(*args, **kwargs):
             t = time.perf_counter()
@@ -163,6 +208,7 @@ def _timed_board(board, spent):
                 return fn(*args, **kwargs)
             finally:
                 spent[0] += time.perf_counter() - t
+
         return wrapper
 
     for name in ("log_images", "log_iter", "log_epoch", "log_eval"):
@@ -179,7 +225,7 @@ def time_tensorboard(cfg, epochs, rounds, out_root, log_period):
     epochs_out, rounds_out = {True: [], False: []}, {True: [], False: []}
     spent, wall_on = [0.0], 0.0
     for r in range(rounds):
-        for on in ((False, True) if r % 2 == 0 else (True, False)):
+        for on in (False, True) if r % 2 == 0 else (True, False):
             c = cfg.clone()
             c.defrost()
             c.LOG.TENSORBOARD, c.LOG_PERIOD = on, log_period
@@ -214,22 +260,47 @@ def report_tensorboard(result, log_period):
     print(f"{'':30}{'img/s wall':>11}{'img/s cpu':>11}  (medians of {len(epochs_out[True])} epochs)")
     for on in (True, False):
         print(f"{'trainer, TensorBoard ' + ('on' if on else 'off'):30}{wall[on]:11.1f}{cpu[on]:11.1f}")
-    print(f"per-round wall ratio on/off (median of {len(rounds_out[True])} rounds): {paired:.3f}; "
-          f"time inside TensorBoard calls: {100 * in_calls:.2f}% of the wall time")
-    print(f"log_period={log_period} tb_on_img_s={wall[True]:.1f} tb_off_img_s={wall[False]:.1f} "
-          f"tensorboard_ratio={wall[True] / wall[False]:.3f} tensorboard_round_ratio={paired:.3f} "
-          f"tensorboard_cpu_ratio={cpu[True] / cpu[False]:.3f} tensorboard_in_call_ratio={1 - in_calls:.4f}")
+    print(
+        f"per-round wall ratio on/off (median of {len(rounds_out[True])} rounds): {paired:.3f}; "
+        f"time inside TensorBoard calls: {100 * in_calls:.2f}% of the wall time"
+    )
+    print(
+        f"log_period={log_period} tb_on_img_s={wall[True]:.1f} tb_off_img_s={wall[False]:.1f} "
+        f"tensorboard_ratio={wall[True] / wall[False]:.3f} tensorboard_round_ratio={paired:.3f} "
+        f"tensorboard_cpu_ratio={cpu[True] / cpu[False]:.3f} tensorboard_in_call_ratio={1 - in_calls:.4f}"
+    )
 
 
 def compile_cfgs(args, data_dir, out_dir):
     """``[(name, cfg)]``: the ResNet of the arguments and the tiny ViT of configs/metric/vit_tiny_cpu.yaml,
     both on the benchmark's data with its batch and loader settings."""
     resnet = make_cfg(args, data_dir, out_dir)
-    vit_opts = ["MODEL.NUM_CLASSES", args.classes, "MODEL.HEADS.NUM_CLASSES", args.classes,
-                "DATA_DIR", os.path.dirname(data_dir), "TRAIN.DATASET", os.path.basename(data_dir),
-                "TRAIN.SPLIT", "train_list.txt", "TEST.DATASET", "", "TRAIN.BATCH_SIZE", args.batch,
-                "OPTIM.MAX_EPOCH", 100, "DATA_LOADER.NUM_WORKERS", args.workers, "LOG_PERIOD", 1000,
-                "OUT_DIR", out_dir, "TRAIN.AUTO_RESUME", False]
+    vit_opts = [
+        "MODEL.NUM_CLASSES",
+        args.classes,
+        "MODEL.HEADS.NUM_CLASSES",
+        args.classes,
+        "DATA_DIR",
+        os.path.dirname(data_dir),
+        "TRAIN.DATASET",
+        os.path.basename(data_dir),
+        "TRAIN.SPLIT",
+        "train_list.txt",
+        "TEST.DATASET",
+        "",
+        "TRAIN.BATCH_SIZE",
+        args.batch,
+        "OPTIM.MAX_EPOCH",
+        100,
+        "DATA_LOADER.NUM_WORKERS",
+        args.workers,
+        "LOG_PERIOD",
+        1000,
+        "OUT_DIR",
+        out_dir,
+        "TRAIN.AUTO_RESUME",
+        False,
+    ]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     vit = load_cfg(os.path.join(repo, "configs", "metric", "vit_tiny_cpu.yaml"), [str(o) for o in vit_opts])
     return [(f"resnet{args.depth}", resnet), ("vit_tiny", vit)]
@@ -240,7 +311,7 @@ def time_compile(cfg, epochs, rounds, out_root):
     {False: [warm-up s], True: [warm-up s]})``, fresh trainers, order alternating between rounds."""
     rates, warmups = {False: [], True: []}, {False: [], True: []}
     for r in range(rounds):
-        for on in ((False, True) if r % 2 == 0 else (True, False)):
+        for on in (False, True) if r % 2 == 0 else (True, False):
             c = cfg.clone()
             c.defrost()
             c.TRAIN.COMPILE = on
@@ -261,16 +332,20 @@ def time_compile(cfg, epochs, rounds, out_root):
 
 
 def compare_compile(args, data_dir, out_root):
-    print(f"{'':30}{'eager img/s':>12}{'compiled':>10}{'ratio':>8}{'compile_s':>10}  (median of "
-          f"{args.rounds * args.epochs} epochs each)")
+    print(
+        f"{'':30}{'eager img/s':>12}{'compiled':>10}{'ratio':>8}{'compile_s':>10}  (median of "
+        f"{args.rounds * args.epochs} epochs each)"
+    )
     summary = []
     for name, cfg in compile_cfgs(args, data_dir, os.path.join(out_root, "unused")):
         rates, warmups = time_compile(cfg, args.epochs, args.rounds, os.path.join(out_root, name))
         eager, compiled = statistics.median(rates[False]), statistics.median(rates[True])
         extra = warmups[True][0] - statistics.median(warmups[False])  # the first compilation of this process
         print(f"{name + f' {cfg.TRAIN.IM_SIZE}px':30}{eager:12.1f}{compiled:10.1f}{compiled / eager:8.3f}{extra:10.1f}")
-        summary.append(f"{name}_eager_img_s={eager:.1f} {name}_compiled_img_s={compiled:.1f} "
-                       f"{name}_compile_ratio={compiled / eager:.3f} {name}_compile_s={extra:.1f}")
+        summary.append(
+            f"{name}_eager_img_s={eager:.1f} {name}_compiled_img_s={compiled:.1f} "
+            f"{name}_compile_ratio={compiled / eager:.3f} {name}_compile_s={extra:.1f}"
+        )
     print(" ".join(summary))
 
 
@@ -279,14 +354,23 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or os.path.join(tmp, "bench")
         if not args.data:
-            make_demo_dataset(data, num_train_classes=args.classes, train_per_class=args.per_class,
-                              num_heldout_classes=2, queries_per_class=1, index_per_class=2,
-                              num_distractor_classes=1, image_size=max(160, args.im_size))
+            make_demo_dataset(
+                data,
+                num_train_classes=args.classes,
+                train_per_class=args.per_class,
+                num_heldout_classes=2,
+                queries_per_class=1,
+                index_per_class=2,
+                num_distractor_classes=1,
+                image_size=max(160, args.im_size),
+            )
         cfg = make_cfg(args, data, os.path.join(tmp, "out"))
         model = f"ResNet-{args.depth} width {args.width}" if cfg.MODEL.TYPE == "resnet" else cfg.MODEL.TYPE
         extra = " " + " ".join(args.opts) if args.opts else ""
-        print(f"{model}{extra}, {args.im_size}px, batch {args.batch}, "
-              f"{args.workers} workers, torch threads {torch.get_num_threads()}")
+        print(
+            f"{model}{extra}, {args.im_size}px, batch {args.batch}, "
+            f"{args.workers} workers, torch threads {torch.get_num_threads()}"
+        )
         if args.compare_compile:
             compare_compile(args, data, os.path.join(tmp, "compile_runs"))
             return
@@ -310,8 +394,10 @@ def main():
     print(f"{'bare PyTorch loop':28}{bare_ips:10.1f}")
     print(f"{'data: cv2 pipeline (ours)':28}{cv2_ips:10.1f}")
     print(f"{'data: torchvision + PIL':28}{pil_ips:10.1f}")
-    print(f"ours_img_s={ours_ips:.1f} bare_img_s={bare_ips:.1f} trainer_ratio={ours_ips / bare_ips:.3f} "
-          f"cv2_img_s={cv2_ips:.1f} pil_img_s={pil_ips:.1f} data_ratio={cv2_ips / pil_ips:.3f}")
+    print(
+        f"ours_img_s={ours_ips:.1f} bare_img_s={bare_ips:.1f} trainer_ratio={ours_ips / bare_ips:.3f} "
+        f"cv2_img_s={cv2_ips:.1f} pil_img_s={pil_ips:.1f} data_ratio={cv2_ips / pil_ips:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,30 +1,41 @@
 #!/usr/bin/env python3
 """Train and save an approximate (faiss IVF-PQ or HNSW) index of a feature store; report recall@100.
 
-    python tools/build_index.py --index IDIR --type ivfpq [--nlist N --m M --nbits B --nprobe P]
-    python tools/build_index.py --index IDIR --type hnsw [--hnsw-m M --ef-construction E --ef-search S]
-    python tools/build_index.py --index IDIR --type knn [--knn K] [--device cuda]   (exact k-NN graph for
-        k-reciprocal re-ranking: tools/search.py --rerank kreciprocal with --kr-k1 <= K uses it)
+python tools/build_index.py --index IDIR --type ivfpq [--nlist N --m M --nbits B --nprobe P]
+python tools/build_index.py --index IDIR --type hnsw [--hnsw-m M --ef-construction E --ef-search S]
+python tools/build_index.py --index IDIR --type knn [--knn K] [--device cuda]   (exact k-NN graph for
+    k-reciprocal re-ranking: tools/search.py --rerank kreciprocal with --kr-k1 <= K uses it)
 """
 
 import sys
 
-from metric.utils.cli import add_verify_option, make_parser, run_tool
 from metric.retrieval.ann import ANN_TYPES, AnnOptions, build_ann_index
 from metric.retrieval.knn_graph import build_store_graph
+from metric.utils.cli import add_verify_option, make_parser, run_tool
 
 
 def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0], config=False)
     parser.add_argument("--index", required=True, help="index feature store folder")
-    parser.add_argument("--type", default="ivfpq", choices=ANN_TYPES + ("knn",),
-                        help="index type (default ivfpq; knn: the exact k-NN graph for k-reciprocal re-ranking)")
-    parser.add_argument("--knn", type=int, default=20, metavar="K",
-                        help="knn: neighbours per item besides itself, at least the --kr-k1 to serve (default 20)")
+    parser.add_argument(
+        "--type",
+        default="ivfpq",
+        choices=ANN_TYPES + ("knn",),
+        help="index type (default ivfpq; knn: the exact k-NN graph for k-reciprocal re-ranking)",
+    )
+    parser.add_argument(
+        "--knn",
+        type=int,
+        default=20,
+        metavar="K",
+        help="knn: neighbours per item besides itself, at least the --kr-k1 to serve (default 20)",
+    )
     parser.add_argument("--device", default=None, help="knn: torch device, e.g. cpu or cuda (default: CUDA if any)")
     parser.add_argument("--output-dir", default=None, help="where to save the index (default: the store folder)")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
-    parser.add_argument("--m", type=int, default=None, help="PQ sub-quantizers, must divide the dimension (default D/8)")
+    parser.add_argument(
+        "--m", type=int, default=None, help="PQ sub-quantizers, must divide the dimension (default D/8)"
+    )
     parser.add_argument("--nbits", type=int, default=8, help="bits per PQ code (default 8)")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (default min(nlist, 32))")
     parser.add_argument("--train-size", type=int, default=None, help="training vectors (default max(100k, 40 nlist))")
@@ -38,20 +49,43 @@ def main(argv=None):
     add_verify_option(parser)
     args = parser.parse_args(argv)
     if args.type == "knn":
-        desc = build_store_graph(args.index, args.knn, out_dir=args.output_dir, device=args.device,
-                                 progress=not args.no_progress, verify=not args.no_verify)
-        print(f"built k-NN graph of {desc['count']} items, {desc['width']} neighbours each (itself included): "
-              f"{desc['path']}")
+        desc = build_store_graph(
+            args.index,
+            args.knn,
+            out_dir=args.output_dir,
+            device=args.device,
+            progress=not args.no_progress,
+            verify=not args.no_verify,
+        )
+        print(
+            f"built k-NN graph of {desc['count']} items, {desc['width']} neighbours each (itself included): "
+            f"{desc['path']}"
+        )
         return
     options = AnnOptions(
-        index_type=args.type, nlist=args.nlist, m=args.m, nbits=args.nbits, nprobe=args.nprobe,
-        train_size=args.train_size, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
-        ef_search=args.ef_search, sample=args.sample, seed=args.seed,
+        index_type=args.type,
+        nlist=args.nlist,
+        m=args.m,
+        nbits=args.nbits,
+        nprobe=args.nprobe,
+        train_size=args.train_size,
+        hnsw_m=args.hnsw_m,
+        ef_construction=args.ef_construction,
+        ef_search=args.ef_search,
+        sample=args.sample,
+        seed=args.seed,
     )
-    params = build_ann_index(args.index, options, out_dir=args.output_dir, query_path=args.query,
-                             verify=not args.no_verify, progress=not args.no_progress)
-    settings = {k: params[k] for k in ("nlist", "m", "nbits", "nprobe", "hnsw_m", "ef_construction", "ef_search")
-                if k in params}
+    params = build_ann_index(
+        args.index,
+        options,
+        out_dir=args.output_dir,
+        query_path=args.query,
+        verify=not args.no_verify,
+        progress=not args.no_progress,
+    )
+    settings = {
+        k: params[k] for k in ("nlist", "m", "nbits", "nprobe", "hnsw_m", "ef_construction", "ef_search") if k in params
+    }
     print(f"built {params['type']} index of {params['count']} x {params['dim']}: {params['index_path']}")
     print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
     print(f"recall@{params['recall_k']} vs exact search on {params['recall_sample']} queries: {params['recall']:.4f}")

@@ -2,8 +2,8 @@
 
 import sys
 
-from metric.utils.cli import make_parser, run_tool
 from metric.engine.demo import DEMO_CONFIG, format_table, run_demo
+from metric.utils.cli import make_parser, run_tool
 
 
 def main(argv=None):

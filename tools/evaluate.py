@@ -11,9 +11,9 @@ Prints a table; ``--json FILE`` also writes the metrics (fractions in [0, 1]).
 
 import sys
 
+from metric.retrieval.metrics import check_json_path, evaluate, format_table, write_json
 from metric.utils.cli import add_verify_option, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
-from metric.retrieval.metrics import check_json_path, evaluate, format_table, write_json
 
 
 def main(argv=None):
@@ -28,10 +28,11 @@ def main(argv=None):
     add_verify_option(parser)
     args = parser.parse_args(argv)
     if args.json:
-        check_distinct_paths([("--json", args.json)],
-                             [(f"--{k.replace('_', '-')}", getattr(args, k))
-                              for k in ("results", "gt", "query_labels", "index_labels")],
-                             stores=[("--query", args.query), ("--index", args.index)])
+        check_distinct_paths(
+            [("--json", args.json)],
+            [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in ("results", "gt", "query_labels", "index_labels")],
+            stores=[("--query", args.query), ("--index", args.index)],
+        )
         check_json_path(args.json)
 
     mode, metrics = evaluate(

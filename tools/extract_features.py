@@ -9,11 +9,11 @@ SRC is a list file or an image folder; see docs/RETRIEVAL.md.
 
 import sys
 
-from metric.utils.cli import add_dtype_option, make_parser, run_tool
-from metric.utils.io import check_distinct_paths
 from metric.config import load_cfg
 from metric.engine.extract import extract_features
 from metric.retrieval.store import STORE_DTYPES, check_dtype
+from metric.utils.cli import add_dtype_option, make_parser, run_tool
+from metric.utils.io import check_distinct_paths
 
 
 def main(argv=None):
@@ -23,9 +23,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     dtype = check_dtype(args.dtype)
     cfg = load_cfg(args.cfg_file, args.opts)
-    check_distinct_paths([("INFER.OUTPUT", cfg.INFER.OUTPUT)],
-                         [("INFER.INPUT", cfg.INFER.INPUT), ("TEST.WEIGHTS", cfg.TEST.WEIGHTS),
-                          ("--cfg", args.cfg_file)])
+    check_distinct_paths(
+        [("INFER.OUTPUT", cfg.INFER.OUTPUT)],
+        [("INFER.INPUT", cfg.INFER.INPUT), ("TEST.WEIGHTS", cfg.TEST.WEIGHTS), ("--cfg", args.cfg_file)],
+    )
     out = extract_features(cfg, progress=not args.no_progress, dtype=dtype)
     print(f"feature store: {out}")
 

@@ -3,8 +3,8 @@
 import os
 import sys
 
-from metric.utils.cli import make_parser, run_tool
 from metric.config.doc import render_config_doc
+from metric.utils.cli import make_parser, run_tool
 from metric.utils.io import write_text_atomic
 
 

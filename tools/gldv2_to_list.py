@@ -1,12 +1,12 @@
 """Convert Google Landmarks v2 train.csv / train_clean.csv into pymetric list files.
 
-    python tools/gldv2_to_list.py --csv /data/gldv2/train_clean.csv --output /data/gldv2 --min-images 2
+python tools/gldv2_to_list.py --csv /data/gldv2/train_clean.csv --output /data/gldv2 --min-images 2
 """
 
 import sys
 
-from metric.utils.cli import make_parser, run_tool
 from metric.datasets.gldv2 import convert_gldv2
+from metric.utils.cli import make_parser, run_tool
 
 
 def main(argv=None):
@@ -19,11 +19,14 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check-files", action="store_true", help="count listed images that are missing")
     args = parser.parse_args(argv)
-    s = convert_gldv2(args.csv, args.output, args.images_dir, args.min_images, args.val_classes, args.seed,
-                      args.check_files)
-    print(f"train: {s['train_classes']} classes, {s['train_images']} images; "
-          f"val: {s['val_classes']} classes, {s['val_images']} images; dropped {s['dropped_classes']} classes"
-          + (f"; {s['missing_files']} listed images missing" if s["missing_files"] is not None else ""))
+    s = convert_gldv2(
+        args.csv, args.output, args.images_dir, args.min_images, args.val_classes, args.seed, args.check_files
+    )
+    print(
+        f"train: {s['train_classes']} classes, {s['train_images']} images; "
+        f"val: {s['val_classes']} classes, {s['val_images']} images; dropped {s['dropped_classes']} classes"
+        + (f"; {s['missing_files']} listed images missing" if s["missing_files"] is not None else "")
+    )
     print(f"set MODEL.HEADS.NUM_CLASSES {s['train_classes']}")
 
 

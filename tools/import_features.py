@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Turn descriptors made elsewhere (an .npy [N, D] and an ids file) into a feature store.
 
-    python tools/import_features.py --embeddings X.npy --ids ids.txt --output DIR [--no-normalize] [--dtype float16]
+python tools/import_features.py --embeddings X.npy --ids ids.txt --output DIR [--no-normalize] [--dtype float16]
 """
 
 import sys
 
+from metric.retrieval.store import STORE_DTYPES, check_dtype, import_features
 from metric.utils.cli import add_dtype_option, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
-from metric.retrieval.store import STORE_DTYPES, check_dtype, import_features
 
 
 def main(argv=None):

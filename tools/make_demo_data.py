@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import metric
-from metric.utils.cli import make_parser, run_tool
 from metric.datasets.demo import make_demo_dataset
+from metric.utils.cli import make_parser, run_tool
 
 
 def default_output():
@@ -26,10 +26,12 @@ def main(argv=None):
     parser = make_parser("Generate the deterministic landmark-like demo data set.", config=False)
     defaults = inspect.signature(make_demo_dataset).parameters
     parser.add_argument("--output", default=None, help=f"output folder (default: {default_output()})")
-    parser.add_argument("--seed", type=int, default=defaults["seed"].default,
-                        help=f"random seed (default: {defaults['seed'].default})")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing folder made with other parameters")
+    parser.add_argument(
+        "--seed", type=int, default=defaults["seed"].default, help=f"random seed (default: {defaults['seed'].default})"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing folder made with other parameters"
+    )
     sizes = {
         "num_train_classes": "training scenes",
         "train_per_class": "views per training scene",
@@ -40,8 +42,9 @@ def main(argv=None):
         "image_size": "image side in pixels",
     }
     for name, text in sizes.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                            help=f"{text} (default: {defaults[name].default})")
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=int, default=None, help=f"{text} (default: {defaults[name].default})"
+        )
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
 
@@ -52,10 +55,12 @@ def main(argv=None):
     summary = make_demo_dataset(output, seed=args.seed, overwrite=args.overwrite, **kwargs)
     c = summary["counts"]
     state = "generated" if summary["created"] else "already present"
-    print(f"demo data {state} in {summary['out_dir']}: {c['train_images']} train images "
-          f"({c['train_classes']} classes), {c['query_images']} queries (+{c['ignored_queries']} ignored), "
-          f"{c['index_images']} index images "
-          f"({c['heldout_classes']} + {c['distractor_classes']} distractor classes)")
+    print(
+        f"demo data {state} in {summary['out_dir']}: {c['train_images']} train images "
+        f"({c['train_classes']} classes), {c['query_images']} queries (+{c['ignored_queries']} ignored), "
+        f"{c['index_images']} index images "
+        f"({c['heldout_classes']} + {c['distractor_classes']} distractor classes)"
+    )
     return 0
 
 

@@ -11,12 +11,12 @@ real images match our PyTorch extraction (cosine >= 0.9999). See docs/EXPORT.md.
 
 import sys
 
-from metric.utils.cli import run_tool
-from metric.utils.io import check_distinct_paths
 from metric.config import load_cfg
 from metric.export import parse_tool_args
 from metric.export.kaggle import make_kaggle_model
 from metric.export.onnx import format_results, read_image
+from metric.utils.cli import run_tool
+from metric.utils.io import check_distinct_paths
 
 
 def _flags(parser):
@@ -28,15 +28,19 @@ def _flags(parser):
 def main(argv=None):
     args = parse_tool_args(__doc__.splitlines()[0], _flags, argv, required=("output",))
     cfg = load_cfg(args.cfg_file, args.opts)
-    check_distinct_paths([("--output", args.output)],
-                         [("--cfg", args.cfg_file), ("TEST.WEIGHTS", cfg.TEST.WEIGHTS), ("--image", args.image)])
+    check_distinct_paths(
+        [("--output", args.output)],
+        [("--cfg", args.cfg_file), ("TEST.WEIGHTS", cfg.TEST.WEIGHTS), ("--image", args.image)],
+    )
     image = read_image(args.image) if args.image else None
     report = make_kaggle_model(cfg, args.output, image, args.opset)
     for line in format_results(report["checks"]):
         print(line)
     mb = report["zip_bytes"] / 2**20
-    print(f"wrote {report['output']} ({mb:.1f} MiB): serving_default(input_image uint8 [H, W, 3]) -> "
-          f"global_descriptor float32 [{report['dim']}], longer side {report['max_side']}")
+    print(
+        f"wrote {report['output']} ({mb:.1f} MiB): serving_default(input_image uint8 [H, W, 3]) -> "
+        f"global_descriptor float32 [{report['dim']}], longer side {report['max_side']}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Print the FLOPs, parameters and activations of a config's model, or list the backbones.
 
-    python tools/model_info.py --cfg configs/metric/resnst269_8gpu.yaml
-    python tools/model_info.py MODEL.TYPE resnest50 TRAIN.IM_SIZE 320
-    python tools/model_info.py --list
+python tools/model_info.py --cfg configs/metric/resnst269_8gpu.yaml
+python tools/model_info.py MODEL.TYPE resnest50 TRAIN.IM_SIZE 320
+python tools/model_info.py --list
 """
 
 import json
 import sys
 
-from metric.utils.cli import make_parser, run_tool
 from metric.config import load_cfg
+from metric.utils.cli import make_parser, run_tool
 
 
 def main(argv=None):
@@ -20,11 +20,14 @@ def main(argv=None):
     if args.list:
         from metric.modeling import registry as r
 
-        for title, reg in (("backbones (MODEL.TYPE)", r.BACKBONES), ("heads (MODEL.HEADS.NAME)", r.HEADS),
-                           ("pool layers (MODEL.HEADS.POOL_LAYER)", r.POOL_LAYERS),
-                           ("attention blocks (MODEL.HEADS.ATTENTION)", r.ATTENTIONS),
-                           ("margin layers (MODEL.HEADS.CLS_LAYER)", r.MARGIN_LAYERS),
-                           ("losses (MODEL.LOSSES.NAME)", r.LOSSES)):
+        for title, reg in (
+            ("backbones (MODEL.TYPE)", r.BACKBONES),
+            ("heads (MODEL.HEADS.NAME)", r.HEADS),
+            ("pool layers (MODEL.HEADS.POOL_LAYER)", r.POOL_LAYERS),
+            ("attention blocks (MODEL.HEADS.ATTENTION)", r.ATTENTIONS),
+            ("margin layers (MODEL.HEADS.CLS_LAYER)", r.MARGIN_LAYERS),
+            ("losses (MODEL.LOSSES.NAME)", r.LOSSES),
+        ):
             print(f"{title}: {', '.join(reg.names())}")
         return 0
     cfg = load_cfg(args.cfg_file, args.opts)
@@ -40,8 +43,10 @@ def main(argv=None):
             name += f" {cfg.MODEL.TIMM.NAME}"
         if cfg.MODEL.TYPE == "vit":
             name += f" (width {cfg.MODEL.WIDTH}, {cfg.MODEL.LAYERS} blocks, patch {cfg.MODEL.PATCH_SIZE})"
-        print(f"{name} at {cfg.TRAIN.IM_SIZE} px: {format_complexity(c)} "
-              f"(backbone params {si_units(c['backbone_params'])})")
+        print(
+            f"{name} at {cfg.TRAIN.IM_SIZE} px: {format_complexity(c)} "
+            f"(backbone params {si_units(c['backbone_params'])})"
+        )
     return 0
 
 

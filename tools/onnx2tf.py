@@ -11,11 +11,11 @@ this tool wrote it. Fails if an fp32 model differs from onnxruntime by more than
 
 import sys
 
-from metric.utils.cli import run_tool
-from metric.utils.io import check_distinct_paths
 from metric.export import parse_tool_args
 from metric.export.onnx import format_results, read_image
 from metric.export.tensorflow import convert_onnx_to_tf
+from metric.utils.cli import run_tool
+from metric.utils.io import check_distinct_paths
 
 
 def _flags(parser):
@@ -24,8 +24,14 @@ def _flags(parser):
     parser.add_argument("--tflite", action="store_true", help="also write model_float32.tflite")
     parser.add_argument("--fp16", action="store_true", help="also write model_float16.tflite (implies --tflite)")
     parser.add_argument("--nchw", action="store_true", help="keep the ONNX NCHW input layout (default: NHWC)")
-    parser.add_argument("--check-size", type=int, nargs=2, metavar=("H", "W"), default=(96, 128),
-                        help="size of the check inputs for a model with dynamic height/width (default 96 128)")
+    parser.add_argument(
+        "--check-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=(96, 128),
+        help="size of the check inputs for a model with dynamic height/width (default 96 128)",
+    )
     parser.add_argument("--image", help="a real image to check on (default: a built-in sample photo)")
 
 

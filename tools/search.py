@@ -15,12 +15,12 @@ import re
 import shlex
 import sys
 
-from metric.utils.cli import add_verify_option, make_parser, run_tool
-from metric.utils.io import check_distinct_paths
 from metric.retrieval.ann import ANN_TYPES, AnnSearchOptions
 from metric.retrieval.pipeline import SearchOptions, search_stores
 from metric.retrieval.rerank_plan import GRAPH_MODES, RERANKERS, RerankOptions
 from metric.retrieval.search import BACKENDS
+from metric.utils.cli import add_verify_option, make_parser, run_tool
+from metric.utils.io import check_distinct_paths
 
 
 def original_search_form(args):
@@ -29,12 +29,14 @@ def original_search_form(args):
     original read pickled features and wrote a pickle of (id, distance) lists, where this tool
     reads feature stores and writes a results CSV."""
     words = [w for w in re.split(r"[,\s]+", " ".join(args)) if w]
-    query, index, out, topk = (words + ["QDIR", "IDIR", "results.csv", "100"][len(words):])[:4]
+    query, index, out, topk = (words + ["QDIR", "IDIR", "results.csv", "100"][len(words) :])[:4]
     out = re.sub(r"\.(pkl|pickle)$", ".csv", out)
     cmd = " ".join(shlex.quote(w) for w in ("--query", query, "--index", index, "--output", out, "--topk", topk))
-    return (f"the original form 'search.py search_gpu QUERY, REFER, OUTPUT' is not supported (it read and wrote "
-            f"pickles); run: python tools/search.py {cmd} (QUERY and REFER: feature store folders written by "
-            "tools/extract_features.py; the output is a results CSV id,images)")
+    return (
+        f"the original form 'search.py search_gpu QUERY, REFER, OUTPUT' is not supported (it read and wrote "
+        f"pickles); run: python tools/search.py {cmd} (QUERY and REFER: feature store folders written by "
+        "tools/extract_features.py; the output is a results CSV id,images)"
+    )
 
 
 def main(argv=None):
@@ -56,9 +58,15 @@ def main(argv=None):
     parser.add_argument("--ann-dir", default=None, help="folder of the approximate index (default: the index store)")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (default: as built)")
     parser.add_argument("--ef-search", type=int, default=None, help="HNSW search depth (default: as built)")
-    parser.add_argument("--rerank", nargs="+", default=None, choices=RERANKERS, metavar="NAME",
-                        help="re-rankers, in this order: dba qe, then superglobal or kreciprocal "
-                             "(QE/DBA default K=2 unless --qe/--dba K)")
+    parser.add_argument(
+        "--rerank",
+        nargs="+",
+        default=None,
+        choices=RERANKERS,
+        metavar="NAME",
+        help="re-rankers, in this order: dba qe, then superglobal or kreciprocal "
+        "(QE/DBA default K=2 unless --qe/--dba K)",
+    )
     parser.add_argument("--qe", type=int, default=0, metavar="K", help="alpha-query-expansion with K neighbours")
     parser.add_argument("--qe-alpha", type=float, default=3.0, metavar="A", help="QE weight exponent (default 3)")
     parser.add_argument("--dba", type=int, default=0, metavar="K", help="database-side augmentation with K neighbours")
@@ -68,32 +76,62 @@ def main(argv=None):
     parser.add_argument("--sg-beta", type=float, default=0.15, metavar="B", help="SuperGlobal: neighbour weight (0.15)")
     parser.add_argument("--kr-k1", type=int, default=20, metavar="K1", help="k-reciprocal: k1 (20)")
     parser.add_argument("--kr-k2", type=int, default=6, metavar="K2", help="k-reciprocal: k2, local expansion (6)")
-    parser.add_argument("--kr-lambda", type=float, default=0.3, metavar="L",
-                        help="k-reciprocal: weight of the original distance (0.3)")
-    parser.add_argument("--kr-graph", default="auto", choices=GRAPH_MODES,
-                        help="k-reciprocal index graph: the saved one if valid (auto), only the saved one, or "
-                             "compute it (default auto)")
+    parser.add_argument(
+        "--kr-lambda", type=float, default=0.3, metavar="L", help="k-reciprocal: weight of the original distance (0.3)"
+    )
+    parser.add_argument(
+        "--kr-graph",
+        default="auto",
+        choices=GRAPH_MODES,
+        help="k-reciprocal index graph: the saved one if valid (auto), only the saved one, or "
+        "compute it (default auto)",
+    )
     parser.add_argument("--graph-dir", default=None, help="folder of the saved k-NN graph (default: the index store)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_verify_option(parser)
     args = parser.parse_args(argv)
-    check_distinct_paths([("--output", args.output), ("--scores", args.scores)],
-                         [("--ann-dir", args.ann_dir), ("--graph-dir", args.graph_dir)],
-                         stores=[("--query", args.query), ("--index", args.index)])
-    rerank = RerankOptions(
-        steps=tuple(args.rerank or ()), qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba, dba_alpha=args.dba_alpha,
-        sg_m=args.sg_m, sg_k=args.sg_k, sg_beta=args.sg_beta, kr_k1=args.kr_k1, kr_k2=args.kr_k2,
-        kr_lambda=args.kr_lambda, kr_graph=args.kr_graph, graph_dir=args.graph_dir,
+    check_distinct_paths(
+        [("--output", args.output), ("--scores", args.scores)],
+        [("--ann-dir", args.ann_dir), ("--graph-dir", args.graph_dir)],
+        stores=[("--query", args.query), ("--index", args.index)],
     )
-    ann = (AnnSearchOptions(index_type=args.ann_type, index_dir=args.ann_dir, nprobe=args.nprobe,
-                            ef_search=args.ef_search) if args.ann else None)
-    options = SearchOptions(backend=args.backend, device=args.device, chunk_size=args.chunk_size,
-                            query_chunk_size=args.batch, ann=ann, rerank=rerank, verify=not args.no_verify,
-                            progress=not args.no_progress)
-    summary = search_stores(args.query, args.index, args.output, topk=args.topk, scores_path=args.scores,
-                            options=options)
-    print(f"searched {summary['queries']} queries in {summary['index']} index items, top-{summary['topk']}"
-          + (f", re-ranked with {' + '.join(summary['rerank'])}" if summary["rerank"] else ""))
+    rerank = RerankOptions(
+        steps=tuple(args.rerank or ()),
+        qe=args.qe,
+        qe_alpha=args.qe_alpha,
+        dba=args.dba,
+        dba_alpha=args.dba_alpha,
+        sg_m=args.sg_m,
+        sg_k=args.sg_k,
+        sg_beta=args.sg_beta,
+        kr_k1=args.kr_k1,
+        kr_k2=args.kr_k2,
+        kr_lambda=args.kr_lambda,
+        kr_graph=args.kr_graph,
+        graph_dir=args.graph_dir,
+    )
+    ann = (
+        AnnSearchOptions(index_type=args.ann_type, index_dir=args.ann_dir, nprobe=args.nprobe, ef_search=args.ef_search)
+        if args.ann
+        else None
+    )
+    options = SearchOptions(
+        backend=args.backend,
+        device=args.device,
+        chunk_size=args.chunk_size,
+        query_chunk_size=args.batch,
+        ann=ann,
+        rerank=rerank,
+        verify=not args.no_verify,
+        progress=not args.no_progress,
+    )
+    summary = search_stores(
+        args.query, args.index, args.output, topk=args.topk, scores_path=args.scores, options=options
+    )
+    print(
+        f"searched {summary['queries']} queries in {summary['index']} index items, top-{summary['topk']}"
+        + (f", re-ranked with {' + '.join(summary['rerank'])}" if summary["rerank"] else "")
+    )
     print(f"results: {summary['output']}")
     if "scores" in summary:
         print(f"scores: {summary['scores']}")

@@ -1,15 +1,16 @@
 """Evaluate retrieval on the TEST split (recall@k and mAP@R by label).
 
-    python tools/test_metric.py --cfg configs/metric/demo_cpu.yaml TEST.WEIGHTS output/demo/checkpoints/model_epoch_0030.pyth
+python tools/test_metric.py --cfg configs/metric/demo_cpu.yaml \
+        TEST.WEIGHTS output/demo/checkpoints/model_epoch_0030.pyth
 """
 
 import sys
 
-from metric.utils.cli import make_parser, run_tool
-from metric.utils.io import check_distinct_paths
 from metric.config import load_cfg
 from metric.engine.evaluator import evaluate_model, format_metrics
 from metric.retrieval.metrics import check_json_path, write_json
+from metric.utils.cli import make_parser, run_tool
+from metric.utils.io import check_distinct_paths
 
 
 def main(argv=None):

@@ -10,11 +10,11 @@ input and on a real image (--image, default a built-in sample photo). See docs/E
 
 import sys
 
-from metric.utils.cli import run_tool
-from metric.utils.io import check_distinct_paths
 from metric.config import load_cfg
 from metric.export import parse_tool_args
 from metric.export.onnx import DEFAULT_OPSET, export_checked_onnx, format_results, read_image
+from metric.utils.cli import run_tool
+from metric.utils.io import check_distinct_paths
 
 
 def _flags(parser):
@@ -28,15 +28,19 @@ def _flags(parser):
 def main(argv=None):
     args = parse_tool_args(__doc__.splitlines()[0], _flags, argv, required=("output",))
     cfg = load_cfg(args.cfg_file, args.opts)
-    check_distinct_paths([("--output", args.output)],
-                         [("--cfg", args.cfg_file), ("TEST.WEIGHTS", cfg.TEST.WEIGHTS), ("--image", args.image)])
+    check_distinct_paths(
+        [("--output", args.output)],
+        [("--cfg", args.cfg_file), ("TEST.WEIGHTS", cfg.TEST.WEIGHTS), ("--image", args.image)],
+    )
     image = read_image(args.image) if args.image else None
     sig, results = export_checked_onnx(cfg, args.output, args.size, args.opset, args.dynamic, image)
     for line in format_results(results):
         print(line)
     shape = " x ".join("?" if d is None else str(d) for d in sig["shape"])
-    print(f"wrote {args.output}: input '{sig['input']}' {shape}, output '{sig['output']}' N x {sig['dim']}, "
-          f"opset {args.opset}")
+    print(
+        f"wrote {args.output}: input '{sig['input']}' {shape}, output '{sig['output']}' N x {sig['dim']}, "
+        f"opset {args.opset}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Train a metric-learning model.
 
-    python tools/train_metric.py --cfg configs/metric/demo_cpu.yaml OUT_DIR output/demo
-    torchrun --nproc_per_node=8 tools/train_metric.py --cfg configs/metric/R-50-1x64d_step_8gpu.yaml
+python tools/train_metric.py --cfg configs/metric/demo_cpu.yaml OUT_DIR output/demo
+torchrun --nproc_per_node=8 tools/train_metric.py --cfg configs/metric/R-50-1x64d_step_8gpu.yaml
 """
 
 import sys
 
-from metric.utils.cli import make_parser, run_tool
 from metric.config import load_cfg
 from metric.engine.trainer import train_model
+from metric.utils.cli import make_parser, run_tool
 
 
 def main(argv=None):

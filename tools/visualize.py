@@ -7,9 +7,9 @@
 
 import sys
 
+from metric.retrieval.gallery import build_gallery
 from metric.utils.cli import make_parser, run_tool
 from metric.utils.io import check_distinct_paths
-from metric.retrieval.gallery import build_gallery
 
 
 def main(argv=None):
@@ -24,8 +24,9 @@ def main(argv=None):
     parser.add_argument("--thumb-size", type=int, default=128, help="thumbnail size in px (default 128)")
     parser.add_argument("--output", required=True, help="HTML file to write")
     args = parser.parse_args(argv)
-    check_distinct_paths([("--output", args.output)],
-                         [("--results", args.results), ("--gt", args.gt), ("--scores", args.scores)])
+    check_distinct_paths(
+        [("--output", args.output)], [("--results", args.results), ("--gt", args.gt), ("--scores", args.scores)]
+    )
 
     path = build_gallery(
         args.results,

@@ -2,11 +2,12 @@
 training state assembled and restored (:mod:`.checkpointer`) and the recognition and key mapping
 of foreign weight files (:mod:`.convert`)."""
 
+from metric.checkpoint.checkpointer import Checkpointer  # noqa: F401
 from metric.checkpoint.files import (  # noqa: F401
     CHECKPOINT_VERSION,
-    checkpoint_dir,
-    check_resumable,
     best_checkpoint_path,
+    check_resumable,
+    checkpoint_dir,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
@@ -27,4 +28,3 @@ from metric.checkpoint.load import (  # noqa: F401
     unwrap,
     weights_digest,
 )
-from metric.checkpoint.checkpointer import Checkpointer  # noqa: F401

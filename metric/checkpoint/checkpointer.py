@@ -63,8 +63,18 @@ class Checkpointer:
     checkpoint (set the attribute once the hooks exist); ``seed``: the reseed of a resume with
     another number of processes (``RNG_SEED``)."""
 
-    def __init__(self, model, optimizer, scaler, *, rank=0, world_size=1, seed=0, states=plain_states,
-                 shard_optimizer_state=_unchanged):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        scaler,
+        *,
+        rank=0,
+        world_size=1,
+        seed=0,
+        states=plain_states,
+        shard_optimizer_state=_unchanged,
+    ):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.states, self.shard_optimizer_state = states, shard_optimizer_state
@@ -92,8 +102,10 @@ class Checkpointer:
         for hook, part in zip(self.hooks, hook_states):
             taken = sorted(set(part) & set(state))
             if taken:
-                raise ValueError(f"{type(hook).__name__}.state_dict() returns the checkpoint entry {taken[0]!r}, "
-                                 "which another part of the checkpoint holds already")
+                raise ValueError(
+                    f"{type(hook).__name__}.state_dict() returns the checkpoint entry {taken[0]!r}, "
+                    "which another part of the checkpoint holds already"
+                )
             state.update(part)
         # The gathered weights: every process's classifier shard, and the hooks' weights (the EMA).
         checked = [(k, v) for k, v in model_state.items() if torch.is_tensor(v) and v.is_floating_point()]
@@ -120,8 +132,9 @@ class Checkpointer:
         (read from ``path``) back; the hooks' entries are :meth:`restore_hooks`'s."""
         load_for_resume(self.model, state, path)
         try:
-            self.optimizer.load_state_dict(self.shard_optimizer_state(state["optimizer_state"], self.model,
-                                                                      self.optimizer))
+            self.optimizer.load_state_dict(
+                self.shard_optimizer_state(state["optimizer_state"], self.model, self.optimizer)
+            )
         except ValueError as err:  # another number or size of parameter groups
             raise CheckpointError(
                 f"{path}: its optimizer state does not fit this config's parameter groups ({err}); "
@@ -134,8 +147,9 @@ class Checkpointer:
         if len(rng_states) == self.world_size:
             set_rng_state(rng_states[self.rank])
         else:
-            logger.warning("checkpoint has RNG states of %d processes, running %d: reseeding",
-                           len(rng_states), self.world_size)
+            logger.warning(
+                "checkpoint has RNG states of %d processes, running %d: reseeding", len(rng_states), self.world_size
+            )
             seed_everything(self.seed + state["epoch"] + 1)
 
     def restore_hooks(self, state, path):

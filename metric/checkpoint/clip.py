@@ -58,10 +58,12 @@ def _blocks(keys):
 def _describe(state):
     """The ViT size of CLIP weights in config terms, e.g. ``WIDTH 1024 LAYERS 24 PATCH_SIZE 14 EMB_DIM 768``."""
     conv, proj = state.get("conv1.weight"), state.get("proj")
-    parts = [f"WIDTH {conv.shape[0]}" if conv is not None and conv.dim() == 4 else None,
-             f"LAYERS {_blocks(state)}",
-             f"PATCH_SIZE {conv.shape[-1]}" if conv is not None and conv.dim() == 4 else None,
-             f"EMB_DIM {proj.shape[1]}" if proj is not None and proj.dim() == 2 else None]
+    parts = [
+        f"WIDTH {conv.shape[0]}" if conv is not None and conv.dim() == 4 else None,
+        f"LAYERS {_blocks(state)}",
+        f"PATCH_SIZE {conv.shape[-1]}" if conv is not None and conv.dim() == 4 else None,
+        f"EMB_DIM {proj.shape[1]}" if proj is not None and proj.dim() == 2 else None,
+    ]
     return "the file is " + " ".join(p for p in parts if p)
 
 
@@ -84,11 +86,15 @@ def clip_to_ours(fmt, state, backbone, source="weights"):
     shape differs (after resampling the positional embedding) or that only one side has."""
     if fmt == "clip":
         other = sorted(k for k in state if not k.startswith("visual."))
-        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
         if other:
             names = sorted({k.split(".")[0] for k in other})
-            logger.info("%s: a whole CLIP model: its text tower and other non-image keys ignored (%d keys: %s)",
-                        source, len(other), ", ".join(names))
+            logger.info(
+                "%s: a whole CLIP model: its text tower and other non-image keys ignored (%d keys: %s)",
+                source,
+                len(other),
+                ", ".join(names),
+            )
     own = backbone.state_dict()
     prefix = "visual." if fmt == "clip" else ""
     adapt = getattr(backbone, "adapt_state_dict", None)
@@ -110,9 +116,17 @@ def clip_to_ours(fmt, state, backbone, source="weights"):
         )
     state = dict(state)
     state["conv1.weight"], state["positional_embedding"] = fold_normalization(
-        state["conv1.weight"], state["positional_embedding"])
-    logger.info("%s: CLIP's input normalization folded into conv1 and the positional embedding "
-                "(pymetric's input is ImageNet-normalized)", source)
-    logger.info("%s: %s weights (%d blocks), loading them into model.backbone", source,
-                "CLIP image encoder" if fmt == "clip_visual" else "CLIP model's image encoder", _blocks(state))
+        state["conv1.weight"], state["positional_embedding"]
+    )
+    logger.info(
+        "%s: CLIP's input normalization folded into conv1 and the positional embedding "
+        "(pymetric's input is ImageNet-normalized)",
+        source,
+    )
+    logger.info(
+        "%s: %s weights (%d blocks), loading them into model.backbone",
+        source,
+        "CLIP image encoder" if fmt == "clip_visual" else "CLIP model's image encoder",
+        _blocks(state),
+    )
     return {"backbone." + k: v for k, v in state.items()}

@@ -41,8 +41,14 @@ logger = logging.getLogger(__name__)
 
 # torchvision BasicBlock/Bottleneck module names -> pycls ResBlock names.
 _TV_BLOCK = {
-    "conv1": "f.a", "bn1": "f.a_bn", "conv2": "f.b", "bn2": "f.b_bn", "conv3": "f.c", "bn3": "f.c_bn",
-    "downsample.0": "proj", "downsample.1": "bn",
+    "conv1": "f.a",
+    "bn1": "f.a_bn",
+    "conv2": "f.b",
+    "bn2": "f.b_bn",
+    "conv3": "f.c",
+    "bn3": "f.c_bn",
+    "downsample.0": "proj",
+    "downsample.1": "bn",
 }
 _TV_BLOCK_RE = re.compile(r"layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.\d)\.(.+)$")
 
@@ -50,8 +56,11 @@ _TV_BLOCK_RE = re.compile(r"layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.\d)\.(.+)
 def detect_format(obj, state):
     """The format name of a loaded file ``obj`` whose model state dict is ``state``."""
     keys = set(state)
-    if "fc_t.weight" in keys and any(k.startswith("globalmodel.") for k in keys) \
-            and any(k.startswith("localmodel.") for k in keys):
+    if (
+        "fc_t.weight" in keys
+        and any(k.startswith("globalmodel.") for k in keys)
+        and any(k.startswith("localmodel.") for k in keys)
+    ):
         return "dolg"
     pycls_trunk = "stem.conv.weight" in keys and any(k.startswith("s1.b1.") for k in keys)
     if any(k.startswith("backbone.") for k in keys) and not pycls_trunk:
@@ -82,9 +91,9 @@ def torchvision_to_pycls(state):
         if key.startswith("fc."):
             continue
         if key.startswith("conv1."):
-            new = "stem.conv." + key[len("conv1."):]
+            new = "stem.conv." + key[len("conv1.") :]
         elif key.startswith("bn1."):
-            new = "stem.bn." + key[len("bn1."):]
+            new = "stem.bn." + key[len("bn1.") :]
         else:
             m = _TV_BLOCK_RE.match(key)
             new = f"s{m.group(1)}.b{int(m.group(2)) + 1}.{_TV_BLOCK[m.group(3)]}.{m.group(4)}" if m else key
@@ -114,7 +123,7 @@ def dolg_to_ours(state):
     for key, value in state.items():
         for old, new in _DOLG_PREFIXES:
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         out[key] = value
     return out
@@ -127,8 +136,9 @@ def _check_dolg(obj, state, model, kind, source):
     logger.info("%s: checkpoint of the authors' DOLG project (epoch %s)", source, epoch)
     head = getattr(model, "head", None)
     if not getattr(head, "uses_stages", False):
-        logger.info("%s: a DOLG checkpoint into a %s: only its backbone (globalmodel.*) fits", source,
-                    type(head).__name__)
+        logger.info(
+            "%s: a DOLG checkpoint into a %s: only its backbone (globalmodel.*) fits", source, type(head).__name__
+        )
         return
     theirs = any(k.startswith("localmodel.aspp.") for k in state)
     ours = getattr(getattr(head, "local_branch", None), "multi_atrous", None) is not None
@@ -171,14 +181,13 @@ def _check_stride_convention(backbone, source):
         logger.warning(
             "%s: torchvision ResNets put the stride on the 3x3 conv, but this model has it on the 1x1 "
             "(RESNET.STRIDE_1X1 True): the weights load but compute different features; set "
-            "RESNET.STRIDE_1X1 False to reproduce torchvision", source,
+            "RESNET.STRIDE_1X1 False to reproduce torchvision",
+            source,
         )
 
 
 def _refuse(fmt, wanted, kind, source):
-    raise CheckpointError(
-        f"{source}: a {fmt.replace('_', ' ')} state dict loads into {wanted}, not MODEL.TYPE {kind}"
-    )
+    raise CheckpointError(f"{source}: a {fmt.replace('_', ' ')} state dict loads into {wanted}, not MODEL.TYPE {kind}")
 
 
 def convert_state(obj, state, model, source="weights"):
@@ -202,8 +211,9 @@ def convert_state(obj, state, model, source="weights"):
         state = {"model." + k: v for k, v in state.items()}
         extra = sorted(k for k in state if k not in own)
         if extra and len(extra) < len(state):
-            logger.info("%s: keys the timm backbone does not have (its classifier) ignored: %s", source,
-                        ", ".join(extra))
+            logger.info(
+                "%s: keys the timm backbone does not have (its classifier) ignored: %s", source, ", ".join(extra)
+            )
             state = {k: v for k, v in state.items() if k in own}
     elif fmt == "state_dict":
         return fmt, state
@@ -228,6 +238,7 @@ def convert_state(obj, state, model, source="weights"):
 
 
 # --- the original project's config, for information ---------------------------------------
+
 
 def _registry_name(registry, obj):
     for name in registry.names():
@@ -260,18 +271,27 @@ def _compare_original_cfg(obj, model, source):
     except yaml.YAMLError:
         data = None
     if not isinstance(data, dict):
-        logger.info("%s: checkpoint of the original pymetric project (epoch %s), config not readable",
-                    source, obj.get("epoch"))
+        logger.info(
+            "%s: checkpoint of the original pymetric project (epoch %s), config not readable", source, obj.get("epoch")
+        )
         return
     m = data.get("MODEL") if isinstance(data.get("MODEL"), dict) else {}
     heads = m.get("HEADS") if isinstance(m.get("HEADS"), dict) else {}
     theirs = {k: heads.get(k) for k in ("POOL_LAYER", "CLS_LAYER", "REDUCTION_DIM", "NUM_CLASSES")}
     if theirs["CLS_LAYER"] == "arcface" and "VERSION" not in data:
         theirs["CLS_LAYER"] = "curricularface"  # the original 'arcface' was CurricularFace
-    logger.info("%s: checkpoint of the original pymetric project (MODEL.TYPE %s, DEPTH %s, epoch %s)",
-                source, m.get("TYPE"), m.get("DEPTH"), obj.get("epoch"))
+    logger.info(
+        "%s: checkpoint of the original pymetric project (MODEL.TYPE %s, DEPTH %s, epoch %s)",
+        source,
+        m.get("TYPE"),
+        m.get("DEPTH"),
+        obj.get("epoch"),
+    )
     ours = model_summary(model)
-    diffs = [f"{k} {theirs[k]} (checkpoint) vs {ours[k]} (model)"
-             for k in theirs if theirs[k] is not None and k in ours and str(theirs[k]) != str(ours[k])]
+    diffs = [
+        f"{k} {theirs[k]} (checkpoint) vs {ours[k]} (model)"
+        for k in theirs
+        if theirs[k] is not None and k in ours and str(theirs[k]) != str(ours[k])
+    ]
     if diffs:
         logger.info("%s: this model's head differs from the checkpoint's config: %s", source, "; ".join(diffs))

@@ -134,12 +134,18 @@ def verify_checkpoint(obj, path):
 
 def check_resumable(obj, path):
     """``obj`` must be a training checkpoint of ours (epoch, model and optimizer state)."""
-    ok = (isinstance(obj, dict) and isinstance(obj.get("epoch"), int) and isinstance(obj.get("model_state"), dict)
-          and obj["model_state"] and all(isinstance(v, torch.Tensor) for v in obj["model_state"].values())
-          and isinstance(obj.get("optimizer_state"), dict))
+    ok = (
+        isinstance(obj, dict)
+        and isinstance(obj.get("epoch"), int)
+        and isinstance(obj.get("model_state"), dict)
+        and obj["model_state"]
+        and all(isinstance(v, torch.Tensor) for v in obj["model_state"].values())
+        and isinstance(obj.get("optimizer_state"), dict)
+    )
     if not ok:
-        raise CheckpointError(f"{path}: not a training checkpoint (expected a dict with epoch, model_state "
-                              "and optimizer_state)")
+        raise CheckpointError(
+            f"{path}: not a training checkpoint (expected a dict with epoch, model_state and optimizer_state)"
+        )
     return obj
 
 
@@ -206,4 +212,3 @@ def latest_checkpoint(out_dir):
         except CheckpointError as err:
             logger.warning("skipping unreadable checkpoint: %s", err)
     return None, None
-

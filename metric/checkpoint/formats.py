@@ -43,7 +43,7 @@ def sniff(f):
 def torchscript_error(path):
     return CheckpointError(
         f"{path} is a TorchScript archive (as OpenAI's released CLIP .pt files are), not a state dict, and loading "
-        "one runs the code inside it; convert it once where you trust the file: python -c \"import torch; "
+        'one runs the code inside it; convert it once where you trust the file: python -c "import torch; '
         f"torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), 'clip_state_dict.pth')\" and load "
         "clip_state_dict.pth (see docs/MODEL_ZOO.md, CLIP weights)"
     )

@@ -24,8 +24,9 @@ def model_state_of(obj, source="weights"):
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{source}: not a checkpoint or state dict (expected a dict of tensors, "
-                              "or a dict with 'model_state')")
+        raise CheckpointError(
+            f"{source}: not a checkpoint or state dict (expected a dict of tensors, or a dict with 'model_state')"
+        )
     wrappers = (("module.", "a DataParallel / DDP wrapper"), ("_orig_mod.", "torch.compile"))
     stripped = True
     while stripped:  # wrappers nest in any order, e.g. torch.compile(DDP(model)): _orig_mod.module.
@@ -34,7 +35,7 @@ def model_state_of(obj, source="weights"):
             wrapped = sum(k.startswith(prefix) for k in obj)
             if wrapped:
                 logger.info("%s: '%s' prefix (%s) removed from %d keys", source, prefix, what, wrapped)
-                obj = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in obj.items()}
+                obj = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in obj.items()}
                 stripped = True
     return obj
 
@@ -59,8 +60,10 @@ def select_weights(obj, kind="raw", source="weights"):
     if kind == "raw" or (kind == "auto" and not isinstance(ema, dict)):
         return obj
     if not isinstance(ema, dict):
-        raise CheckpointError(f"{source} holds no EMA weights (it was trained without TRAIN.EMA.ENABLED); "
-                              "use TEST.WEIGHTS_KIND raw or auto")
+        raise CheckpointError(
+            f"{source} holds no EMA weights (it was trained without TRAIN.EMA.ENABLED); "
+            "use TEST.WEIGHTS_KIND raw or auto"
+        )
     logger.info("%s: using its EMA weights (TEST.WEIGHTS_KIND %s)", source, kind)
     return {**obj, "model_state": ema}
 
@@ -74,7 +77,6 @@ def _as_model_keys(state, model_keys):
         logger.info("weights look like a bare backbone state dict; loading them into model.backbone")
         return prefixed
     return state
-
 
 
 # Keys of the margin layer; when only their first dimension (the class count) differs, the
@@ -114,14 +116,21 @@ def load_state(model, state, source="weights", fit=False):
             (skipped if _class_count_change(key, value.shape, own[key].shape) else bad).append(key)
     if bad:
         key = bad[0]
-        more = f" (and {len(bad) - 1} more: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})" if len(bad) > 1 else ""
+        more = (
+            f" (and {len(bad) - 1} more: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})"
+            if len(bad) > 1
+            else ""
+        )
         raise CheckpointError(
             f"{source}: shape mismatch for {key}: file {tuple(state[key].shape)} vs model {tuple(own[key].shape)}{more}"
         )
     if skipped:
         logger.info(
             "%s: the classifier was trained on %d classes, this model has %d: %s left as initialized "
-            "(fine-tuning on new classes)", source, state[skipped[0]].shape[0], own[skipped[0]].shape[0],
+            "(fine-tuning on new classes)",
+            source,
+            state[skipped[0]].shape[0],
+            own[skipped[0]].shape[0],
             ", ".join(skipped),
         )
     loaded = {k: v for k, v in state.items() if k in own and k not in skipped}
@@ -229,7 +238,8 @@ def config_differences(saved_yaml, cfg, sections=("MODEL", "RESNET", "BN"), igno
 
     def pick(c):
         return flat({k: c.get(k, {}) for k in sections if "." not in k}) | {
-            k: _get_dotted(c, k) for k in sections if "." in k}
+            k: _get_dotted(c, k) for k in sections if "." in k
+        }
 
     a, b = pick(saved), pick(current)
     return sorted(k for k in a.keys() & b.keys() if a[k] != b[k] and k not in ignore)
@@ -255,4 +265,3 @@ def weights_digest(model):
         h.update(key.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-

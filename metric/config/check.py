@@ -94,8 +94,10 @@ _RULES = {
     "TRAIN.MIXED_PRECISION": _choices("none", "bf16", "fp16"),
     "TRAIN.GRAD_CLIP": _NONNEG,
     "TRAIN.ACCUM_STEPS": _ONE_UP,
-    "TRAIN.BEST_METRIC": (lambda v: v in ("", "recall@1", "recall@5", "recall@10", "mAP@R"),
-                          'one of "" (off) | recall@1 | recall@5 | recall@10 | mAP@R'),
+    "TRAIN.BEST_METRIC": (
+        lambda v: v in ("", "recall@1", "recall@5", "recall@10", "mAP@R"),
+        'one of "" (off) | recall@1 | recall@5 | recall@10 | mAP@R',
+    ),
     "TRAIN.EMA.DECAY": _range(0, 1, lo_open=True, hi_open=True),
     "TRAIN.EMA.WARMUP_GAMMA": _POS,
     "TRAIN.EMA.WARMUP_POWER": _POS,
@@ -153,7 +155,7 @@ def _validate_backbone(c):
     t, depth = c.MODEL.TYPE, c.MODEL.DEPTH
     if t == "resnest" and depth not in RESNEST_DEPTHS:
         _fail("MODEL.DEPTH", depth, "one of " + " | ".join(map(str, RESNEST_DEPTHS)) + " for MODEL.TYPE resnest")
-    named = t[len("resnest"):] if t.startswith("resnest") else ""
+    named = t[len("resnest") :] if t.startswith("resnest") else ""
     if named.isdigit() and depth not in (int(named), DEFAULTS.MODEL.DEPTH):
         _fail("MODEL.DEPTH", depth, f"{named} (or left out) for MODEL.TYPE {t}")
     if t == "timm" and not c.MODEL.TIMM.NAME:
@@ -191,15 +193,22 @@ def _validate_vit(c):
     """CLIP ViT: WIDTH in whole 64-channel heads, image sizes in whole patches, a vector output."""
     m = c.MODEL
     if m.WIDTH < 64 or m.WIDTH % 64:
-        _fail("MODEL.WIDTH", m.WIDTH, f"a multiple of 64 for MODEL.TYPE vit (heads = WIDTH / 64), e.g. {_nearest(m.WIDTH, 64)}")
+        _fail(
+            "MODEL.WIDTH",
+            m.WIDTH,
+            f"a multiple of 64 for MODEL.TYPE vit (heads = WIDTH / 64), e.g. {_nearest(m.WIDTH, 64)}",
+        )
     p = m.PATCH_SIZE
     for key in ("TRAIN.IM_SIZE", "TEST.IM_SIZE"):
         size = _get(c, key)
         if size % p:
             _fail(key, size, f"a multiple of MODEL.PATCH_SIZE={p} for MODEL.TYPE vit, e.g. {_nearest(size, p)}")
     if m.HEADS.POOL_LAYER != "identity" and m.HEADS.NAME == "LinearHead":
-        _fail("MODEL.HEADS.POOL_LAYER", m.HEADS.POOL_LAYER,
-              "identity for MODEL.TYPE vit (its output is already a vector [N, EMB_DIM])")
+        _fail(
+            "MODEL.HEADS.POOL_LAYER",
+            m.HEADS.POOL_LAYER,
+            "identity for MODEL.TYPE vit (its output is already a vector [N, EMB_DIM])",
+        )
 
 
 def _validate_finetune(c):
@@ -207,14 +216,22 @@ def _validate_finetune(c):
     each other; the two names of the gradient clipping agree (see merge)."""
     h = c.MODEL.HEADS
     if h.ATTENTION != "none" and h.POOL_LAYER == "identity":
-        _fail("MODEL.HEADS.ATTENTION", h.ATTENTION,
-              "none with MODEL.HEADS.POOL_LAYER identity (an attention block needs a feature map)")
+        _fail(
+            "MODEL.HEADS.ATTENTION",
+            h.ATTENTION,
+            "none with MODEL.HEADS.POOL_LAYER identity (an attention block needs a feature map)",
+        )
     if c.OPTIM.NO_DECAY_NORM_BIAS == "True" and c.BN.USE_CUSTOM_WEIGHT_DECAY:
-        _fail("OPTIM.NO_DECAY_NORM_BIAS", "True",
-              "auto | False with BN.USE_CUSTOM_WEIGHT_DECAY True (which sets the decay of norms and biases itself)")
+        _fail(
+            "OPTIM.NO_DECAY_NORM_BIAS",
+            "True",
+            "auto | False with BN.USE_CUSTOM_WEIGHT_DECAY True (which sets the decay of norms and biases itself)",
+        )
     if c.OPTIM.CLIP_GRAD_NORM != c.TRAIN.GRAD_CLIP:
-        raise ConfigError(f"OPTIM.CLIP_GRAD_NORM={c.OPTIM.CLIP_GRAD_NORM:g} and TRAIN.GRAD_CLIP={c.TRAIN.GRAD_CLIP:g} "
-                          "are two names of one setting and disagree; set one of them")
+        raise ConfigError(
+            f"OPTIM.CLIP_GRAD_NORM={c.OPTIM.CLIP_GRAD_NORM:g} and TRAIN.GRAD_CLIP={c.TRAIN.GRAD_CLIP:g} "
+            "are two names of one setting and disagree; set one of them"
+        )
 
 
 # Margin layers that take per-class margins, and those with a margin to schedule.
@@ -226,22 +243,34 @@ def _validate_heads_losses(c):
     """Dynamic margins, the margin schedule, AdaCos, the list of losses and the pk sampler."""
     h, losses = c.MODEL.HEADS, c.MODEL.LOSSES
     if h.DYNAMIC_MARGIN and h.CLS_LAYER not in DYNAMIC_MARGIN_LAYERS:
-        _fail("MODEL.HEADS.DYNAMIC_MARGIN", True,
-              f"False for MODEL.HEADS.CLS_LAYER {h.CLS_LAYER} (per-class margins: {' | '.join(DYNAMIC_MARGIN_LAYERS)})")
+        _fail(
+            "MODEL.HEADS.DYNAMIC_MARGIN",
+            True,
+            f"False for MODEL.HEADS.CLS_LAYER {h.CLS_LAYER} (per-class margins: {' | '.join(DYNAMIC_MARGIN_LAYERS)})",
+        )
     schedule = [list(pair) for pair in h.MARGIN_SCHEDULE]
     if schedule:
         epochs = [e for e, _ in schedule]
         if epochs[0] != 0 or any(b <= a for a, b in zip(epochs, epochs[1:])) or any(m < 0 for _, m in schedule):
-            _fail("MODEL.HEADS.MARGIN_SCHEDULE", schedule,
-                  "[[epoch, margin], ...] with epochs strictly ascending from 0 and margins >= 0, "
-                  "e.g. [[0, 0.1], [10, 0.2], [20, 0.3]]")
+            _fail(
+                "MODEL.HEADS.MARGIN_SCHEDULE",
+                schedule,
+                "[[epoch, margin], ...] with epochs strictly ascending from 0 and margins >= 0, "
+                "e.g. [[0, 0.1], [10, 0.2], [20, 0.3]]",
+            )
         if h.CLS_LAYER not in SCHEDULED_MARGIN_LAYERS:
-            _fail("MODEL.HEADS.MARGIN_SCHEDULE", schedule,
-                  f"[] for MODEL.HEADS.CLS_LAYER {h.CLS_LAYER} (it has no margin; margins: "
-                  f"{' | '.join(SCHEDULED_MARGIN_LAYERS)})")
+            _fail(
+                "MODEL.HEADS.MARGIN_SCHEDULE",
+                schedule,
+                f"[] for MODEL.HEADS.CLS_LAYER {h.CLS_LAYER} (it has no margin; margins: "
+                f"{' | '.join(SCHEDULED_MARGIN_LAYERS)})",
+            )
         if h.DYNAMIC_MARGIN and h.MARGIN <= 0:
-            _fail("MODEL.HEADS.MARGIN", h.MARGIN,
-                  "> 0 with DYNAMIC_MARGIN and MARGIN_SCHEDULE (class margins are scaled by scheduled / MARGIN)")
+            _fail(
+                "MODEL.HEADS.MARGIN",
+                h.MARGIN,
+                "> 0 with DYNAMIC_MARGIN and MARGIN_SCHEDULE (class margins are scaled by scheduled / MARGIN)",
+            )
     if h.CLS_LAYER == "adacos" and h.NUM_CLASSES < 3:
         _fail("MODEL.HEADS.NUM_CLASSES", h.NUM_CLASSES, ">= 3 for MODEL.HEADS.CLS_LAYER adacos")
     names = list(losses.NAME)
@@ -250,8 +279,11 @@ def _validate_heads_losses(c):
     _validate_partial_fc(c, names)
     k = c.TRAIN.NUM_INSTANCES
     if c.TRAIN.SAMPLER == "pk" and (c.TRAIN.BATCH_SIZE % k or c.TRAIN.BATCH_SIZE // k < 2):
-        _fail("TRAIN.BATCH_SIZE", c.TRAIN.BATCH_SIZE,
-              f"a multiple of TRAIN.NUM_INSTANCES={k} holding at least 2 classes (>= {2 * k}) for TRAIN.SAMPLER pk")
+        _fail(
+            "TRAIN.BATCH_SIZE",
+            c.TRAIN.BATCH_SIZE,
+            f"a multiple of TRAIN.NUM_INSTANCES={k} holding at least 2 classes (>= {2 * k}) for TRAIN.SAMPLER pk",
+        )
 
 
 def _validate_partial_fc(c, loss_names):
@@ -260,27 +292,53 @@ def _validate_partial_fc(c, loss_names):
     if not c.MODEL.HEADS.PARTIAL_FC.ENABLED:
         return
     if "cross_entropy" not in loss_names:
-        _fail("MODEL.LOSSES.NAME", loss_names, "a list with cross_entropy when MODEL.HEADS.PARTIAL_FC.ENABLED is "
-              "True (Partial FC is a classifier: it computes the cross-entropy)")
+        _fail(
+            "MODEL.LOSSES.NAME",
+            loss_names,
+            "a list with cross_entropy when MODEL.HEADS.PARTIAL_FC.ENABLED is "
+            "True (Partial FC is a classifier: it computes the cross-entropy)",
+        )
     if c.TRAIN.GRAD_CLIP > 0:
-        _fail("TRAIN.GRAD_CLIP", c.TRAIN.GRAD_CLIP, "0 with MODEL.HEADS.PARTIAL_FC.ENABLED True (the gradient norm "
-              "would need every process's classifier shard)")
+        _fail(
+            "TRAIN.GRAD_CLIP",
+            c.TRAIN.GRAD_CLIP,
+            "0 with MODEL.HEADS.PARTIAL_FC.ENABLED True (the gradient norm "
+            "would need every process's classifier shard)",
+        )
     ema = c.TRAIN.get("EMA")
     if ema is not None and ema.ENABLED:
-        _fail("TRAIN.EMA.ENABLED", True, "False with MODEL.HEADS.PARTIAL_FC.ENABLED True (the EMA copy would hold "
-              "every process's classifier shard; not supported yet)")
+        _fail(
+            "TRAIN.EMA.ENABLED",
+            True,
+            "False with MODEL.HEADS.PARTIAL_FC.ENABLED True (the EMA copy would hold "
+            "every process's classifier shard; not supported yet)",
+        )
     if c.TRAIN.MIXED_PRECISION == "fp16":
-        _fail("TRAIN.MIXED_PRECISION", "fp16", "bf16 or none with MODEL.HEADS.PARTIAL_FC.ENABLED True (fp16's "
-              "gradient scaler decides to skip a step from each process's own classifier shard, so the "
-              "processes would drift apart)")
-    if c.MODEL.HEADS.CLS_LAYER == "adacos" and c.MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE < 1 \
-            and c.MODEL.HEADS.ADACOS_MODE == "adaptive":
-        _fail("MODEL.HEADS.ADACOS_MODE", "adaptive", "fixed, or MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE 1.0 (the adaptive "
-              "scale sums over every class, but a sampled step sees only the sampled ones)")
+        _fail(
+            "TRAIN.MIXED_PRECISION",
+            "fp16",
+            "bf16 or none with MODEL.HEADS.PARTIAL_FC.ENABLED True (fp16's "
+            "gradient scaler decides to skip a step from each process's own classifier shard, so the "
+            "processes would drift apart)",
+        )
+    if (
+        c.MODEL.HEADS.CLS_LAYER == "adacos"
+        and c.MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE < 1
+        and c.MODEL.HEADS.ADACOS_MODE == "adaptive"
+    ):
+        _fail(
+            "MODEL.HEADS.ADACOS_MODE",
+            "adaptive",
+            "fixed, or MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE 1.0 (the adaptive "
+            "scale sums over every class, but a sampled step sees only the sampled ones)",
+        )
     accum = c.TRAIN.get("ACCUM_STEPS", 1)
     if accum > 1 and c.MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE < 1:
-        _fail("TRAIN.ACCUM_STEPS", accum, "1 with MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE < 1 (each step samples other "
-              "classes)")
+        _fail(
+            "TRAIN.ACCUM_STEPS",
+            accum,
+            "1 with MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE < 1 (each step samples other classes)",
+        )
 
 
 # Smallest image side (px) a backbone is given. ResNet and ResNeSt (padded convolutions and
@@ -345,7 +403,10 @@ def validate(c):
     if c.OPTIM.NESTEROV and c.OPTIM.OPTIMIZER == "sgd" and (c.OPTIM.MOMENTUM <= 0 or c.OPTIM.DAMPENING != 0):
         _fail("OPTIM.NESTEROV", True, "False unless OPTIM.MOMENTUM > 0 and OPTIM.DAMPENING == 0")
     if c.TRAIN.BEST_METRIC and not c.TEST.DATASET:
-        _fail("TRAIN.BEST_METRIC", c.TRAIN.BEST_METRIC, '"" when TEST.DATASET is empty (the best checkpoint is '
-              "chosen by the TEST evaluation)")
+        _fail(
+            "TRAIN.BEST_METRIC",
+            c.TRAIN.BEST_METRIC,
+            '"" when TEST.DATASET is empty (the best checkpoint is chosen by the TEST evaluation)',
+        )
     _validate_finetune(c)
     return c

@@ -717,4 +717,3 @@ CURRENT_VERSION = 2
 # value with ("was this key left at its default?"). Never modified; change a copy of it.
 DEFAULTS = _C.clone()
 DEFAULTS.freeze()
-

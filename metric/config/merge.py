@@ -13,11 +13,10 @@ import os
 import re
 
 import yaml
-
 from yacs.config import CfgNode
 
-from metric.config.defaults import CURRENT_VERSION, DEFAULTS
 from metric.config.check import validate
+from metric.config.defaults import CURRENT_VERSION, DEFAULTS
 from metric.utils import io
 from metric.utils.errors import ConfigError
 
@@ -183,8 +182,10 @@ def _read_yaml(path, seen):
     except yaml.reader.ReaderError as err:  # a control character: its __str__ spans two lines
         line = text.count("\n", 0, err.position) + 1
         column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
-        raise ConfigError(f"config file {path} is not valid yaml at line {line}, column {column}: unacceptable "
-                          f"character #x{err.character:04x} ({err.reason}); is it a text file?") from None
+        raise ConfigError(
+            f"config file {path} is not valid yaml at line {line}, column {column}: unacceptable "
+            f"character #x{err.character:04x} ({err.reason}); is it a text file?"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -225,12 +226,21 @@ def upgrade_original(data, source):
         if isinstance(model, dict) and old in model:  # the authors' DOLG project's names
             model.setdefault("DOLG", {})[new] = model.pop(old)
             _logger.info("%s: original config (no VERSION): MODEL.%s -> MODEL.DOLG.%s", source, old, new)
-    if isinstance(model, dict) and isinstance(heads, dict) and "ATTENTION" not in heads \
-            and heads.get("IN_FEAT") == 512 and _original_channels(model) not in (None, 512):
+    if (
+        isinstance(model, dict)
+        and isinstance(heads, dict)
+        and "ATTENTION" not in heads
+        and heads.get("IN_FEAT") == 512
+        and _original_channels(model) not in (None, 512)
+    ):
         heads["ATTENTION"] = "spatial"
-        _logger.info("%s: original pymetric config (no VERSION): IN_FEAT 512 on a %d-channel %s -> "
-                     "MODEL.HEADS.ATTENTION spatial (whose output has 512 channels)", source,
-                     _original_channels(model), model.get("TYPE", DEFAULTS.MODEL.TYPE))
+        _logger.info(
+            "%s: original pymetric config (no VERSION): IN_FEAT 512 on a %d-channel %s -> "
+            "MODEL.HEADS.ATTENTION spatial (whose output has 512 channels)",
+            source,
+            _original_channels(model),
+            model.get("TYPE", DEFAULTS.MODEL.TYPE),
+        )
     data["VERSION"] = CURRENT_VERSION
     return data
 
@@ -335,8 +345,10 @@ def _sync_grad_clip(c):
     if a == b:
         return
     if a and b:
-        raise ConfigError(f"TRAIN.GRAD_CLIP={a:g} and OPTIM.CLIP_GRAD_NORM={b:g} are two names of one setting "
-                          "and disagree; set one of them")
+        raise ConfigError(
+            f"TRAIN.GRAD_CLIP={a:g} and OPTIM.CLIP_GRAD_NORM={b:g} are two names of one setting "
+            "and disagree; set one of them"
+        )
     c.TRAIN.GRAD_CLIP = c.OPTIM.CLIP_GRAD_NORM = a or b
 
 
@@ -357,5 +369,3 @@ def load_cfg(cfg_file=None, opts=None, validate_cfg=True):
 def dump_cfg(c, path):
     """Write the config as yaml to ``path`` atomically (:func:`metric.utils.io.write_text_atomic`)."""
     return io.write_text_atomic(path, c.dump(), what="config")
-
-

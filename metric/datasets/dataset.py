@@ -1,14 +1,15 @@
 """Image data sets read from list files."""
 
 import logging
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from metric.utils.errors import DataError
 from metric.datasets.items import ItemList, class_members
-from metric.utils.imagefile import DEFAULT_MAX_PIXELS, load_image, within_budget
 from metric.datasets.transforms import decode_image
+from metric.utils.errors import DataError
+from metric.utils.imagefile import DEFAULT_MAX_PIXELS, load_image, within_budget
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ class ListDataset(Dataset):
     ``failed`` counts images that could not be decoded while producing this sample and ``bad``
     holds their indices (up to :data:`MAX_TRACKED_BAD`, padded with -1); both travel with the
     batch, so callers can report and persist them whatever the number of workers. A bad image is
-    logged once per process and replaced by another image *of the same class*, so the label never shifts: the first readable image of a permutation of
+    logged once per process and replaced by another image *of the same class*, so the label never shifts: the
+    first readable image of a permutation of
     the class drawn from the sample's generator. Which image that is depends only on (seed,
     epoch, index) and which files are readable; the set of bad images already known
     (:meth:`add_known_bad`, e.g. restored from a checkpoint) only saves decoding them again.
@@ -104,8 +106,9 @@ class ListDataset(Dataset):
                     break
                 bad.append(int(other))
             if im is None:
-                raise DataError(f"no readable image left in class {label} "
-                                f"({len(bad)} images, e.g. {self.items.path(index)})")
+                raise DataError(
+                    f"no readable image left in class {label} ({len(bad)} images, e.g. {self.items.path(index)})"
+                )
         x = self.transform(im, rng)
         tracked = torch.full((MAX_TRACKED_BAD,), -1, dtype=torch.long)
         tracked[: min(len(bad), MAX_TRACKED_BAD)] = torch.tensor(bad[:MAX_TRACKED_BAD], dtype=torch.long)
@@ -140,8 +143,10 @@ def check_readable_classes(items, source, max_report=5, max_pixels=DEFAULT_MAX_P
     bad = []
     for j in first_seen:
         members = order[starts[j] : starts[j + 1]]
-        if not any((looks_like_image(p) and within_budget(p, max_pixels)) or decode_image(p, max_pixels) is not None
-                   for p in map(items.path, members)):
+        if not any(
+            (looks_like_image(p) and within_budget(p, max_pixels)) or decode_image(p, max_pixels) is not None
+            for p in map(items.path, members)
+        ):
             bad.append((items.label(int(members[0])), members))
     if bad:
         label, paths = bad[0]

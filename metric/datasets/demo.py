@@ -96,7 +96,7 @@ def _pattern(rng, size, color_a, color_b):
         cx, cy = rng.uniform(0, size, 2)
         t = (np.mod(np.hypot(xx - cx, yy - cy) / period, 1.0) < 0.5).astype(np.float32)
     else:
-        t = (np.hypot(np.mod(u, period) - period / 2, np.mod(v, period) - period / 2) < period * 0.3)
+        t = np.hypot(np.mod(u, period) - period / 2, np.mod(v, period) - period / 2) < period * 0.3
         t = t.astype(np.float32)
     t = cv2.GaussianBlur(t, (0, 0), 0.7)[..., None]
     return color_a * (1.0 - t) + color_b * t
@@ -157,8 +157,17 @@ def _add_building(rng, canvas, horizon):
         dh = h * rng.uniform(0.25, 0.45)
         dx = x0 + w / 2 - dw / 2
         mask = _poly_mask(size, _rect(dx, base - dh + dw / 2, dx + dw, base))
-        cv2.ellipse(mask, (int(round(dx + dw / 2)), int(round(base - dh + dw / 2))),
-                    (int(round(dw / 2)), int(round(dw / 2))), 0, 180, 360, 255, -1, cv2.LINE_AA)
+        cv2.ellipse(
+            mask,
+            (int(round(dx + dw / 2)), int(round(base - dh + dw / 2))),
+            (int(round(dw / 2)), int(round(dw / 2))),
+            0,
+            180,
+            360,
+            255,
+            -1,
+            cv2.LINE_AA,
+        )
         _paste(canvas, _color(rng, val=(0.0, 0.35)), mask)
 
 
@@ -252,8 +261,9 @@ def render_view(rng, scene, out_size):
     src = square @ rot.T + center + rng.normal(0, 0.03 * side, (4, 2))
     dst = np.array([[0, 0], [out_size, 0], [out_size, out_size], [0, out_size]], np.float32)
     matrix = cv2.getPerspectiveTransform(src.astype(np.float32), dst)
-    img = cv2.warpPerspective(scene, matrix, (out_size, out_size), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_REFLECT101)
+    img = cv2.warpPerspective(
+        scene, matrix, (out_size, out_size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101
+    )
 
     # Occlusion: a patch in front of the scene (a sign, a person, a car...).
     if rng.random() < 0.5:
@@ -263,11 +273,11 @@ def render_view(rng, scene, out_size):
         cx, cy = rng.uniform(0, out_size, 2)
         mask = np.zeros((out_size, out_size), np.uint8)
         if rng.random() < 0.5:
-            cv2.rectangle(mask, (int(cx - w / 2), int(cy - h / 2)), (int(cx + w / 2), int(cy + h / 2)),
-                          255, -1)
+            cv2.rectangle(mask, (int(cx - w / 2), int(cy - h / 2)), (int(cx + w / 2), int(cy + h / 2)), 255, -1)
         else:
-            cv2.ellipse(mask, (int(cx), int(cy)), (int(w / 2), int(h / 2)), rng.uniform(0, 180),
-                        0, 360, 255, -1, cv2.LINE_AA)
+            cv2.ellipse(
+                mask, (int(cx), int(cy)), (int(w / 2), int(h / 2)), rng.uniform(0, 180), 0, 360, 255, -1, cv2.LINE_AA
+            )
         fill = _pattern(rng, out_size, _color(rng), _color(rng))
         fill += rng.normal(0, 8, fill.shape).astype(np.float32)
         _paste(img, fill, mask)
@@ -317,16 +327,19 @@ def _class_images(seed, group, cls, count, image_size):
 
 def _check_params(params):
     limits = {
-        "num_train_classes": (1, 10000), "train_per_class": (1, 1000),
-        "num_heldout_classes": (1, 100000), "queries_per_class": (1, 1000),
-        "index_per_class": (1, 1000), "num_distractor_classes": (0, 100000),
-        "image_size": (16, 1024), "seed": (0, 2**63 - 1),
+        "num_train_classes": (1, 10000),
+        "train_per_class": (1, 1000),
+        "num_heldout_classes": (1, 100000),
+        "queries_per_class": (1, 1000),
+        "index_per_class": (1, 1000),
+        "num_distractor_classes": (0, 100000),
+        "image_size": (16, 1024),
+        "seed": (0, 2**63 - 1),
     }
     for key, (lo, hi) in limits.items():
         value = params[key]
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
-            raise DataError(
-                f"demo data parameter {key}={value!r} is invalid: expected an integer in [{lo}, {hi}]")
+            raise DataError(f"demo data parameter {key}={value!r} is invalid: expected an integer in [{lo}, {hi}]")
 
 
 def _summary(out_dir, meta, created):
@@ -361,7 +374,7 @@ def _clean_stale_tmp(out_dir):
     """Remove ``<out_dir>.tmp-<pid>`` folders left by processes that no longer run (or by us)."""
     prefix = out_dir.name + ".tmp-"
     for path in out_dir.parent.glob(prefix + "*"):
-        pid = path.name[len(prefix):]
+        pid = path.name[len(prefix) :]
         if not pid.isdigit() or not path.is_dir():
             continue
         alive = int(pid) != os.getpid()
@@ -394,10 +407,11 @@ def _build(tmp, params):
 
     num_heldout, num_queries = params["num_heldout_classes"], params["queries_per_class"]
     queries, index, ignored = [], [], []  # (id, label)
-    groups = [(_GROUP_HELDOUT, c, c, num_queries + params["index_per_class"], num_queries)
-              for c in range(num_heldout)]
-    groups += [(_GROUP_DISTRACTOR, c, num_heldout + c, params["index_per_class"], 0)
-               for c in range(params["num_distractor_classes"])]
+    groups = [(_GROUP_HELDOUT, c, c, num_queries + params["index_per_class"], num_queries) for c in range(num_heldout)]
+    groups += [
+        (_GROUP_DISTRACTOR, c, num_heldout + c, params["index_per_class"], 0)
+        for c in range(params["num_distractor_classes"])
+    ]
     ignored_label = num_heldout + params["num_distractor_classes"]
     groups.append((_GROUP_IGNORED, 0, ignored_label, NUM_IGNORED_QUERIES, NUM_IGNORED_QUERIES))
     for group, cls, label, count, count_queries in groups:
@@ -455,16 +469,27 @@ def _build(tmp, params):
     return {"format": FORMAT, "version": FORMAT_VERSION, "params": params, "counts": counts, "files": files}
 
 
-def make_demo_dataset(out_dir, *, num_train_classes=32, train_per_class=20, num_heldout_classes=16,
-                      queries_per_class=2, index_per_class=8, num_distractor_classes=4,
-                      image_size=96, seed=0, overwrite=False):
+def make_demo_dataset(
+    out_dir,
+    *,
+    num_train_classes=32,
+    train_per_class=20,
+    num_heldout_classes=16,
+    queries_per_class=2,
+    index_per_class=8,
+    num_distractor_classes=4,
+    image_size=96,
+    seed=0,
+    overwrite=False,
+):
     """Generate the demo data set in ``out_dir`` if it is not there yet; return a summary dict.
 
     The defaults (32 training scenes x 20 views, 16 held-out scenes with 2 queries and 8 index
     images each, 4 distractor scenes, 96 px) give 640 training and 194 evaluation images
     (about 4 MB), generated in about 4 s on two cores: small enough for ``make demo`` to train
     a small ResNet on a CPU in about two minutes, with enough training scenes and views that
-    retrieval on the held-out scenes clearly improves with training (see docs/DEMO_DATA.md). Training and held-out scenes come from different random
+    retrieval on the held-out scenes clearly improves with training (see docs/DEMO_DATA.md). Training and
+    held-out scenes come from different random
     streams, so they are disjoint.
 
     If ``out_dir`` exists with a ``meta.json`` holding the same parameters, nothing is written.
@@ -475,10 +500,14 @@ def make_demo_dataset(out_dir, *, num_train_classes=32, train_per_class=20, num_
     ``lists`` maps train/query/index/test to the absolute list-file paths.
     """
     params = {
-        "num_train_classes": num_train_classes, "train_per_class": train_per_class,
-        "num_heldout_classes": num_heldout_classes, "queries_per_class": queries_per_class,
-        "index_per_class": index_per_class, "num_distractor_classes": num_distractor_classes,
-        "image_size": image_size, "seed": seed,
+        "num_train_classes": num_train_classes,
+        "train_per_class": train_per_class,
+        "num_heldout_classes": num_heldout_classes,
+        "queries_per_class": queries_per_class,
+        "index_per_class": index_per_class,
+        "num_distractor_classes": num_distractor_classes,
+        "image_size": image_size,
+        "seed": seed,
     }
     _check_params(params)
     params = {k: int(v) for k, v in params.items()}
@@ -493,7 +522,8 @@ def make_demo_dataset(out_dir, *, num_train_classes=32, train_per_class=20, num_
                 return _summary(out_dir, meta, created=False)
             raise DataError(
                 f"{out_dir} holds demo data made with other parameters or format version; "
-                "choose another folder or pass overwrite=True (--overwrite) to replace it")
+                "choose another folder or pass overwrite=True (--overwrite) to replace it"
+            )
 
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)

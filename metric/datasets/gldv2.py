@@ -67,8 +67,10 @@ def read_gldv2_csv(path):
                     owner[image_id] = lid
                     by_class[lid].append(image_id)
                 elif first != lid:
-                    raise DataError(f"{path}:{lineno}: image {image_id!r} is listed under landmark {lid} here and "
-                                    f"under landmark {first} before; an image belongs to one landmark: remove one")
+                    raise DataError(
+                        f"{path}:{lineno}: image {image_id!r} is listed under landmark {lid} here and "
+                        f"under landmark {first} before; an image belongs to one landmark: remove one"
+                    )
                 else:
                     repeated += 1
     if repeated:
@@ -84,8 +86,10 @@ def _check_image_id(path, lineno, image_id):
     if len(image_id) < 3:
         raise DataError(f"{path}:{lineno}: image id {image_id!r} is too short")
     if "/" in image_id or "\\" in image_id or ".." in image_id or image_id.startswith("."):
-        raise DataError(f"{path}:{lineno}: image id {image_id!r} looks like a path ('/', '\\', '..' or a leading "
-                        "'.'); an id is a file name without folders or extension, e.g. 6e158a47eb2ca3f6")
+        raise DataError(
+            f"{path}:{lineno}: image id {image_id!r} looks like a path ('/', '\\', '..' or a leading "
+            "'.'); an id is a file name without folders or extension, e.g. 6e158a47eb2ca3f6"
+        )
     if not image_id.isprintable() or any(c.isspace() for c in image_id):
         raise DataError(f"{path}:{lineno}: image id {image_id!r} has white space or control characters")
 

@@ -7,9 +7,9 @@ is read through the iopath path manager; images are decoded by OpenCV from local
 import logging
 import os
 
+from metric.datasets.items import ItemList, parse_simple_list, release_free_memory
 from metric.utils import io
 from metric.utils.errors import DataError
-from metric.datasets.items import ItemList, parse_simple_list, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _read_lines(list_path, root, num_classes, with_labels):
                 if len(parts) > 2:
                     raise DataError(f"{where}: expected 'relative/path.jpg [label]', got {line.strip()!r}")
                 label = int(parts[1]) if len(parts) == 2 and parts[1].lstrip("-").isdigit() else None
-            if label is not None and not -2**63 <= label < 2**63:  # labels are stored as int64 at most
+            if label is not None and not -(2**63) <= label < 2**63:  # labels are stored as int64 at most
                 raise DataError(f"{where}: label {parts[1]} is too large (at most {2**63 - 1})")
             items.append((parts[0], label))
     if not items:

@@ -6,11 +6,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from metric.utils.errors import ConfigError, DataError
 from metric.datasets.dataset import ListDataset, check_readable_classes
 from metric.datasets.listfile import dataset_list_path, read_list
 from metric.datasets.samplers import PKSampler
 from metric.datasets.transforms import TrainTransform
+from metric.utils.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,11 @@ def build_train_loader(cfg, rank=0, world_size=1, items=None):
     else:
         pairwise = sorted(set(cfg.MODEL.LOSSES.NAME) & {"triplet", "circle"})
         if pairwise:
-            logger.warning("MODEL.LOSSES.NAME has %s but TRAIN.SAMPLER is random: batches may hold few positive "
-                           "pairs; TRAIN.SAMPLER pk draws P classes x K images", ", ".join(pairwise))
+            logger.warning(
+                "MODEL.LOSSES.NAME has %s but TRAIN.SAMPLER is random: batches may hold few positive "
+                "pairs; TRAIN.SAMPLER pk draws P classes x K images",
+                ", ".join(pairwise),
+            )
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.RNG_SEED)
     return _loader(dataset, batch, sampler, cfg, drop_last=True, seed=cfg.RNG_SEED)
 

@@ -83,7 +83,7 @@ class PKSampler(Sampler):
             if len(members) < k:
                 groups.append([members + [rng.choice(members) for _ in range(k - len(members))]])
             else:
-                groups.append([members[i * k:(i + 1) * k] for i in range(len(members) // k)][:n_batches])
+                groups.append([members[i * k : (i + 1) * k] for i in range(len(members) // k)][:n_batches])
         order = list(range(len(groups)))
         rng.shuffle(order)
         batches = [[] for _ in range(n_batches)]
@@ -95,7 +95,7 @@ class PKSampler(Sampler):
 
     def batches(self):
         """This rank's batches of this epoch."""
-        return self.epoch_plan()[self.rank::self.num_replicas]
+        return self.epoch_plan()[self.rank :: self.num_replicas]
 
     def __iter__(self):
         for batch in self.batches():

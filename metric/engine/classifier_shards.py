@@ -134,8 +134,14 @@ def shard_optimizer_state(optim_state, model, optimizer):
     if not entry:
         return optim_state
     total = layer.num_classes * layer.centers
-    cut = {k: (v[first : first + rows].clone() if isinstance(v, torch.Tensor) and v.ndim == 2 and v.shape[0] == total
-               else v) for k, v in entry.items()}
+    cut = {
+        k: (
+            v[first : first + rows].clone()
+            if isinstance(v, torch.Tensor) and v.ndim == 2 and v.shape[0] == total
+            else v
+        )
+        for k, v in entry.items()
+    }
     return {**optim_state, "state": {**optim_state["state"], where[2]: cut}}
 
 

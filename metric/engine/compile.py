@@ -40,8 +40,7 @@ class CompiledForward:
 
     def _fall_back(self, err):
         self.failed = True
-        logger.warning("%s: torch.compile is not usable here (%s); training runs eagerly", self.what,
-                       _first_line(err))
+        logger.warning("%s: torch.compile is not usable here (%s); training runs eagerly", self.what, _first_line(err))
 
     def __call__(self, *args, **kwargs):
         if self.failed:

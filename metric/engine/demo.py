@@ -14,11 +14,11 @@ import os
 
 from metric.checkpoint import list_checkpoints
 from metric.config import load_cfg
-from metric.engine.evaluator import evaluate_model
-from metric.engine.trainer import train_model
 from metric.datasets.demo import make_demo_dataset
 from metric.datasets.listfile import resolve_data_dir
+from metric.engine.evaluator import evaluate_model
 from metric.engine.extract import extract_features
+from metric.engine.trainer import train_model
 from metric.retrieval.gallery import build_gallery
 from metric.retrieval.metrics import evaluate_glr
 from metric.retrieval.pipeline import search_stores
@@ -49,8 +49,12 @@ def retrieval_pipeline(cfg, data_dir, work_dir, weights=""):
     stores = {}
     for split in ("query", "index"):
         stores[split] = os.path.join(work_dir, f"{split}_features")
-        c = _with(cfg, TEST__WEIGHTS=weights, INFER__INPUT=os.path.join(data_dir, f"{split}_list.txt"),
-                  INFER__OUTPUT=stores[split])
+        c = _with(
+            cfg,
+            TEST__WEIGHTS=weights,
+            INFER__INPUT=os.path.join(data_dir, f"{split}_list.txt"),
+            INFER__OUTPUT=stores[split],
+        )
         extract_features(c, progress=False)
     results = os.path.join(work_dir, "results.csv")
     search_stores(stores["query"], stores["index"], results, topk=100, scores_path=os.path.join(work_dir, "scores.csv"))
@@ -80,13 +84,25 @@ def run_demo(cfg_file=DEMO_CONFIG, opts=(), data_params=None, retrieval=True):
         glr, results = retrieval_pipeline(cfg, data_dir, work, weights=checkpoint)
         result["trained"]["mAP@100"] = glr["mAP@100"]["All"]
         heldout = os.path.join(data_dir, "heldout")
-        figures = {"checkpoint": os.path.basename(checkpoint),
-                   **{f"held-out {title} (untrained -> trained)": f"{result['untrained'][key]:.4f} -> "
-                      f"{result['trained'][key]:.4f}" for title, key in COLUMNS}}
-        result["gallery"] = build_gallery(results, heldout, heldout, os.path.join(cfg.OUT_DIR, "gallery.html"),
-                                          gt_path=os.path.join(data_dir, "retrieval_solution.csv"),
-                                          scores_path=os.path.join(work, "scores.csv"), topk=8, max_queries=34,
-                                          figures=figures)
+        figures = {
+            "checkpoint": os.path.basename(checkpoint),
+            **{
+                f"held-out {title} (untrained -> trained)": f"{result['untrained'][key]:.4f} -> "
+                f"{result['trained'][key]:.4f}"
+                for title, key in COLUMNS
+            },
+        }
+        result["gallery"] = build_gallery(
+            results,
+            heldout,
+            heldout,
+            os.path.join(cfg.OUT_DIR, "gallery.html"),
+            gt_path=os.path.join(data_dir, "retrieval_solution.csv"),
+            scores_path=os.path.join(work, "scores.csv"),
+            topk=8,
+            max_queries=34,
+            figures=figures,
+        )
     return result
 
 

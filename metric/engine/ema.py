@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from metric.checkpoint.load import CLASSIFIER_PREFIX, find_classifier_shard, cut_classifier_to_shard, unwrap
+from metric.checkpoint.load import CLASSIFIER_PREFIX, cut_classifier_to_shard, find_classifier_shard, unwrap
 from metric.utils import distributed as du
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,10 @@ class ModelEma:
         (resumed) weights, and says so. Returns whether EMA weights were loaded."""
         ema_state = state.get("ema_state")
         if not isinstance(ema_state, dict):
-            logger.warning("%s holds no EMA weights (trained without TRAIN.EMA.ENABLED): the EMA starts "
-                           "from the resumed weights", path)
+            logger.warning(
+                "%s holds no EMA weights (trained without TRAIN.EMA.ENABLED): the EMA starts from the resumed weights",
+                path,
+            )
             return False
         self.module.load_state_dict(cut_classifier_to_shard(ema_state, self.module))  # Partial FC: this rank's rows
         self.updates = int(state.get("ema_updates", 0))

@@ -27,16 +27,23 @@ import os
 import time
 
 import metric.checkpoint as cp
-from metric.utils import distributed as du
-from metric.utils.io import abspath, mkdirs
-from metric.utils.errors import ConfigError, DataError
 from metric.datasets.listfile import read_list
-from metric.utils.imagefile import DEFAULT_MAX_PIXELS
 from metric.datasets.transforms import decode_image
 from metric.engine.memory_estimates import check_extraction_memory
 from metric.engine.predictor import Predictor, resolve_weights
-from metric.retrieval.store import (check_dtype, check_output, is_complete_store, load_features, merge_stores,
-                                    save_features, store_lock)
+from metric.retrieval.store import (
+    check_dtype,
+    check_output,
+    is_complete_store,
+    load_features,
+    merge_stores,
+    save_features,
+    store_lock,
+)
+from metric.utils import distributed as du
+from metric.utils.errors import ConfigError, DataError
+from metric.utils.imagefile import DEFAULT_MAX_PIXELS
+from metric.utils.io import abspath, mkdirs
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 # --- input --------------------------------------------------------------------
 
+
 def list_images(src, id_mode="stem"):
     """``[(id, absolute path)]`` of a list file or an image folder, in a stable order."""
     if os.path.isdir(src):
@@ -52,8 +60,11 @@ def list_images(src, id_mode="stem"):
         rels = []
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames.sort()
-            rels += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(filenames)
-                     if f.lower().endswith(IMAGE_EXTENSIONS)]
+            rels += [
+                os.path.relpath(os.path.join(dirpath, f), root)
+                for f in sorted(filenames)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+            ]
         if not rels:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {src}")
     elif os.path.isfile(src):
@@ -115,11 +126,20 @@ def shard_bounds(count, total, cut):
 
 # --- extraction -----------------------------------------------------------------
 
+
 def settings_digest(cfg, weights_digest):
     """Digest of what determines the descriptors: model weights and extraction settings."""
     h = hashlib.sha256()
-    parts = (weights_digest, cfg.MODEL.dump(), cfg.TEST.IM_SIZE, list(cfg.INFER.SCALES), cfg.INFER.FLIP,
-             cfg.INFER.MULTISCALE_POOL, cfg.INFER.MULTISCALE_P, cfg.INFER.CENTER_CROP)
+    parts = (
+        weights_digest,
+        cfg.MODEL.dump(),
+        cfg.TEST.IM_SIZE,
+        list(cfg.INFER.SCALES),
+        cfg.INFER.FLIP,
+        cfg.INFER.MULTISCALE_POOL,
+        cfg.INFER.MULTISCALE_P,
+        cfg.INFER.CENTER_CROP,
+    )
     for part in parts + _superglobal_settings(cfg):
         h.update(repr(part).encode())
     return h.hexdigest()[:16]
@@ -131,8 +151,11 @@ def _superglobal_settings(cfg):
     i = cfg.INFER
     if i.POOL_P <= 0 and not i.REGIONAL_GEM:
         return ()
-    return (float(i.POOL_P), float(i.REGIONAL_GEM_P) if i.REGIONAL_GEM else 0.0,
-            int(i.REGIONAL_GEM_SIZE) if i.REGIONAL_GEM else 0)
+    return (
+        float(i.POOL_P),
+        float(i.REGIONAL_GEM_P) if i.REGIONAL_GEM else 0.0,
+        int(i.REGIONAL_GEM_SIZE) if i.REGIONAL_GEM else 0,
+    )
 
 
 def _input_digest(items):
@@ -155,8 +178,12 @@ def _existing_matches(path, meta, dtype="float32", max_pixels=DEFAULT_MAX_PIXELS
         return False
     readable = [p for p in old.get("failed_images") or [] if decode_image(p, max_pixels) is not None]
     if readable:
-        logger.info("%s lists %d unreadable images that are readable now (e.g. %s): extracting it again",
-                    path, len(readable), readable[0])
+        logger.info(
+            "%s lists %d unreadable images that are readable now (e.g. %s): extracting it again",
+            path,
+            len(readable),
+            readable[0],
+        )
         return False
     return True
 
@@ -171,8 +198,11 @@ def extract_shard(cfg, items, out_dir, shard, predictor, progress=True, dtype="f
         "scales": [float(s) for s in cfg.INFER.SCALES],
         "flip": bool(cfg.INFER.FLIP),
         "multiscale_pool": cfg.INFER.MULTISCALE_POOL,
-        **({"superglobal": dict(zip(("pool_p", "regional_gem_p", "regional_gem_size"), _superglobal_settings(cfg)))}
-           if _superglobal_settings(cfg) else {}),
+        **(
+            {"superglobal": dict(zip(("pool_p", "regional_gem_p", "regional_gem_size"), _superglobal_settings(cfg)))}
+            if _superglobal_settings(cfg)
+            else {}
+        ),
         "im_size": cfg.TEST.IM_SIZE,
         "input_digest": _input_digest(items),
         "shard": shard,
@@ -182,8 +212,9 @@ def extract_shard(cfg, items, out_dir, shard, predictor, progress=True, dtype="f
         return out_dir
     mkdirs(os.path.dirname(abspath(out_dir)), "feature store")  # through the path manager
     check_output(out_dir)  # fail before the work, not after it
-    loader = predictor.loader([p for _, p in items], max(1, cfg.TEST.BATCH_SIZE // du.world_size()),
-                              cfg.DATA_LOADER.NUM_WORKERS)
+    loader = predictor.loader(
+        [p for _, p in items], max(1, cfg.TEST.BATCH_SIZE // du.world_size()), cfg.DATA_LOADER.NUM_WORKERS
+    )
     bar = None
     if progress:
         from tqdm import tqdm
@@ -200,8 +231,7 @@ def extract_shard(cfg, items, out_dir, shard, predictor, progress=True, dtype="f
         logger.warning("cannot decode image %s%s: left out of %s", items[i][1], f" (it {why})" if why else "", out_dir)
     meta["failed_images"] = [items[i][1] for i in failed]
     save_features(out_dir, emb, [items[i][0] for i in ok], meta=meta, normalize=len(ok) > 0, dtype=dtype)
-    logger.info("extracted %d images (%d unreadable) into %s in %.1fs", len(ok), len(failed), out_dir,
-                time.time() - t0)
+    logger.info("extracted %d images (%d unreadable) into %s in %.1fs", len(ok), len(failed), out_dir, time.time() - t0)
     return out_dir
 
 
@@ -238,10 +268,18 @@ def _extract(cfg, progress, dtype="float32"):
         else:
             total, cut, out_dir = cfg.INFER.TOTAL_NUM, cfg.INFER.CUT_NUM, cfg.INFER.OUTPUT
         start, stop = shard_bounds(len(items), total, cut)
-        logger.info("extracting images %d..%d of %d (shard %d of %d) on %s", start, stop, len(items), cut, total,
-                    info.device)
-        extract_shard(cfg, items[start:stop], out_dir, {"index": cut, "total": total}, predictor,
-                      progress=progress and info.is_master, dtype=dtype)
+        logger.info(
+            "extracting images %d..%d of %d (shard %d of %d) on %s", start, stop, len(items), cut, total, info.device
+        )
+        extract_shard(
+            cfg,
+            items[start:stop],
+            out_dir,
+            {"index": cut, "total": total},
+            predictor,
+            progress=progress and info.is_master,
+            dtype=dtype,
+        )
         du.barrier()
         if info.distributed:
             if info.is_master:

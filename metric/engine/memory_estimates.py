@@ -41,15 +41,22 @@ import os
 import re
 
 from metric.utils.errors import ConfigError
+from metric.utils.machine import cpu_cores, format_bytes, gpu_memory, machine_memory  # noqa: F401 (also this module's API)
 
 logger = logging.getLogger(__name__)
 
 # Bytes kept for the backward pass per input pixel and image (float32), by (MODEL.TYPE, depth),
 # measured (unique storages saved by autograd) and rounded down.
 TRAIN_BYTES_PER_PIXEL = {
-    ("resnet", 18): 430, ("resnet", 34): 630, ("resnet", 50): 1600, ("resnet", 101): 2400,
+    ("resnet", 18): 430,
+    ("resnet", 34): 630,
+    ("resnet", 50): 1600,
+    ("resnet", 101): 2400,
     ("resnet", 152): 3400,
-    ("resnest", 50): 2400, ("resnest", 101): 3800, ("resnest", 200): 7000, ("resnest", 269): 8600,
+    ("resnest", 50): 2400,
+    ("resnest", 101): 3800,
+    ("resnest", 200): 7000,
+    ("resnest", 269): 8600,
 }
 # Inference: an input and an output of the largest layer (16 float32 channels per input pixel).
 INFER_BYTES_PER_PIXEL = 2 * 16 * 4
@@ -57,71 +64,6 @@ WORKER_BASE_BYTES = 100 * 10**6
 WORKERS_PER_CORE = 4
 MIN_WORKER_LIMIT = 8
 _PREFETCH = 2  # DataLoader's default prefetch_factor
-
-
-def format_bytes(n):
-    """``205 GB``, ``25.3 GB``, ``410 MB`` (decimal units)."""
-    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6)):
-        if n >= size:
-            v = n / size
-            return f"{v:.0f} {unit}" if v >= 100 else f"{v:.1f} {unit}"
-    return f"{n / 1e6:.2f} MB"
-
-
-# ---------------------------------------------------------------------------------- machine
-
-
-def _cgroup_limit():
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path, encoding="ascii") as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            return int(text)
-    return None
-
-
-def machine_memory():
-    """Bytes of memory of this machine (or of its container), or None if unknown."""
-    total = None
-    try:
-        import psutil
-
-        total = int(psutil.virtual_memory().total)
-    except ImportError:
-        try:
-            with open("/proc/meminfo", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("MemTotal:"):
-                        total = int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            pass
-        if total is None:
-            try:
-                total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            except (ValueError, OSError, AttributeError):
-                total = None
-    limit = _cgroup_limit()
-    if limit is not None and (total is None or limit < total):
-        total = limit
-    return total
-
-
-def gpu_memory(device):
-    """Total bytes of memory of CUDA ``device``."""
-    import torch
-
-    return int(torch.cuda.get_device_properties(device).total_memory)
-
-
-def cpu_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def local_processes(world_size):
@@ -170,7 +112,7 @@ def train_bytes_per_pixel(cfg):
 
 
 def training_activation_bytes(cfg, batch, device_type):
-    b = batch * cfg.TRAIN.IM_SIZE ** 2 * train_bytes_per_pixel(cfg)
+    b = batch * cfg.TRAIN.IM_SIZE**2 * train_bytes_per_pixel(cfg)
     return b / 2 if device_type == "cuda" and cfg.TRAIN.MIXED_PRECISION != "none" else b
 
 
@@ -223,8 +165,9 @@ class _Budget:
         parts = ", ".join(f"{label} {format_bytes(n)}" for n, label, _, _ in self.parts)
         if total > self.memory:
             hint = max(self.parts, key=lambda p: p[0])[3]
-            raise ConfigError(f"the run needs about {format_bytes(total)} in all ({parts}), more than {self.where}; "
-                              f"{hint}")
+            raise ConfigError(
+                f"the run needs about {format_bytes(total)} in all ({parts}), more than {self.where}; {hint}"
+            )
         logger.info("memory estimate: about %s (%s) of %s", format_bytes(total), parts, self.where)
 
 
@@ -261,10 +204,18 @@ def _add_classifier(cfg, cpu, dev, procs, on_device, training, world_size=1):
     else:
         world_size = 1
     if dev is not cpu:  # the model is built on the CPU first, by every process of this machine
-        cpu.add(classifier_bytes(cfg, False, world_size) * procs, "classifier",
-                _classifier_text(cfg, False) + _times(procs), hint)
-    dev.add(classifier_bytes(cfg, training, world_size) * on_device, "classifier",
-            _classifier_text(cfg, training) + _times(on_device), hint)
+        cpu.add(
+            classifier_bytes(cfg, False, world_size) * procs,
+            "classifier",
+            _classifier_text(cfg, False) + _times(procs),
+            hint,
+        )
+    dev.add(
+        classifier_bytes(cfg, training, world_size) * on_device,
+        "classifier",
+        _classifier_text(cfg, training) + _times(on_device),
+        hint,
+    )
 
 
 def _add_workers(cfg, procs, batch_tensor_bytes, cpu, cores=None):
@@ -280,14 +231,19 @@ def _add_workers(cfg, procs, batch_tensor_bytes, cpu, cores=None):
             f"({WORKERS_PER_CORE} per core in all, at least {MIN_WORKER_LIMIT})"
         )
     each = worker_bytes(batch_tensor_bytes)
-    cpu.add(workers * procs * each, "loader workers",
-            f"DATA_LOADER.NUM_WORKERS={workers} ({workers * procs} loader processes of about {format_bytes(each)} "
-            "each)", "lower DATA_LOADER.NUM_WORKERS or the batch size")
+    cpu.add(
+        workers * procs * each,
+        "loader workers",
+        f"DATA_LOADER.NUM_WORKERS={workers} ({workers * procs} loader processes of about {format_bytes(each)} each)",
+        "lower DATA_LOADER.NUM_WORKERS or the batch size",
+    )
 
 
 def _inference_text(cfg, batch):
-    return (f"TEST.BATCH_SIZE={cfg.TEST.BATCH_SIZE} ({batch} per process) at the largest view TEST.IM_SIZE="
-            f"{cfg.TEST.IM_SIZE} x INFER.SCALES max {max(cfg.INFER.SCALES)} = {largest_view(cfg)} px")
+    return (
+        f"TEST.BATCH_SIZE={cfg.TEST.BATCH_SIZE} ({batch} per process) at the largest view TEST.IM_SIZE="
+        f"{cfg.TEST.IM_SIZE} x INFER.SCALES max {max(cfg.INFER.SCALES)} = {largest_view(cfg)} px"
+    )
 
 
 _INFERENCE_HINT = "lower TEST.BATCH_SIZE, TEST.IM_SIZE or the largest of INFER.SCALES"
@@ -301,22 +257,33 @@ def check_training_memory(cfg, device, world_size=1, cpu_bytes=None, gpu_bytes=N
     device_type = "cuda" if dev is not cpu else "cpu"
     batch = max(1, cfg.TRAIN.BATCH_SIZE // max(1, world_size))
     _add_classifier(cfg, cpu, dev, procs, on_device, training=True, world_size=world_size)
-    dev.add(logits_bytes(cfg, batch, world_size) * on_device, "logits",
-            f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE} ({batch} per process) x MODEL.HEADS.NUM_CLASSES="
-            f"{cfg.MODEL.HEADS.NUM_CLASSES} logits{_times(on_device)}",
-            "lower TRAIN.BATCH_SIZE or MODEL.HEADS.NUM_CLASSES")
+    dev.add(
+        logits_bytes(cfg, batch, world_size) * on_device,
+        "logits",
+        f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE} ({batch} per process) x MODEL.HEADS.NUM_CLASSES="
+        f"{cfg.MODEL.HEADS.NUM_CLASSES} logits{_times(on_device)}",
+        "lower TRAIN.BATCH_SIZE or MODEL.HEADS.NUM_CLASSES",
+    )
     train_act = training_activation_bytes(cfg, batch, device_type)
     test_batch = max(1, cfg.TEST.BATCH_SIZE // max(1, world_size))
     eval_act = inference_bytes(cfg, test_batch, device_type) if cfg.TEST.DATASET else 0
     if eval_act > train_act:  # evaluation runs between epochs: the larger of the two counts
-        dev.add(eval_act * on_device, "evaluation activations", _inference_text(cfg, test_batch) + _times(on_device),
-                _INFERENCE_HINT)
+        dev.add(
+            eval_act * on_device,
+            "evaluation activations",
+            _inference_text(cfg, test_batch) + _times(on_device),
+            _INFERENCE_HINT,
+        )
     else:
-        dev.add(train_act * on_device, "activations",
-                f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE} ({batch} per process) at TRAIN.IM_SIZE={cfg.TRAIN.IM_SIZE} "
-                f"(input and activations of {cfg.MODEL.TYPE}, about {train_bytes_per_pixel(cfg):.0f} bytes per "
-                f"pixel){_times(on_device)}", "lower TRAIN.BATCH_SIZE or TRAIN.IM_SIZE")
-    _add_workers(cfg, procs, batch * 3 * 4 * cfg.TRAIN.IM_SIZE ** 2, cpu, cores)
+        dev.add(
+            train_act * on_device,
+            "activations",
+            f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE} ({batch} per process) at TRAIN.IM_SIZE={cfg.TRAIN.IM_SIZE} "
+            f"(input and activations of {cfg.MODEL.TYPE}, about {train_bytes_per_pixel(cfg):.0f} bytes per "
+            f"pixel){_times(on_device)}",
+            "lower TRAIN.BATCH_SIZE or TRAIN.IM_SIZE",
+        )
+    _add_workers(cfg, procs, batch * 3 * 4 * cfg.TRAIN.IM_SIZE**2, cpu, cores)
     cpu.check()
     if dev is not cpu:
         dev.check()
@@ -331,12 +298,20 @@ def check_extraction_memory(cfg, device, world_size=1, cpu_bytes=None, gpu_bytes
     device_type = "cuda" if dev is not cpu else "cpu"
     batch = max(1, cfg.TEST.BATCH_SIZE // max(1, world_size))
     _add_classifier(cfg, cpu, dev, procs, on_device, training=False)
-    dev.add(inference_bytes(cfg, batch, device_type) * on_device, "activations",
-            _inference_text(cfg, batch) + _times(on_device), _INFERENCE_HINT)
+    dev.add(
+        inference_bytes(cfg, batch, device_type) * on_device,
+        "activations",
+        _inference_text(cfg, batch) + _times(on_device),
+        _INFERENCE_HINT,
+    )
     views = views_bytes(cfg, batch)
-    cpu.add(views * procs, "test views",
-            f"the views of a TEST batch ({batch} images x INFER.SCALES {list(cfg.INFER.SCALES)} at TEST.IM_SIZE="
-            f"{cfg.TEST.IM_SIZE}){_times(procs)}", _INFERENCE_HINT)
+    cpu.add(
+        views * procs,
+        "test views",
+        f"the views of a TEST batch ({batch} images x INFER.SCALES {list(cfg.INFER.SCALES)} at TEST.IM_SIZE="
+        f"{cfg.TEST.IM_SIZE}){_times(procs)}",
+        _INFERENCE_HINT,
+    )
     _add_workers(cfg, procs, views, cpu, cores)
     cpu.check()
     if dev is not cpu:
@@ -354,7 +329,11 @@ def check_export_memory(cfg, images, what, hint, cpu_bytes=None):
     _add_classifier(cfg, cpu, cpu, 1, 1, training=False)
     batch, h, w = max(images, key=lambda i: i[0] * i[1] * i[2])
     per_px = INFER_BYTES_PER_PIXEL * _width_scale(cfg) + 12
-    cpu.add(batch * h * w * per_px, "activations",
-            f"{what} ({batch} image{'s' if batch > 1 else ''} of {h} x {w} px at about {per_px:.0f} bytes per pixel "
-            "for the export and its checks)", hint)
+    cpu.add(
+        batch * h * w * per_px,
+        "activations",
+        f"{what} ({batch} image{'s' if batch > 1 else ''} of {h} x {w} px at about {per_px:.0f} bytes per pixel "
+        "for the export and its checks)",
+        hint,
+    )
     cpu.check()

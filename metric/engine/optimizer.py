@@ -22,9 +22,7 @@ def build_optimizer(cfg, model):
     groups = param_groups(cfg, model)
     o = cfg.OPTIM
     if o.OPTIMIZER == "sgd":
-        return torch.optim.SGD(
-            groups, lr=o.BASE_LR, momentum=o.MOMENTUM, dampening=o.DAMPENING, nesterov=o.NESTEROV
-        )
+        return torch.optim.SGD(groups, lr=o.BASE_LR, momentum=o.MOMENTUM, dampening=o.DAMPENING, nesterov=o.NESTEROV)
     return torch.optim.AdamW(groups, lr=o.BASE_LR, betas=tuple(o.BETAS))
 
 

@@ -59,8 +59,13 @@ def _special_params(model):
     for mod_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             full = f"{mod_name}.{name}" if mod_name else name
-            if (isinstance(module, _NORM_TYPES) or name.endswith("bias") or p.ndim <= 1 or p.numel() == 1
-                    or full in listed):
+            if (
+                isinstance(module, _NORM_TYPES)
+                or name.endswith("bias")
+                or p.ndim <= 1
+                or p.numel() == 1
+                or full in listed
+            ):
                 special.add(id(p))
     return special
 
@@ -74,7 +79,7 @@ def backbone_depths(backbone, what="backbone"):
         return depths, (count - 1 if count else max(depths.values(), default=0))
     depths = {}
     for n in names:
-        bare = n[len("model."):] if n.startswith("model.") else n  # a timm backbone's own names
+        bare = n[len("model.") :] if n.startswith("model.") else n  # a timm backbone's own names
         stage = _STAGE.match(bare)
         if stage:
             depths[n] = int(stage.group(1))
@@ -107,15 +112,22 @@ def param_groups(cfg, model):
         if not p.requires_grad:
             continue
         is_head = backbone is not None and not name.startswith("backbone.")
-        depth = top if is_head else depths.get(name[len("backbone."):], top)
+        depth = top if is_head else depths.get(name[len("backbone.") :], top)
         key = (depth, is_head and split_head, id(p) in special)
         groups.setdefault(key, []).append(p)
     out = []
-    for (depth, head, is_special) in sorted(groups):
+    for depth, head, is_special in sorted(groups):
         scale = o.LAYER_DECAY ** (top - depth) * (o.HEAD_LR_MULT if head else 1.0)
         name = ("head" if head else f"depth {depth}" if depths else "all") + (" no-decay" if is_special else "")
-        out.append({"params": groups[(depth, head, is_special)], "lr": o.BASE_LR * scale, "lr_scale": scale,
-                    "weight_decay": special_wd if is_special else o.WEIGHT_DECAY, "name": name})
+        out.append(
+            {
+                "params": groups[(depth, head, is_special)],
+                "lr": o.BASE_LR * scale,
+                "lr_scale": scale,
+                "weight_decay": special_wd if is_special else o.WEIGHT_DECAY,
+                "name": name,
+            }
+        )
     return out
 
 

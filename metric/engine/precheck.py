@@ -2,7 +2,8 @@
 and before anything is written to OUT_DIR.
 
 Mistakes that every process would hit (too many processes for the machine, batch sizes that do
-not divide over them, a run whose estimated memory does not fit, a missing data set folder, a malformed list file, a missing or truncated
+not divide over them, a run whose estimated memory does not fit, a missing data set folder, a malformed list
+file, a missing or truncated
 ``TRAIN.WEIGHTS`` file) then give one error line within seconds, instead of the same line from
 each of ``NUM_GPUS`` processes after they all started. Config values were validated when the
 config was loaded (registry names included). Not done here: building the model and loading the
@@ -52,8 +53,9 @@ def _check(cfg):
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     check_training_memory(cfg, device, world)  # each process checks again (with its own device)
     if cfg.TEST.DATASET and cfg.TEST.BATCH_SIZE % world:
-        raise ConfigError(f"TEST.BATCH_SIZE={cfg.TEST.BATCH_SIZE} must be divisible by the number of "
-                          f"processes ({world})")
+        raise ConfigError(
+            f"TEST.BATCH_SIZE={cfg.TEST.BATCH_SIZE} must be divisible by the number of processes ({world})"
+        )
     _check_batch_statistics(cfg, world)
     # The list files (folder, syntax, labels; files when DATA_LOADER.CHECK_FILES) and what the
     # loader of one process makes of them (batch sizes over `world` processes, the pk sampler).
@@ -78,13 +80,17 @@ def _check_batch_statistics(cfg, world):
     given = f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE} over {world} process(es) gives 1 image per process"
     fix = f"set TRAIN.BATCH_SIZE to {2 * world} or more or run fewer processes ({launcher})"
     if cfg.MODEL.HEADS.BN_NECK:
-        raise ConfigError(f"{given}, but MODEL.HEADS.BN_NECK True (batch norm over a process's batch) needs at "
-                          f"least 2; {fix}, or set MODEL.HEADS.BN_NECK False")
+        raise ConfigError(
+            f"{given}, but MODEL.HEADS.BN_NECK True (batch norm over a process's batch) needs at "
+            f"least 2; {fix}, or set MODEL.HEADS.BN_NECK False"
+        )
     found = _single_value_batch_norm(cfg)
     if found:
         name, shape = found
-        raise ConfigError(f"{given}, but the model's batch norm layer {name} would normalize one value per channel "
-                          f"(input {shape} at TRAIN.IM_SIZE {cfg.TRAIN.IM_SIZE}), which stops training; {fix}")
+        raise ConfigError(
+            f"{given}, but the model's batch norm layer {name} would normalize one value per channel "
+            f"(input {shape} at TRAIN.IM_SIZE {cfg.TRAIN.IM_SIZE}), which stops training; {fix}"
+        )
 
 
 class _OneValue(Exception):

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from metric.checkpoint import best_checkpoint_path, load_inference_weights, unwrap
-from metric.utils.imagefile import DEFAULT_MAX_PIXELS, load_image
 from metric.datasets.transforms import center_crop, resize_longer, resize_shorter, to_tensor
-from metric.modeling.layers.superglobal_pooling import apply_superglobal_pooling
 from metric.modeling import build_model
+from metric.modeling.layers.superglobal_pooling import apply_superglobal_pooling
 from metric.utils import io
 from metric.utils.errors import CheckpointError, ConfigError
+from metric.utils.imagefile import DEFAULT_MAX_PIXELS, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,18 @@ class Predictor:
     images; :meth:`describe` runs it on decoded images in memory.
     """
 
-    def __init__(self, model, device=None, preprocess=None, flip=False, pool="gem", p=3.0, amp_dtype=None,
-                 channels_last=False, max_pixels=DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        model,
+        device=None,
+        preprocess=None,
+        flip=False,
+        pool="gem",
+        p=3.0,
+        amp_dtype=None,
+        channels_last=False,
+        max_pixels=DEFAULT_MAX_PIXELS,
+    ):
         self.model = model
         self.max_pixels = max_pixels  # DATA_LOADER.MAX_IMAGE_PIXELS: larger images are not decoded
         self.failure_reasons = {}  # index -> why, of the images the last run() could not use
@@ -128,8 +138,9 @@ class Predictor:
         self.amp_dtype, self.channels_last = amp_dtype, channels_last
 
     @classmethod
-    def from_cfg(cls, cfg, weights=None, device=None, model=None, missing_weights="warn", amp_mode=None,
-                 channels_last=False):
+    def from_cfg(
+        cls, cfg, weights=None, device=None, model=None, missing_weights="warn", amp_mode=None, channels_last=False
+    ):
         """The predictor of ``cfg``.
 
         Without ``model``, the model of ``cfg`` is built with the torch RNG seeded by ``RNG_SEED``
@@ -145,9 +156,17 @@ class Predictor:
         if model is None:
             model = build_inference_model(cfg, weights, missing_weights).to(device).eval()
         mode = cfg.INFER.MIXED_PRECISION if amp_mode is None else amp_mode
-        return cls(model, device, Preprocess.from_cfg(cfg), cfg.INFER.FLIP, cfg.INFER.MULTISCALE_POOL,
-                   cfg.INFER.MULTISCALE_P, autocast_dtype(mode, device), channels_last,
-                   cfg.DATA_LOADER.MAX_IMAGE_PIXELS)
+        return cls(
+            model,
+            device,
+            Preprocess.from_cfg(cfg),
+            cfg.INFER.FLIP,
+            cfg.INFER.MULTISCALE_POOL,
+            cfg.INFER.MULTISCALE_P,
+            autocast_dtype(mode, device),
+            channels_last,
+            cfg.DATA_LOADER.MAX_IMAGE_PIXELS,
+        )
 
     @property
     def embedding_dim(self):
@@ -156,8 +175,15 @@ class Predictor:
     def loader(self, paths, batch_size, num_workers=0, indices=None):
         """A loader of :class:`ImageViews` over ``paths`` (only ``indices`` of them, if given)."""
         dataset = ImageViews(paths, self.preprocess, self.max_pixels)
-        return DataLoader(dataset, batch_size=max(1, batch_size), sampler=indices, num_workers=num_workers,
-                          collate_fn=_collate, pin_memory=False, generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            dataset,
+            batch_size=max(1, batch_size),
+            sampler=indices,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=False,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     @torch.no_grad()
     def run(self, loader, progress=None):
@@ -229,8 +255,10 @@ def resolve_weights(cfg, weights=None):
         return weights
     path = best_checkpoint_path(cfg.OUT_DIR)
     if not io.isfile(path):
-        raise CheckpointError(f"TEST.WEIGHTS best: there is no best checkpoint {path} (it is written by training "
-                              "with TRAIN.BEST_METRIC set; set OUT_DIR to that run's folder)")
+        raise CheckpointError(
+            f"TEST.WEIGHTS best: there is no best checkpoint {path} (it is written by training "
+            "with TRAIN.BEST_METRIC set; set OUT_DIR to that run's folder)"
+        )
     return path
 
 

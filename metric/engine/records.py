@@ -42,8 +42,15 @@ def log_iter(trainer, epoch, it, lr, window):
     trainer.record("train_iter", stats)
     logger.info(
         "epoch %d/%d iter %d/%d  loss %.4f  lr %.5f  %.1f im/s  data %.3fs  eta %s",
-        epoch + 1, max_epoch, it + 1, n_iters, stats["loss"], lr,
-        stats["im_per_s"], stats["data_time"], stats["eta"],
+        epoch + 1,
+        max_epoch,
+        it + 1,
+        n_iters,
+        stats["loss"],
+        lr,
+        stats["im_per_s"],
+        stats["data_time"],
+        stats["eta"],
     )
 
 
@@ -61,7 +68,11 @@ def log_epoch(trainer, epoch, totals, seconds, bad_images):
     }
     trainer.record("train_epoch", summary)
     logger.info(
-        "epoch %d done: loss %.4f  %.1f im/s  %.1fs%s", epoch + 1, summary["loss"], summary["im_per_s"],
-        seconds, f"  ({bad_images} unreadable images replaced)" if bad_images else "",
+        "epoch %d done: loss %.4f  %.1f im/s  %.1fs%s",
+        epoch + 1,
+        summary["loss"],
+        summary["im_per_s"],
+        seconds,
+        f"  ({bad_images} unreadable images replaced)" if bad_images else "",
     )
     return summary

@@ -52,8 +52,12 @@ ITER_TAGS = {
     "scale": "train/scale",
     "mem_mb": "train/gpu_mem_mb",
 }
-EPOCH_TAGS = {"loss": "epoch/loss", "im_per_s": "epoch/im_per_s", "time": "epoch/time_s",
-              "bad_images": "epoch/bad_images"}
+EPOCH_TAGS = {
+    "loss": "epoch/loss",
+    "im_per_s": "epoch/im_per_s",
+    "time": "epoch/time_s",
+    "bad_images": "epoch/bad_images",
+}
 
 
 def build_training_board(cfg, enabled, start_step):
@@ -62,8 +66,9 @@ def build_training_board(cfg, enabled, start_step):
     nothing."""
     if not (enabled and cfg.LOG.TENSORBOARD):
         return TrainingBoard(None)
-    return TrainingBoard(os.path.join(cfg.OUT_DIR, FOLDER), start_step=start_step,
-                         num_images=cfg.LOG.TENSORBOARD_IMAGES)
+    return TrainingBoard(
+        os.path.join(cfg.OUT_DIR, FOLDER), start_step=start_step, num_images=cfg.LOG.TENSORBOARD_IMAGES
+    )
 
 
 def adaptive_scale(head):
@@ -146,6 +151,7 @@ class TrainingBoard:
             for tag, value in scalars.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.writer.add_scalar(tag, value, step)
+
         self._guard(write)
 
     def _guard(self, fn):
@@ -185,8 +191,11 @@ def quiet_writer_thread():
         return
 
     def hook(args):
-        if _is_event_writer_thread(args.thread) and args.exc_value is not None \
-                and io.find_os_error(args.exc_value) is not None:
+        if (
+            _is_event_writer_thread(args.thread)
+            and args.exc_value is not None
+            and io.find_os_error(args.exc_value) is not None
+        ):
             return
         current(args)
 
@@ -218,7 +227,15 @@ def image_grid(images, labels, columns=8):
     grid = np.zeros((rows * cell_h + pad, cols * cell_w + pad, 3), dtype=np.uint8)
     for i in range(n):
         y0, x0 = (i // cols) * cell_h + pad, (i % cols) * cell_w + pad
-        grid[y0:y0 + h, x0:x0 + w] = x[i]
-        cv2.putText(grid, str(labels[i]), (x0 + 1, y0 + h + strip - 3), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.35, (255, 255, 255), 1, cv2.LINE_AA)
+        grid[y0 : y0 + h, x0 : x0 + w] = x[i]
+        cv2.putText(
+            grid,
+            str(labels[i]),
+            (x0 + 1, y0 + h + strip - 3),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.35,
+            (255, 255, 255),
+            1,
+            cv2.LINE_AA,
+        )
     return grid

@@ -23,29 +23,29 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import metric.checkpoint as cp
-from metric.utils import distributed as du
-from metric.utils import lock
-from metric.engine.precheck import check_training
-from metric.utils.io import mkdirs
 from metric.config import dump_cfg
-from metric.utils.errors import ConfigError, TrainingError
-from metric.engine.predictor import autocast_dtype
-from metric.utils.logger import FILE_ONLY, StatsWriter, format_seconds, setup_logging
-from metric.engine.meters import IterTimer, RunClock, ScalarMeter, Timer
-from metric.engine.records import log_epoch, log_iter
-from metric.engine.memory_estimates import check_training_memory
-from metric.engine.optimizer import build_optimizer, lr_at
+from metric.datasets.loader import build_train_loader, test_items, train_items
+from metric.engine import classifier_shards as pfc
 from metric.engine.accumulate import micro_batch_groups, steps_per_epoch, sync_context
 from metric.engine.compile import CompiledForward
 from metric.engine.hooks import HOOKS, build_hooks
 from metric.engine.hooks.evaluation import evaluate
+from metric.engine.memory_estimates import check_training_memory
+from metric.engine.meters import IterTimer, RunClock, ScalarMeter, Timer
+from metric.engine.optimizer import build_optimizer, lr_at
 from metric.engine.param_groups import describe_groups, group_settings
+from metric.engine.precheck import check_training
+from metric.engine.predictor import autocast_dtype
+from metric.engine.records import log_epoch, log_iter
 from metric.engine.resume import resume_or_load
-from metric.utils.rng import seed_everything
-from metric.datasets.loader import build_train_loader, test_items, train_items
 from metric.modeling import build_loss, build_model
 from metric.modeling.builders import apply_dynamic_margins
-from metric.engine import classifier_shards as pfc
+from metric.utils import distributed as du
+from metric.utils import lock
+from metric.utils.errors import ConfigError, TrainingError
+from metric.utils.io import mkdirs
+from metric.utils.logger import FILE_ONLY, StatsWriter, format_seconds, setup_logging
+from metric.utils.rng import seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +124,16 @@ class Trainer:
 
         # Data first: list-file errors should surface before any model is built.
         train_list, test_list = lists or (None, None)
-        self.train_loader = build_train_loader(cfg, info.rank, info.world_size,
-                                               train_items(cfg) if train_list is None else train_list)
+        self.train_loader = build_train_loader(
+            cfg, info.rank, info.world_size, train_items(cfg) if train_list is None else train_list
+        )
         # Evaluation runs the extraction pipeline (metric.engine.predictor) on the TEST list.
         self.test_items = (test_items(cfg) if test_list is None else test_list) if cfg.TEST.DATASET else None
         if self.test_items is not None and cfg.TEST.BATCH_SIZE % info.world_size:
-            raise ConfigError(f"TEST.BATCH_SIZE={cfg.TEST.BATCH_SIZE} must be divisible by the number of "
-                              f"processes ({info.world_size})")
+            raise ConfigError(
+                f"TEST.BATCH_SIZE={cfg.TEST.BATCH_SIZE} must be divisible by the number of "
+                f"processes ({info.world_size})"
+            )
         # Optimizer steps per epoch: TRAIN.ACCUM_STEPS micro-batches each (metric.engine.accumulate).
         self.accum_steps = cfg.TRAIN.ACCUM_STEPS
         self.iters_per_epoch = steps_per_epoch(len(self.train_loader), self.accum_steps)
@@ -142,16 +145,25 @@ class Trainer:
         self.loss_fn = build_loss(cfg).to(self.device)
         margins = apply_dynamic_margins(cfg, model.head, self.train_loader.dataset.labels)
         if margins is not None:
-            logger.info("dynamic margins from the class counts: %.4f to %.4f", float(margins.min()), float(margins.max()))
+            logger.info(
+                "dynamic margins from the class counts: %.4f to %.4f", float(margins.min()), float(margins.max())
+            )
         self.optimizer = build_optimizer(cfg, model)
         self.group_settings = group_settings(self.optimizer)  # put back after a resume
         logger.info("parameter groups: %s", describe_groups(self.optimizer))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.bad_indices = set()  # unreadable training images seen (indices into the train list)
         # The checkpoint state; a Partial FC classifier is gathered into checkpoints, cut on resume.
-        self.checkpointer = cp.Checkpointer(model, self.optimizer, self.scaler, rank=info.rank,
-                                            world_size=info.world_size, seed=cfg.RNG_SEED,
-                                            states=pfc.checkpoint_states, shard_optimizer_state=pfc.shard_optimizer_state)
+        self.checkpointer = cp.Checkpointer(
+            model,
+            self.optimizer,
+            self.scaler,
+            rank=info.rank,
+            world_size=info.world_size,
+            seed=cfg.RNG_SEED,
+            states=pfc.checkpoint_states,
+            shard_optimizer_state=pfc.shard_optimizer_state,
+        )
         resumed = resume_or_load(self)  # (checkpoint, path) of a resume, else None
         self.start_epoch = resumed[0]["epoch"] + 1 if resumed else 0
         self._compiled = None  # TRAIN.COMPILE: the compiled training forward (see _forward_fn)
@@ -171,8 +183,12 @@ class Trainer:
             self.model = self.wrap_ddp(model)
         from metric.modeling.complexity import format_complexity, model_complexity
 
-        logger.info("model: %s, %s at %d px", cfg.MODEL.TYPE,
-                    format_complexity(model_complexity(model, cfg.TRAIN.IM_SIZE)), cfg.TRAIN.IM_SIZE)
+        logger.info(
+            "model: %s, %s at %d px",
+            cfg.MODEL.TYPE,
+            format_complexity(model_complexity(model, cfg.TRAIN.IM_SIZE)),
+            cfg.TRAIN.IM_SIZE,
+        )
 
     # -- setup helpers -------------------------------------------------------
     def _log_environment(self):
@@ -283,8 +299,11 @@ class Trainer:
             self.call_hooks("before_step", iteration, group)
             values = self._train_step(group, epoch, it)
             self.call_hooks("after_step", iteration)
-            values.update(images=sum(b[0].shape[0] for b in group) * self.info.world_size, data_time=data_time,
-                          iter_time=iter_timer.iteration_done())
+            values.update(
+                images=sum(b[0].shape[0] for b in group) * self.info.world_size,
+                data_time=data_time,
+                iter_time=iter_timer.iteration_done(),
+            )
             window.add(values)
             totals.add(values)
             self.clock.tick()

@@ -101,21 +101,26 @@ def make_kaggle_model(cfg, output, image=None, opset=None, threads=None, min_cos
     """Build the submission zip ``output`` for the model of ``cfg`` (weights ``TEST.WEIGHTS``,
     longer image side ``TEST.IM_SIZE``). Returns a report with every check's numbers; raises
     :class:`ExportError` if a check fails or the inputs are unusable."""
-    from metric.utils.errors import ExportError, MetricError
     from metric.engine.memory_estimates import check_export_memory
     from metric.export.onnx import DEFAULT_OPSET, diff_stats, export_inputs, export_onnx, load_export_model, verify_onnx
     from metric.export.tensorflow import convert_onnx_to_tf, keep_log, run_worker, tf_python
-
     from metric.utils import io
+    from metric.utils.errors import ExportError, MetricError
 
     output = io.check_output_path(output, "submission zip")  # folder exists and is writable
     check_output_zip(output)
     if cfg.MODEL.TYPE == "vit":  # see docs/EXPORT.md: onnx2tf cannot convert the ViT graph
-        raise ExportError("the Kaggle (TensorFlow) model cannot be made for MODEL.TYPE vit: onnx2tf 1.29 does not "
-                          "convert its graph; export ONNX instead (tools/torch2onnx.py, checked with onnxruntime)")
+        raise ExportError(
+            "the Kaggle (TensorFlow) model cannot be made for MODEL.TYPE vit: onnx2tf 1.29 does not "
+            "convert its graph; export ONNX instead (tools/torch2onnx.py, checked with onnxruntime)"
+        )
     max_side = cfg.TEST.IM_SIZE
-    check_export_memory(cfg, export_inputs((max_side, max_side), dynamic_hw=True), f"TEST.IM_SIZE={max_side}",
-                        "lower TEST.IM_SIZE (the longer image side of the submission model)")
+    check_export_memory(
+        cfg,
+        export_inputs((max_side, max_side), dynamic_hw=True),
+        f"TEST.IM_SIZE={max_side}",
+        "lower TEST.IM_SIZE (the longer image side of the submission model)",
+    )
     tf_python()
     if list(cfg.INFER.SCALES) != [1.0] or cfg.INFER.FLIP or cfg.INFER.CENTER_CROP:
         raise ExportError(
@@ -134,8 +139,14 @@ def make_kaggle_model(cfg, output, image=None, opset=None, threads=None, min_cos
         report["checks"] += verify_onnx(model, onnx_path, (max_side, max_side), dynamic_hw=True, image=image)
         converted = os.path.join(tmp, "converted")
         failed_log = f"{output}.failed.log"
-        tf_report = convert_onnx_to_tf(onnx_path, converted, check_size=(max(32, max_side * 3 // 4), max_side),
-                                       image=image, threads=threads, failed_log=failed_log)
+        tf_report = convert_onnx_to_tf(
+            onnx_path,
+            converted,
+            check_size=(max(32, max_side * 3 // 4), max_side),
+            image=image,
+            threads=threads,
+            failed_log=failed_log,
+        )
         report["checks"] += tf_report["checks"]
 
         images = check_images(max_side, image)
@@ -144,10 +155,14 @@ def make_kaggle_model(cfg, output, image=None, opset=None, threads=None, min_cos
             paths.append(os.path.join(tmp, f"image_{i}.npy"))
             np.save(paths[-1], im)
         request = {
-            "converted": converted, "out": os.path.join(tmp, "submission"), "images": paths,
+            "converted": converted,
+            "out": os.path.join(tmp, "submission"),
+            "images": paths,
             "input": tf_report["signature"]["serving_default"]["inputs"],
             "output": next(iter(tf_report["signature"]["serving_default"]["outputs"])),
-            "max_side": max_side, "mean": MEAN, "std": STD,
+            "max_side": max_side,
+            "mean": MEAN,
+            "std": STD,
         }
         log = os.path.join(tmp, "wrap.log")
         try:
@@ -160,15 +175,19 @@ def make_kaggle_model(cfg, output, image=None, opset=None, threads=None, min_cos
         for im, ref, path in zip(images, refs, result["descriptors"]):
             stats = diff_stats(np.load(path)[None], ref[None])
             report["checks"].append({"check": "kaggle model vs torch extraction", "shape": list(im.shape), **stats})
-        worst = min(report["checks"][-len(images):], key=lambda c: c["cos"])
+        worst = min(report["checks"][-len(images) :], key=lambda c: c["cos"])
         if worst["cos"] < min_cos:
             raise _export_error(
                 f"the Kaggle model's descriptor of a {worst['shape'][0]}x{worst['shape'][1]} image has cosine "
                 f"{worst['cos']:.6f} with our PyTorch extraction, below {min_cos}"
             )
         write_submission_zip(request["out"], output)
-        report.update(output=output, zip_bytes=os.path.getsize(output), versions=tf_report["versions"],
-                      timings_s={"total": round(time.time() - start, 1), "wrap": result["timings"]})
+        report.update(
+            output=output,
+            zip_bytes=os.path.getsize(output),
+            versions=tf_report["versions"],
+            timings_s={"total": round(time.time() - start, 1), "wrap": result["timings"]},
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
@@ -198,10 +217,12 @@ def resize_longer_tf(tf, image, max_side):
     h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
     longer = tf.maximum(h, w)
     scale = tf.constant(float(max_side), tf.float64) / longer
-    size = tf.stack([
-        tf.maximum(1, tf.cast(tf.round(h * scale), tf.int32)),
-        tf.maximum(1, tf.cast(tf.round(w * scale), tf.int32)),
-    ])
+    size = tf.stack(
+        [
+            tf.maximum(1, tf.cast(tf.round(h * scale), tf.int32)),
+            tf.maximum(1, tf.cast(tf.round(w * scale), tf.int32)),
+        ]
+    )
 
     def to_levels(x):  # OpenCV rounds its uint8 results half up (exact averages in the 2x, 4x... cases)
         return tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0)

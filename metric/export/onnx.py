@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 import torch
 
+from metric.datasets.transforms import decode_image, resize_shorter, to_tensor
+from metric.engine.memory_estimates import check_export_memory
 from metric.utils import io
 from metric.utils.errors import ExportError
-from metric.engine.memory_estimates import check_export_memory
-from metric.datasets.transforms import decode_image, resize_shorter, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -274,9 +274,12 @@ def export_checked_onnx(cfg, output, size=None, opset=DEFAULT_OPSET, dynamic_hw=
     given = size is not None
     size = _check_size(size or (cfg.TRAIN.IM_SIZE, cfg.TRAIN.IM_SIZE))
     output = io.check_output_path(output, "ONNX file")
-    check_export_memory(cfg, export_inputs(size, dynamic_hw),
-                        f"export size {size[0]} x {size[1]}" + ("" if given else " (TRAIN.IM_SIZE)"),
-                        "give a smaller size (--size H W)")
+    check_export_memory(
+        cfg,
+        export_inputs(size, dynamic_hw),
+        f"export size {size[0]} x {size[1]}" + ("" if given else " (TRAIN.IM_SIZE)"),
+        "give a smaller size (--size H W)",
+    )
     model = load_export_model(cfg)
     with io.atomic_local_path(output, "ONNX file") as tmp:
         export_onnx(model, tmp, size, opset, dynamic_hw, atomic=False)

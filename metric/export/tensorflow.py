@@ -108,7 +108,11 @@ def run_worker(script, command, request, work_dir, log_path, threads=None):
     with open(log_path, "ab") as log:
         proc = subprocess.run(
             [python, "-I", "-u", script, command, req_path],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=work_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=work_dir,
         )
     result = None
     if os.path.isfile(res_path):
@@ -179,8 +183,18 @@ def check_batches(sig, check_size=(96, 128), image=None):
     return batches
 
 
-def convert_onnx_to_tf(onnx_path, out_dir, tflite=False, fp16=False, keep_nchw=False, check_size=(96, 128),
-                       image=None, tol=None, threads=None, failed_log=None):
+def convert_onnx_to_tf(
+    onnx_path,
+    out_dir,
+    tflite=False,
+    fp16=False,
+    keep_nchw=False,
+    check_size=(96, 128),
+    image=None,
+    tol=None,
+    threads=None,
+    failed_log=None,
+):
     """Convert ``onnx_path`` to a SavedModel in ``out_dir`` (plus TFLite files on request), check
     every output against onnxruntime, and return the report also written to
     ``out_dir/pymetric_export.json``. ``fp16`` implies ``tflite``. Raises :class:`ExportError` if
@@ -188,9 +202,9 @@ def convert_onnx_to_tf(onnx_path, out_dir, tflite=False, fp16=False, keep_nchw=F
     onnxruntime by more than ``tol`` relative (default :data:`metric.export.onnx.REL_TOL`).
     On failure nothing is written but the worker's log, kept as ``failed_log`` (default
     ``OUTDIR.failed.log``) and named in the error."""
+    from metric.export.onnx import REL_TOL, diff_stats, onnx_signature, run_onnxruntime
     from metric.utils import io
     from metric.utils.errors import MetricError
-    from metric.export.onnx import REL_TOL, diff_stats, onnx_signature, run_onnxruntime
 
     tol = REL_TOL if tol is None else tol
     tflite = tflite or fp16
@@ -216,8 +230,15 @@ def convert_onnx_to_tf(onnx_path, out_dir, tflite=False, fp16=False, keep_nchw=F
             np.save(inputs[-1], x)
         np.save(os.path.join(work, CALIBRATION_FILE), calibration_images())
         request = {
-            "onnx": onnx_path, "out": tmp, "work": work, "input": sig["input"], "output": sig["output"],
-            "tflite": tflite, "fp16": fp16, "keep_nchw": keep_nchw, "checks": inputs,
+            "onnx": onnx_path,
+            "out": tmp,
+            "work": work,
+            "input": sig["input"],
+            "output": sig["output"],
+            "tflite": tflite,
+            "fp16": fp16,
+            "keep_nchw": keep_nchw,
+            "checks": inputs,
             "calibration": os.path.join(work, CALIBRATION_FILE),
         }
         start = time.time()
@@ -228,10 +249,13 @@ def convert_onnx_to_tf(onnx_path, out_dir, tflite=False, fp16=False, keep_nchw=F
                 stats = diff_stats(np.load(path), ref)
                 checks.append({"check": f"{model_name} vs onnxruntime", "shape": list(x.shape), **stats})
         report = {
-            "format": MARKER_FORMAT, "version": FORMAT_VERSION,
+            "format": MARKER_FORMAT,
+            "version": FORMAT_VERSION,
             "source": {"onnx": onnx_path, "sha256": io.file_sha256(onnx_path)},
             "options": {"tflite": tflite, "fp16": fp16, "keep_nchw": keep_nchw},
-            "signature": result["signature"], "files": result["files"], "versions": result["versions"],
+            "signature": result["signature"],
+            "files": result["files"],
+            "versions": result["versions"],
             "timings_s": dict(result["timings"], total=round(time.time() - start, 1)),
             "frozen_variables": result["frozen_variables"],
             "checks": checks,

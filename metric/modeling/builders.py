@@ -6,15 +6,14 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from metric.utils import distributed as du
-from metric.utils.errors import ConfigError
 from metric.modeling.layers.attention import attention_channels
 from metric.modeling.layers.margin_policy import dynamic_margins, scheduled_margin
 from metric.modeling.layers.partial_fc import PartialFC
 from metric.modeling.losses.combined import CombinedLoss, ComputedLoss
 from metric.modeling.model import MetricModel
 from metric.modeling.registry import BACKBONES, HEADS, LOSSES
-
+from metric.utils import distributed as du
+from metric.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +43,14 @@ def build_head(cfg, in_feat):
     if pfc.ENABLED:
         head.partial_fc = PartialFC(pfc.SAMPLE_RATE, cfg.MODEL.LOSSES.LABEL_SMOOTHING, cfg.RNG_SEED)
         start, stop = head.classifier.shard
-        logger.info("Partial FC: this process holds classes %d..%d of %d (%d process(es)), sample rate %g",
-                    start, stop - 1, cfg.MODEL.HEADS.NUM_CLASSES, du.world_size(), pfc.SAMPLE_RATE)
+        logger.info(
+            "Partial FC: this process holds classes %d..%d of %d (%d process(es)), sample rate %g",
+            start,
+            stop - 1,
+            cfg.MODEL.HEADS.NUM_CLASSES,
+            du.world_size(),
+            pfc.SAMPLE_RATE,
+        )
     return head
 
 
@@ -67,8 +72,10 @@ def _check_in_feat(cfg, channels):
     ``channels``, or the output of the attention block ``MODEL.HEADS.ATTENTION``."""
     h = cfg.MODEL.HEADS
     if h.ATTENTION != "none" and not getattr(HEADS.get(h.NAME), "supports_attention", False):
-        raise ConfigError(f"MODEL.HEADS.ATTENTION {h.ATTENTION} is not supported by MODEL.HEADS.NAME {h.NAME}; "
-                          "use MODEL.HEADS.ATTENTION none or MODEL.HEADS.NAME LinearHead")
+        raise ConfigError(
+            f"MODEL.HEADS.ATTENTION {h.ATTENTION} is not supported by MODEL.HEADS.NAME {h.NAME}; "
+            "use MODEL.HEADS.ATTENTION none or MODEL.HEADS.NAME LinearHead"
+        )
     width = attention_channels(h.ATTENTION, channels)
     if h.IN_FEAT and h.IN_FEAT != width:
         after = "" if h.ATTENTION == "none" else f" and MODEL.HEADS.ATTENTION {h.ATTENTION} turns them into {width}"
@@ -113,6 +120,7 @@ def build_loss(cfg):
 
 
 # -- margins that change during training (applied by the trainer) ---------------------------
+
 
 def class_counts(labels, num_classes):
     """Number of images of each class in a list of labels: a LongTensor [num_classes]."""

@@ -62,4 +62,3 @@ POOL_LAYERS = Registry("pool layer", key="MODEL.HEADS.POOL_LAYER")
 MARGIN_LAYERS = Registry("margin layer", key="MODEL.HEADS.CLS_LAYER")
 LOSSES = Registry("loss", key="MODEL.LOSSES.NAME")
 ATTENTIONS = Registry("attention block", key="MODEL.HEADS.ATTENTION")
-

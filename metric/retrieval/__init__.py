@@ -13,9 +13,9 @@ The Python API::
                   options=SearchOptions(rerank=RerankOptions(steps=("dba", "qe"))))
 """
 
-from metric.retrieval.metrics import glr_map_at_k, labelled_metrics, revisited_map
 from metric.retrieval.knn_graph import build_index_graph
 from metric.retrieval.kreciprocal import k_reciprocal_rerank
+from metric.retrieval.metrics import glr_map_at_k, labelled_metrics, revisited_map
 from metric.retrieval.pipeline import SearchOptions, search_stores
 from metric.retrieval.rerank import database_augmentation, query_expansion
 from metric.retrieval.rerank_plan import RerankOptions
@@ -25,8 +25,23 @@ from metric.retrieval.store import FeatureStore, import_features, load_features,
 from metric.retrieval.superglobal import superglobal_rerank
 
 __all__ = [
-    "FeatureStore", "save_features", "load_features", "merge_stores", "import_features", "search",
-    "query_expansion", "database_augmentation", "superglobal_rerank", "k_reciprocal_rerank", "build_index_graph",
-    "search_stores", "SearchOptions", "RerankOptions", "write_results_csv", "read_results_csv",
-    "glr_map_at_k", "revisited_map", "labelled_metrics",
+    "FeatureStore",
+    "save_features",
+    "load_features",
+    "merge_stores",
+    "import_features",
+    "search",
+    "query_expansion",
+    "database_augmentation",
+    "superglobal_rerank",
+    "k_reciprocal_rerank",
+    "build_index_graph",
+    "search_stores",
+    "SearchOptions",
+    "RerankOptions",
+    "write_results_csv",
+    "read_results_csv",
+    "glr_map_at_k",
+    "revisited_map",
+    "labelled_metrics",
 ]

@@ -21,10 +21,10 @@ from typing import Optional
 
 import numpy as np
 
-from metric.utils import io
-from metric.utils.errors import FeatureStoreError, MetricError
 from metric.retrieval.search import as_matrix, check_dims, check_topk, search
 from metric.retrieval.store import load_features, read_json_object, store_digest
+from metric.utils import io
+from metric.utils.errors import FeatureStoreError, MetricError
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,13 @@ class AnnOptions:
     def __post_init__(self):
         _check_type(self.index_type)
         if self.index_type == "ivfpq":
-            checks = [("nlist", 1, True), ("m", 1, True), ("nbits", 1, False), ("nprobe", 1, True),
-                      ("train_size", 1, True)]
+            checks = [
+                ("nlist", 1, True),
+                ("m", 1, True),
+                ("nbits", 1, False),
+                ("nprobe", 1, True),
+                ("train_size", 1, True),
+            ]
         else:
             checks = [("hnsw_m", 2, False), ("ef_construction", 1, False), ("ef_search", 1, False)]
         for name, low, optional in checks + [("sample", 1, False), ("recall_k", 1, False), ("seed", 0, False)]:
@@ -195,14 +200,20 @@ def build_ann_index(store_path, options=None, out_dir=None, query_path=None, ver
     if n == 0:
         raise FeatureStoreError(f"store {store.path} is empty; nothing to index")
     rng = np.random.default_rng(options.seed)
-    params = {"type": index_type, "dim": dim, "count": n, "store": store.path,
-              "store_digest": store_digest(store), "seed": options.seed}
+    params = {
+        "type": index_type,
+        "dim": dim,
+        "count": n,
+        "store": store.path,
+        "store_digest": store_digest(store),
+        "seed": options.seed,
+    }
     if index_type == "ivfpq":
         nlist = options.nlist if options.nlist is not None else default_nlist(n)
         m = options.m if options.m is not None else default_pq_m(dim)
         nbits = options.nbits
         train_size = min(n, options.train_size if options.train_size is not None else max(100_000, 40 * nlist))
-        need = max(nlist, 2 ** nbits)
+        need = max(nlist, 2**nbits)
         if train_size < need:
             raise MetricError(
                 f"IVF-PQ with nlist={nlist}, nbits={nbits} needs at least {need} training vectors but the store "
@@ -282,7 +293,9 @@ def find_ann_type(index_dir, index_type=None):
     if not found:
         raise FeatureStoreError(f"no approximate index in {index_dir}; build one with tools/build_index.py")
     if len(found) > 1:
-        raise MetricError(f"{index_dir} holds several approximate indexes ({', '.join(found)}); choose one with --ann-type")
+        raise MetricError(
+            f"{index_dir} holds several approximate indexes ({', '.join(found)}); choose one with --ann-type"
+        )
     return found[0]
 
 
@@ -297,7 +310,9 @@ def load_ann_index(store, index_type=None, index_dir=None, verify=True):
     index_type = find_ann_type(index_dir, index_type)
     index_path, json_path = ann_paths(index_dir, index_type)
     if not io.isfile(json_path) or not io.isfile(index_path):
-        raise FeatureStoreError(f"no {index_type} index in {index_dir}; build one with tools/build_index.py --type {index_type}")
+        raise FeatureStoreError(
+            f"no {index_type} index in {index_dir}; build one with tools/build_index.py --type {index_type}"
+        )
     params = read_json_object(json_path, "rebuild the index")
     if params.get("store_digest") != store_digest(store) or params.get("count") != len(store):
         raise FeatureStoreError(

@@ -20,12 +20,12 @@ import os
 import cv2
 from tqdm import tqdm
 
-from metric.utils.imagefile import load_image
-from metric.utils import io
-from metric.utils.errors import DataError
 from metric.retrieval.groundtruth import read_glr_solution
 from metric.retrieval.metrics_glr import glr_average_precisions
 from metric.retrieval.results import check_output_file, read_results_csv, read_scores_csv
+from metric.utils import io
+from metric.utils.errors import DataError
+from metric.utils.imagefile import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ def thumbnail_data_uri(path, size=128, quality=85):
     h, w = image.shape[:2]
     scale = size / max(h, w)
     if scale < 1:
-        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
-                           interpolation=cv2.INTER_AREA)
+        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         return None
@@ -123,8 +122,17 @@ def _format_figure(value):
     return str(value)
 
 
-def render_gallery(rows, query_finder, index_finder, relevant=None, thumb_size=128,
-                   title="retrieval results", progress=False, figures=None, query_ap=None):
+def render_gallery(
+    rows,
+    query_finder,
+    index_finder,
+    relevant=None,
+    thumb_size=128,
+    title="retrieval results",
+    progress=False,
+    figures=None,
+    query_ap=None,
+):
     """HTML text of a gallery. ``rows`` is a list of ``(query id, [(index id, score or None)])``;
     ``relevant`` maps a query id to the set of its relevant index ids (or is ``None``);
     ``figures`` (``{name: value}``) is shown as a table in the header; ``query_ap`` maps a query
@@ -139,9 +147,14 @@ def render_gallery(rows, query_finder, index_finder, relevant=None, thumb_size=1
         f"<h1>{html.escape(title)}</h1>",
     ]
     if figures:
-        parts.append('<table class="figures">' + "".join(
-            f"<tr><th>{html.escape(str(name))}</th><td>{html.escape(_format_figure(value))}</td></tr>"
-            for name, value in figures.items()) + "</table>")
+        parts.append(
+            '<table class="figures">'
+            + "".join(
+                f"<tr><th>{html.escape(str(name))}</th><td>{html.escape(_format_figure(value))}</td></tr>"
+                for name, value in figures.items()
+            )
+            + "</table>"
+        )
     if relevant is not None:
         parts.append("<p>green frame: relevant &middot; red frame: not relevant</p>")
     for qid, results in tqdm(rows, desc="gallery", unit="query", disable=not progress):
@@ -160,16 +173,26 @@ def render_gallery(rows, query_finder, index_finder, relevant=None, thumb_size=1
                 f'<div class="cell{frame}">{thumbs.html_for(index_finder, image_id)}'
                 f'<div class="caption">{caption}<br>{html.escape(image_id)}</div></div>'
             )
-        parts.append(f'<div class="row" data-query="{html.escape(qid, quote=True)}">'
-                     + "".join(cells) + "</div>")
+        parts.append(f'<div class="row" data-query="{html.escape(qid, quote=True)}">' + "".join(cells) + "</div>")
     parts.append("</body></html>")
     if thumbs.missing:
         logger.warning("%d images could not be found or read; shown as placeholders", thumbs.missing)
     return "\n".join(parts) + "\n"
 
 
-def build_gallery(results_path, query_root, index_root, output, gt_path=None, scores_path=None,
-                  topk=10, max_queries=50, thumb_size=128, progress=False, figures=None):
+def build_gallery(
+    results_path,
+    query_root,
+    index_root,
+    output,
+    gt_path=None,
+    scores_path=None,
+    topk=10,
+    max_queries=50,
+    thumb_size=128,
+    progress=False,
+    figures=None,
+):
     """Write the HTML gallery of a results CSV to ``output`` (atomically); returns its path.
 
     Shows the first ``max_queries`` queries of the results file, each with its first ``topk``
@@ -196,11 +219,26 @@ def build_gallery(results_path, query_root, index_root, output, gt_path=None, sc
     rows = []
     for qid, ids in list(results.items())[:max_queries]:
         query_scores = scores.get(qid, [])
-        rows.append((qid, [(image_id, query_scores[i] if i < len(query_scores) else None)
-                           for i, image_id in enumerate(ids[:topk])]))
-    text = render_gallery(rows, query_finder, index_finder, relevant, thumb_size,
-                          title=f"retrieval results: {os.path.basename(results_path)}",
-                          progress=progress, figures=figures, query_ap=query_ap)
+        rows.append(
+            (
+                qid,
+                [
+                    (image_id, query_scores[i] if i < len(query_scores) else None)
+                    for i, image_id in enumerate(ids[:topk])
+                ],
+            )
+        )
+    text = render_gallery(
+        rows,
+        query_finder,
+        index_finder,
+        relevant,
+        thumb_size,
+        title=f"retrieval results: {os.path.basename(results_path)}",
+        progress=progress,
+        figures=figures,
+        query_ap=query_ap,
+    )
     output = io.write_text_atomic(output, text, what="gallery")
     logger.info("gallery of %d queries written to %s", len(rows), output)
     return output

@@ -54,16 +54,14 @@ def read_glr_solution(path):
             continue
         if len(row) != 3:
             raise MetricError(
-                f"{path}:{line}: expected 3 fields 'id,images,Usage', got {len(row)}; "
-                "fix or remove the line"
+                f"{path}:{line}: expected 3 fields 'id,images,Usage', got {len(row)}; fix or remove the line"
             )
         qid, images, usage = (field.strip() for field in row)
         if not qid:
             raise MetricError(f"{path}:{line}: empty query id")
         if usage.lower() not in canonical:
             raise MetricError(
-                f"{path}:{line}: unknown Usage {usage!r} for query {qid!r}; "
-                "expected Public, Private or Ignored"
+                f"{path}:{line}: unknown Usage {usage!r} for query {qid!r}; expected Public, Private or Ignored"
             )
         if qid in solution:
             raise MetricError(f"{path}:{line}: query id {qid!r} appears twice; keep one row")
@@ -132,9 +130,7 @@ def restricted_load(path):
         except MetricError:
             raise
         except Exception as err:  # truncated or not a pickle at all
-            raise MetricError(
-                f"{path} is not a readable ground-truth pickle ({type(err).__name__}: {err})"
-            ) from None
+            raise MetricError(f"{path} is not a readable ground-truth pickle ({type(err).__name__}: {err})") from None
 
 
 def read_revisited_gnd(path):
@@ -147,15 +143,12 @@ def read_revisited_gnd(path):
     data = restricted_load(path)
     if not isinstance(data, dict) or not {"imlist", "qimlist", "gnd"} <= set(data):
         raise MetricError(
-            f"{path} is not a revisited ground-truth file: expected a dict with keys "
-            "'imlist', 'qimlist' and 'gnd'"
+            f"{path} is not a revisited ground-truth file: expected a dict with keys 'imlist', 'qimlist' and 'gnd'"
         )
     imlist = [str(x) for x in data["imlist"]]
     qimlist = [str(x) for x in data["qimlist"]]
     if len(data["gnd"]) != len(qimlist):
-        raise MetricError(
-            f"{path}: 'gnd' has {len(data['gnd'])} entries but 'qimlist' has {len(qimlist)}"
-        )
+        raise MetricError(f"{path}: 'gnd' has {len(data['gnd'])} entries but 'qimlist' has {len(qimlist)}")
     gnd = []
     for i, entry in enumerate(data["gnd"]):
         if not isinstance(entry, dict):
@@ -167,10 +160,7 @@ def read_revisited_gnd(path):
             except (TypeError, ValueError):
                 raise MetricError(f"{path}: gnd[{i}]['{key}'] is not a list of integers") from None
             if len(values) and (values.min() < 0 or values.max() >= len(imlist)):
-                raise MetricError(
-                    f"{path}: gnd[{i}]['{key}'] holds positions outside imlist "
-                    f"(0..{len(imlist) - 1})"
-                )
+                raise MetricError(f"{path}: gnd[{i}]['{key}'] holds positions outside imlist (0..{len(imlist) - 1})")
             clean[key] = values
         gnd.append(clean)
     return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
@@ -200,8 +190,7 @@ def read_labels(path):
         name, label = parts
         if labels.get(name, label) != label:
             raise MetricError(
-                f"{path}:{line_no}: {name!r} is labelled both {labels[name]!r} and {label!r}; "
-                "keep one label per image"
+                f"{path}:{line_no}: {name!r} is labelled both {labels[name]!r} and {label!r}; keep one label per image"
             )
         labels[name] = label
     return labels

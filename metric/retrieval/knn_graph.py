@@ -20,11 +20,18 @@ import os
 import numpy as np
 import torch
 
+from metric.retrieval.search import (
+    RunningTopK,
+    as_matrix,
+    check_finite,
+    chunk_as_float32,
+    deterministic_topk,
+    is_int,
+    resolve_backend,
+)
+from metric.retrieval.store import load_features, read_json_object, store_digest
 from metric.utils import io
 from metric.utils.errors import FeatureStoreError, MetricError
-from metric.retrieval.search import (RunningTopK, as_matrix, check_finite, chunk_as_float32, deterministic_topk,
-                                     is_int, resolve_backend)
-from metric.retrieval.store import load_features, read_json_object, store_digest
 
 # float32 elements of a block of similarities (rows x index chunk).
 GATHER_ELEMENTS = 1 << 25
@@ -78,8 +85,11 @@ def knn_rows(rows, base, k, dev, chunk_size=None):
         mins = torch.minimum(mins, sims.amin(1))
         del sims
     scores, indices = best.result()
-    return (scores.cpu().numpy().astype(np.float32, copy=False), indices.cpu().numpy().astype(np.int64, copy=False),
-            mins.cpu().numpy())
+    return (
+        scores.cpu().numpy().astype(np.float32, copy=False),
+        indices.cpu().numpy().astype(np.int64, copy=False),
+        mins.cpu().numpy(),
+    )
 
 
 def build_index_graph(index, width, device=None, chunk_size=None, progress=False):
@@ -127,8 +137,15 @@ def save_index_graph(store, graph, graph_dir=None):
         io.check_output_path(path, "k-NN graph")
     with io.atomic_write(npz_path, "wb", what="k-NN graph") as f:
         np.savez(f, neighbours=graph.neighbours, scores=graph.scores, min_sim=graph.min_sim)
-    desc = {"type": "knn", "version": GRAPH_VERSION, "width": graph.width, "count": int(len(graph.min_sim)),
-            "store": store.path, "store_digest": store_digest(store), "graph_sha256": io.file_sha256(npz_path)}
+    desc = {
+        "type": "knn",
+        "version": GRAPH_VERSION,
+        "width": graph.width,
+        "count": int(len(graph.min_sim)),
+        "store": store.path,
+        "store_digest": store_digest(store),
+        "graph_sha256": io.file_sha256(npz_path),
+    }
     io.write_json_atomic(json_path, desc, what="k-NN graph description", indent=1, sort_keys=True)
     desc["path"] = npz_path
     return desc
@@ -145,14 +162,18 @@ def load_index_graph(store, width, graph_dir=None):
     npz_path, json_path = graph_paths(graph_dir)
     fix = f"build it with tools/build_index.py --index {store.path} --type knn --knn {max(1, width - 1)}"
     if not (io.isfile(npz_path) and io.isfile(json_path)):
-        raise FeatureStoreError(f"store {store.path} has no k-NN graph in {graph_dir} (needed for k-reciprocal "
-                                f"re-ranking with --kr-graph saved); {fix}")
+        raise FeatureStoreError(
+            f"store {store.path} has no k-NN graph in {graph_dir} (needed for k-reciprocal "
+            f"re-ranking with --kr-graph saved); {fix}"
+        )
     desc = read_json_object(json_path, fix)
     if desc.get("store_digest") != store_digest(store) or desc.get("count") != len(store):
         raise FeatureStoreError(f"{npz_path} was built for a different version of store {store.path}; {fix}")
     if int(desc.get("width", 0)) < min(width, len(store)):
-        raise FeatureStoreError(f"{npz_path} holds {int(desc.get('width', 1)) - 1} neighbours per item but "
-                                f"k-reciprocal re-ranking with k1={width - 1} needs {width - 1}; {fix}")
+        raise FeatureStoreError(
+            f"{npz_path} holds {int(desc.get('width', 1)) - 1} neighbours per item but "
+            f"k-reciprocal re-ranking with k1={width - 1} needs {width - 1}; {fix}"
+        )
     if desc.get("graph_sha256") != io.file_sha256(npz_path):
         raise FeatureStoreError(f"{npz_path} does not match {json_path} (interrupted build?); {fix}")
     with np.load(io.get_local_path(npz_path), allow_pickle=False) as data:
@@ -173,8 +194,10 @@ def build_store_graph(store_path, k=20, out_dir=None, device=None, progress=Fals
     if len(store) == 0:
         raise FeatureStoreError(f"store {store.path} is empty; nothing to build a graph of")
     if k >= len(store):
-        raise MetricError(f"--knn {k} needs more than {k} items, the store has {len(store)}; "
-                          f"use --knn {max(1, len(store) - 1)} or less")
+        raise MetricError(
+            f"--knn {k} needs more than {k} items, the store has {len(store)}; "
+            f"use --knn {max(1, len(store) - 1)} or less"
+        )
     graph_dir = io.abspath(out_dir or store.path)
     if not io.isdir(graph_dir):
         raise MetricError(f"graph output folder {graph_dir} does not exist; create it first")

@@ -39,10 +39,17 @@ import logging
 import numpy as np
 import torch
 
-from metric.utils.errors import MetricError
 from metric.retrieval.knn_graph import GRAPH_ROWS, IndexGraph, block_rows, build_index_graph, knn_rows
-from metric.retrieval.search import (as_matrix, check_dims, check_finite, check_topk, deterministic_topk, is_int,
-                                     resolve_backend)
+from metric.retrieval.search import (
+    as_matrix,
+    check_dims,
+    check_finite,
+    check_topk,
+    deterministic_topk,
+    is_int,
+    resolve_backend,
+)
+from metric.utils.errors import MetricError
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +131,12 @@ class _Items:
 
     def __init__(self, query, index, dev):
         self.q_count = query.shape[0]
-        self.y = torch.cat([torch.from_numpy(block_rows(query, 0, query.shape[0])),
-                            torch.from_numpy(block_rows(index, 0, index.shape[0]))]).to(dev)
+        self.y = torch.cat(
+            [
+                torch.from_numpy(block_rows(query, 0, query.shape[0])),
+                torch.from_numpy(block_rows(index, 0, index.shape[0])),
+            ]
+        ).to(dev)
 
     def dots(self, a, b):
         """Inner products of item pairs ``(a[t], b[t])`` (1-D position tensors), chunked."""
@@ -157,7 +168,8 @@ def _graph_all(query, index, graph, width, dev, chunk_size):
         stop = min(n, start + GRAPH_ROWS)
         s, i, m = knn_rows(block_rows(index, start, stop), qb, width, dev)
         s_x[start:stop], knn_x[start:stop] = _merge(
-            [(s, i), (graph.scores[start:stop], graph.neighbours[start:stop] + q_count)], width)
+            [(s, i), (graph.scores[start:stop], graph.neighbours[start:stop] + q_count)], width
+        )
         min_x[start:stop] = np.minimum(m, graph.min_sim[start:stop])
     return np.concatenate([knn_q, knn_x]), np.concatenate([s_q, s_x]), np.concatenate([min_q, min_x])
 
@@ -317,8 +329,18 @@ def _final_topk(items, inv, rows, cols, vals, maxd, lam, k, progress):
     return out_d, out_i
 
 
-def k_reciprocal_rerank(query, index, topk, k1=DEFAULT_K1, k2=DEFAULT_K2, lambda_value=DEFAULT_LAMBDA,
-                        device=None, chunk_size=None, graph=None, progress=False):
+def k_reciprocal_rerank(
+    query,
+    index,
+    topk,
+    k1=DEFAULT_K1,
+    k2=DEFAULT_K2,
+    lambda_value=DEFAULT_LAMBDA,
+    device=None,
+    chunk_size=None,
+    graph=None,
+    progress=False,
+):
     """k-reciprocal re-ranking of ``query`` [Q, D] in ``index`` [N, D] (rows L2-normalized).
 
     Returns ``(scores, indices)`` [Q, min(topk, N)], ordered by the final distance ``d*``
@@ -342,8 +364,10 @@ def k_reciprocal_rerank(query, index, topk, k1=DEFAULT_K1, k2=DEFAULT_K2, lambda
         logger.info("k-reciprocal: building the k-NN graph of %d index items (width %d)", n, width)
         graph = build_index_graph(index, width, device=device, chunk_size=chunk_size, progress=progress)
     elif graph.width < width or len(graph.min_sim) != n:
-        raise MetricError(f"k-reciprocal needs an index graph of {n} rows with at least k1+1 = {width} neighbours, "
-                          f"got {len(graph.min_sim)} rows x {graph.width}")
+        raise MetricError(
+            f"k-reciprocal needs an index graph of {n} rows with at least k1+1 = {width} neighbours, "
+            f"got {len(graph.min_sim)} rows x {graph.width}"
+        )
     else:
         graph = IndexGraph(graph.neighbours[:, :width], graph.scores[:, :width], graph.min_sim)
     knn, knn_s, min_sim = _graph_all(query, index, graph, width, dev, chunk_size)
@@ -357,8 +381,9 @@ def k_reciprocal_rerank(query, index, topk, k1=DEFAULT_K1, k2=DEFAULT_K2, lambda
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=a_count + q_count, desc="k-reciprocal", unit="item", unit_scale=a_count >= 10000,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=a_count + q_count, desc="k-reciprocal", unit="item", unit_scale=a_count >= 10000, dynamic_ncols=True
+        )
     v_idx, v_val = _reciprocal_sets(knn_t, knn_st, maxd, items, k1, bar)
     rows, cols, vals = _expand(knn_t, v_idx, v_val, k2)
     del v_idx, v_val
@@ -366,6 +391,7 @@ def k_reciprocal_rerank(query, index, topk, k1=DEFAULT_K1, k2=DEFAULT_K2, lambda
     final, out_i = _final_topk(items, inv, rows, cols, vals, maxd, float(lambda_value), k, bar)
     if bar is not None:
         bar.close()
-    logger.info("k-reciprocal re-ranking of %d queries in %d items: k1=%d, k2=%d, lambda=%g", q_count, n, k1, k2,
-                lambda_value)
+    logger.info(
+        "k-reciprocal re-ranking of %d queries in %d items: k1=%d, k2=%d, lambda=%g", q_count, n, k1, k2, lambda_value
+    )
     return (1.0 - final).astype(np.float32), out_i

@@ -16,8 +16,6 @@ import logging
 
 import numpy as np
 
-from metric.utils import io
-from metric.utils.errors import MetricError
 from metric.retrieval.groundtruth import (
     labels_for_ids,
     read_glr_solution,
@@ -29,6 +27,8 @@ from metric.retrieval.metrics_labelled import labelled_metrics
 from metric.retrieval.metrics_revisited import PROTOCOLS, rank_index, revisited_map
 from metric.retrieval.results import read_results_csv
 from metric.retrieval.store import load_features
+from metric.utils import io
+from metric.utils.errors import MetricError
 
 __all__ = [
     "check_json_path",
@@ -118,18 +118,13 @@ def evaluate_labelled(query_dir, query_labels_path, index_dir=None, index_labels
                 f"has {index.dim}; extract both with the same model"
             )
         x_labels = labels_for_ids(read_labels(index_labels_path), index.ids, index_labels_path)
-        result = labelled_metrics(
-            np.asarray(query.embeddings), q_labels, np.asarray(index.embeddings), x_labels
-        )
+        result = labelled_metrics(np.asarray(query.embeddings), q_labels, np.asarray(index.embeddings), x_labels)
     if result["skipped"]:
-        logger.warning(
-            "%d queries have no relevant item in the index and were skipped", result["skipped"]
-        )
+        logger.warning("%d queries have no relevant item in the index and were skipped", result["skipped"])
     return {key: result[key] for key in ("recall@1", "recall@5", "recall@10", "mAP@R")}
 
 
-def evaluate(results=None, gt=None, query=None, index=None, query_labels=None,
-             index_labels=None, verify=True):
+def evaluate(results=None, gt=None, query=None, index=None, query_labels=None, index_labels=None, verify=True):
     """Score in the mode the given arguments select; returns ``(mode, metrics)``.
 
     - ``results`` + ``gt`` (solution CSV): mode ``"glr"``;
@@ -139,9 +134,18 @@ def evaluate(results=None, gt=None, query=None, index=None, query_labels=None,
     Any other combination is a :class:`MetricError` that says what to give. ``verify``: check the
     feature stores against their ``meta.json`` when loading them (``--no-verify`` turns it off).
     """
-    given = {name for name, value in (("--results", results), ("--gt", gt), ("--query", query),
-                                      ("--index", index), ("--query-labels", query_labels),
-                                      ("--index-labels", index_labels)) if value is not None}
+    given = {
+        name
+        for name, value in (
+            ("--results", results),
+            ("--gt", gt),
+            ("--query", query),
+            ("--index", index),
+            ("--query-labels", query_labels),
+            ("--index-labels", index_labels),
+        )
+        if value is not None
+    }
 
     def only(allowed, mode):
         extra = sorted(given - set(allowed))
@@ -158,15 +162,12 @@ def evaluate(results=None, gt=None, query=None, index=None, query_labels=None,
         if index is None:
             raise MetricError("revisited Oxford/Paris scoring needs --index, the index feature store")
         if gt.lower().endswith(".csv"):
-            raise MetricError(
-                f"{gt} looks like a GLR solution CSV; score it with --results RESULTS.csv --gt {gt}"
-            )
+            raise MetricError(f"{gt} looks like a GLR solution CSV; score it with --results RESULTS.csv --gt {gt}")
         return "revisited", evaluate_revisited(query, index, gt, verify=verify)
     if query is not None and query_labels is not None:
         if (index is None) != (index_labels is None):
             raise MetricError(
-                "give --index and --index-labels together, or neither (leave-one-out within the "
-                "query set)"
+                "give --index and --index-labels together, or neither (leave-one-out within the query set)"
             )
         return "labelled", evaluate_labelled(query, query_labels, index, index_labels, verify=verify)
     raise MetricError(f"nothing to score with these arguments; {USAGE_HINT}")

@@ -87,10 +87,7 @@ def glr_map_at_k(predictions, solution, k=100, precision_ks=DEFAULT_PRECISION_KS
         "Private": mean_of(split_of_query == 1),
         "All": mean_of(np.ones(len(scored), dtype=bool)),
     }
-    mps = {
-        f"mP@{p}": (float(precisions[:, i].mean()) if len(scored) else None)
-        for i, p in enumerate(precision_ks)
-    }
+    mps = {f"mP@{p}": (float(precisions[:, i].mean()) if len(scored) else None) for i, p in enumerate(precision_ks)}
     logger.info("scored %d GLR queries (%d in the solution)", len(scored), len(solution))
     return {f"mAP@{k}": maps, "mP@k": mps}
 
@@ -107,8 +104,12 @@ def glr_average_precisions(predictions, solution, k=100):
 
 def _with_usage(qid, value):
     """``(ids, usage)`` from a solution value: the pair itself, or a plain id list (usage None)."""
-    if (isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], str)
-            and (value[1] is None or isinstance(value[1], str))):
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and not isinstance(value[0], str)
+        and (value[1] is None or isinstance(value[1], str))
+    ):
         gt, usage = value
         if usage is not None and usage not in USAGE_CHOICES:
             raise ValueError(f"query {qid!r}: usage {usage!r} is not one of {USAGE_CHOICES}")
@@ -137,9 +138,7 @@ def _score_lists(pred_lists, gt_lists, k, precision_ks):
         gt_hash = np.fromiter(map(hash, flat(gt_lists)), dtype=np.int64, count=num_gt)
         pred_hash = np.fromiter(map(hash, flat(pred_lists)), dtype=np.int64, count=num_pred)
         passes = [
-            layout.relevance(
-                (gt_hash >> shift) & layout.id_mask, (pred_hash >> shift) & layout.id_mask
-            )
+            layout.relevance((gt_hash >> shift) & layout.id_mask, (pred_hash >> shift) & layout.id_mask)
             for shift in (0, 64 - layout.id_bits)
         ]
         if np.array_equal(passes[0], passes[1]):
@@ -151,9 +150,7 @@ def _score_lists(pred_lists, gt_lists, k, precision_ks):
         if len(vocab).bit_length() > layout.id_bits:
             raise MetricError(f"too many queries and ids to score at once ({num_q} queries)")
         gt_ids = np.fromiter(map(vocab.__getitem__, flat(gt_lists)), dtype=np.int64, count=num_gt)
-        pred_ids = np.fromiter(
-            map(vocab.get, flat(pred_lists), itertools.repeat(-1)), dtype=np.int64, count=num_pred
-        )
+        pred_ids = np.fromiter(map(vocab.get, flat(pred_lists), itertools.repeat(-1)), dtype=np.int64, count=num_pred)
         # an id outside every ground truth gets a code no ground truth has
         pred_ids[pred_ids < 0] = len(vocab)
         rel = layout.relevance(gt_ids, pred_ids)

@@ -38,6 +38,7 @@ def _as_tensor(x, device=None):
 
 def _label_codes(query_labels, index_labels):
     """Map labels of any type (ints, strings) to int64 codes shared by query and index."""
+
     def to_numpy(labels):
         if isinstance(labels, torch.Tensor):
             return labels.detach().cpu().numpy()
@@ -47,11 +48,10 @@ def _label_codes(query_labels, index_labels):
     x = to_numpy(index_labels).ravel() if index_labels is not None else q[:0]
     _, codes = np.unique(np.concatenate([q, x]), return_inverse=True)
     codes = codes.astype(np.int64).ravel()
-    return codes[: len(q)], codes[len(q):]
+    return codes[: len(q)], codes[len(q) :]
 
 
-def labelled_metrics(query_emb, query_labels, index_emb=None, index_labels=None,
-                     ks=(1, 5, 10), chunk_size=1024):
+def labelled_metrics(query_emb, query_labels, index_emb=None, index_labels=None, ks=(1, 5, 10), chunk_size=1024):
     """recall@k and mAP@R of a labelled query set against a labelled index.
 
     Args:
@@ -88,8 +88,7 @@ def labelled_metrics(query_emb, query_labels, index_emb=None, index_labels=None,
         )
 
     num_q, num_x = query.shape[0], index.shape[0]
-    class_size = np.bincount(x_codes, minlength=int(max(q_codes.max(initial=0),
-                                                        x_codes.max(initial=0))) + 1)
+    class_size = np.bincount(x_codes, minlength=int(max(q_codes.max(initial=0), x_codes.max(initial=0))) + 1)
     num_relevant = class_size[q_codes] - (1 if leave_one_out else 0)
     ks = tuple(int(k) for k in ks)
     kmax = max(ks)
@@ -127,9 +126,7 @@ def labelled_metrics(query_emb, query_labels, index_emb=None, index_labels=None,
     scored = int((num_relevant > 0).sum())
     skipped = num_q - scored
     if scored == 0:
-        raise MetricError(
-            "no query has a relevant item in the index (no shared labels); check the label files"
-        )
+        raise MetricError("no query has a relevant item in the index (no shared labels); check the label files")
     if skipped:
         logger.info("%d of %d queries have no relevant item and were skipped", skipped, num_q)
     out = {f"recall@{k}": float(hits[i] / scored) for i, k in enumerate(ks)}

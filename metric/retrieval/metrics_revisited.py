@@ -33,8 +33,7 @@ PROTOCOLS = ("E", "M", "H")
 
 def protocol_lists(entry, protocol):
     """``(positives, junk)`` int64 arrays of one ground-truth entry under protocol E, M or H."""
-    easy, hard, junk = (np.asarray(entry.get(key, []), dtype=np.int64).ravel()
-                        for key in ("easy", "hard", "junk"))
+    easy, hard, junk = (np.asarray(entry.get(key, []), dtype=np.int64).ravel() for key in ("easy", "hard", "junk"))
     if protocol == "E":
         return easy, np.concatenate([junk, hard])
     if protocol == "M":

@@ -17,7 +17,6 @@ import dataclasses
 import os
 from typing import Optional
 
-from metric.utils.errors import MetricError
 import metric.retrieval.rerank_plan as rerank_plan
 from metric.retrieval.ann import AnnSearchOptions, ann_search, load_ann_index
 from metric.retrieval.rerank import database_augmentation, query_expansion
@@ -25,6 +24,7 @@ from metric.retrieval.rerank_plan import RerankOptions
 from metric.retrieval.results import check_output_file, write_results_csv
 from metric.retrieval.search import BACKENDS, check_chunk_size, check_dims, check_topk, resolve_backend, search
 from metric.retrieval.store import load_features
+from metric.utils.errors import MetricError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +52,9 @@ class SearchOptions:
         if not isinstance(self.rerank, RerankOptions):
             raise TypeError(f"SearchOptions.rerank must be a RerankOptions, got {type(self.rerank).__name__}")
         if self.ann is not None and self.rerank.dba:
-            raise MetricError("--dba changes the index vectors, so it cannot use a saved approximate index; "
-                              "drop --ann or --dba")
+            raise MetricError(
+                "--dba changes the index vectors, so it cannot use a saved approximate index; drop --ann or --dba"
+            )
 
 
 def search_stores(query, index, output, topk=100, scores_path=None, options=None):
@@ -76,13 +77,25 @@ def search_stores(query, index, output, topk=100, scores_path=None, options=None
     istore = load_features(index, mmap=True, verify=options.verify)
     check_dims(qstore.embeddings, istore.embeddings)
     graph = rerank_plan.check_plan(plan, qstore, istore, ann is not None)
-    summary = {"queries": len(qstore), "index": len(istore), "topk": topk, "output": os.path.abspath(output),
-               "rerank": list(plan.steps)}
+    summary = {
+        "queries": len(qstore),
+        "index": len(istore),
+        "topk": topk,
+        "output": os.path.abspath(output),
+        "rerank": list(plan.steps),
+    }
 
     index_emb = istore.embeddings
     if plan.dba:
-        index_emb = database_augmentation(index_emb, plan.dba, plan.dba_alpha, backend=backend, chunk_size=chunk_size,
-                                          device=device, progress=progress)
+        index_emb = database_augmentation(
+            index_emb,
+            plan.dba,
+            plan.dba_alpha,
+            backend=backend,
+            chunk_size=chunk_size,
+            device=device,
+            progress=progress,
+        )
     if ann is not None:
         ann_index, params = load_ann_index(istore, ann.index_type, ann.index_dir)
         summary["ann"] = params["type"]
@@ -90,9 +103,18 @@ def search_stores(query, index, output, topk=100, scores_path=None, options=None
         def run(q, k):
             return ann_search(ann_index, params, q, k, nprobe=ann.nprobe, ef_search=ann.ef_search, progress=progress)
     else:
+
         def run(q, k):
-            return search(q, index_emb, k, backend=backend, chunk_size=chunk_size, device=device,
-                          query_chunk_size=options.query_chunk_size, progress=progress)
+            return search(
+                q,
+                index_emb,
+                k,
+                backend=backend,
+                chunk_size=chunk_size,
+                device=device,
+                query_chunk_size=options.query_chunk_size,
+                progress=progress,
+            )
 
     width = plan.search_width(topk)
     query_emb, scores, indices = qstore.embeddings, None, None
@@ -103,9 +125,19 @@ def search_stores(query, index, output, topk=100, scores_path=None, options=None
         if plan.final != "kreciprocal":
             scores, indices = run(query_emb, width)
     if plan.final:
-        scores, indices = rerank_plan.final_rerank(plan, query_emb, index_emb, scores, indices, topk, graph,
-                                                   backend=backend, device=device, chunk_size=chunk_size,
-                                                   progress=progress)
+        scores, indices = rerank_plan.final_rerank(
+            plan,
+            query_emb,
+            index_emb,
+            scores,
+            indices,
+            topk,
+            graph,
+            backend=backend,
+            device=device,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
     scores, indices = scores[:, :topk], indices[:, :topk]
     write_results_csv(output, qstore.ids, istore.ids, indices, scores=scores, scores_path=scores_path)
     if scores_path is not None:

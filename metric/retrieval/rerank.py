@@ -23,8 +23,8 @@ import logging
 
 import numpy as np
 
-from metric.utils.errors import MetricError
 from metric.retrieval.search import as_matrix, search
+from metric.utils.errors import MetricError
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,9 @@ def database_augmentation(index, k, alpha=3.0, backend="auto", chunk_size=None, 
     n = index.shape[0]
     if n == 0:
         return np.zeros(index.shape, np.float32)
-    scores, indices = search(index, index, min(k + 1, n), backend=backend, chunk_size=chunk_size,
-                             device=device, progress=progress)
+    scores, indices = search(
+        index, index, min(k + 1, n), backend=backend, chunk_size=chunk_size, device=device, progress=progress
+    )
     kk = indices.shape[1] - 1
     is_self = indices == np.arange(n)[:, None]
     is_self[~is_self.any(axis=1), -1] = True  # self pushed out by duplicates: drop the last

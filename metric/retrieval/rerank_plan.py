@@ -15,11 +15,11 @@ L2-normalized, a missing or stale saved k-NN graph with ``--kr-graph saved``).
 import dataclasses
 from typing import Optional
 
-from metric.utils.errors import FeatureStoreError, MetricError
 import metric.retrieval.kreciprocal as kr
 import metric.retrieval.superglobal as sg
 from metric.retrieval.knn_graph import has_index_graph, load_index_graph
 from metric.retrieval.rerank import check_expansion
+from metric.utils.errors import FeatureStoreError, MetricError
 
 RERANKERS = ("dba", "qe", "superglobal", "kreciprocal")
 ORDER = "dba, qe, then superglobal or kreciprocal"
@@ -65,12 +65,15 @@ class RerankOptions:
         if len(set(names)) != len(names):
             raise MetricError(f"--rerank {' '.join(names)} names a re-ranker twice")
         if "superglobal" in names and "kreciprocal" in names:
-            raise MetricError("--rerank superglobal and kreciprocal cannot be combined: each re-scores the final "
-                              "list; choose one")
+            raise MetricError(
+                "--rerank superglobal and kreciprocal cannot be combined: each re-scores the final list; choose one"
+            )
         positions = [RERANKERS.index(n) for n in names]
         if positions != sorted(positions):
-            raise MetricError(f"--rerank {' '.join(names)}: re-rankers run in the order {ORDER}; "
-                              f"write --rerank {' '.join(sorted(names, key=RERANKERS.index))}")
+            raise MetricError(
+                f"--rerank {' '.join(names)}: re-rankers run in the order {ORDER}; "
+                f"write --rerank {' '.join(sorted(names, key=RERANKERS.index))}"
+            )
         for name, k in (("qe", self.qe), ("dba", self.dba)):
             if k and name not in names:
                 names.append(name)
@@ -106,41 +109,60 @@ def check_plan(plan, qstore, istore, ann=False):
     if plan.qe > n:
         raise MetricError(f"--qe {plan.qe} is larger than the index ({n} items); use --qe {max(1, n)} or less")
     if plan.dba and plan.dba >= n:
-        raise MetricError(f"--dba {plan.dba} needs more than {plan.dba} index items, the index has {n}; "
-                          f"use --dba {max(1, n - 1)} or less")
+        raise MetricError(
+            f"--dba {plan.dba} needs more than {plan.dba} index items, the index has {n}; "
+            f"use --dba {max(1, n - 1)} or less"
+        )
     if plan.final == "superglobal":
         sg.check_superglobal_size(plan.sg_m, plan.sg_k, n)
     if plan.final != "kreciprocal":
         return None
     kr.check_kreciprocal_size(plan.kr_k1, n)
     if ann:
-        raise MetricError("k-reciprocal re-ranking needs exact similarities between all query and index items; "
-                          "drop --ann")
+        raise MetricError(
+            "k-reciprocal re-ranking needs exact similarities between all query and index items; drop --ann"
+        )
     for store in (qstore, istore):
         if store.meta.get("normalized") is False:
-            raise FeatureStoreError(f"k-reciprocal re-ranking needs L2-normalized features (its distance is "
-                                    f"2 - 2 x.y), but store {store.path} was imported with --no-normalize; "
-                                    "import it again without it")
+            raise FeatureStoreError(
+                f"k-reciprocal re-ranking needs L2-normalized features (its distance is "
+                f"2 - 2 x.y), but store {store.path} was imported with --no-normalize; "
+                "import it again without it"
+            )
     width = plan.kr_k1 + 1
     if plan.kr_graph == "compute":
         return None
     if plan.dba:
         if plan.kr_graph == "saved":
-            raise MetricError("--kr-graph saved: the saved k-NN graph is of the index store's vectors, not of the "
-                              "DBA-augmented ones; drop --dba or use --kr-graph auto")
+            raise MetricError(
+                "--kr-graph saved: the saved k-NN graph is of the index store's vectors, not of the "
+                "DBA-augmented ones; drop --dba or use --kr-graph auto"
+            )
         return None
     if plan.kr_graph == "saved" or has_index_graph(istore, plan.graph_dir):
         return load_index_graph(istore, width, plan.graph_dir)
     return None
 
 
-def final_rerank(plan, query, index, scores, indices, topk, graph=None, backend="auto", device=None,
-                 chunk_size=None, progress=False):
+def final_rerank(
+    plan, query, index, scores, indices, topk, graph=None, backend="auto", device=None, chunk_size=None, progress=False
+):
     """The final re-scoring of ``plan`` (a :class:`RerankOptions`) of the last search ``(scores,
     indices)``; returns the new pair.
     (k-reciprocal searches with torch on ``device`` by itself; ``backend`` is the search's.)"""
     if plan.final == "superglobal":
-        return sg.superglobal_rerank(query, index, scores, indices, m=plan.sg_m, k=plan.sg_k, beta=plan.sg_beta,
-                                     device=device, progress=progress)
-    return kr.k_reciprocal_rerank(query, index, topk, k1=plan.kr_k1, k2=plan.kr_k2, lambda_value=plan.kr_lambda,
-                                  device=device, chunk_size=chunk_size, graph=graph, progress=progress)
+        return sg.superglobal_rerank(
+            query, index, scores, indices, m=plan.sg_m, k=plan.sg_k, beta=plan.sg_beta, device=device, progress=progress
+        )
+    return kr.k_reciprocal_rerank(
+        query,
+        index,
+        topk,
+        k1=plan.kr_k1,
+        k2=plan.kr_k2,
+        lambda_value=plan.kr_lambda,
+        device=device,
+        chunk_size=chunk_size,
+        graph=graph,
+        progress=progress,
+    )

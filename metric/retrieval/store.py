@@ -174,8 +174,11 @@ def _write_npy_rows(f, count, dim, blocks):
     writes it), then the C-ordered rows of ``blocks`` (a :class:`RowBlocks`, or any iterable of
     float32 blocks). Returns their SHA-256 object."""
     dtype = getattr(blocks, "dtype", "float32")
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-              "shape": (int(count), int(dim))}
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": (int(count), int(dim)),
+    }
     np.lib.format.write_array_header_1_0(f, header)
     digest = hashlib.sha256()
     rows = 0
@@ -391,8 +394,10 @@ def _read_meta(path):
             raise FeatureStoreError(f"{meta_path}: key {key!r} missing or not a count; re-create the store")
     dtype = meta.get("dtype", "float32")
     if dtype not in STORE_DTYPES or (dtype != "float32" and version < 2):
-        raise FeatureStoreError(f"{meta_path}: dtype {dtype!r} is not one of {', '.join(STORE_DTYPES)} for a version "
-                                f"{version} store; re-create the store")
+        raise FeatureStoreError(
+            f"{meta_path}: dtype {dtype!r} is not one of {', '.join(STORE_DTYPES)} for a version "
+            f"{version} store; re-create the store"
+        )
     return meta
 
 
@@ -404,7 +409,9 @@ def _interrupted_hint(path):
         return ""
     aside = sorted(n for n in names if n.startswith(f".{name}{_OLD_TAG}"))
     if aside:
-        return f" (a replace was interrupted: the previous store is at {os.path.join(parent, aside[-1])}; rename it back)"
+        return (
+            f" (a replace was interrupted: the previous store is at {os.path.join(parent, aside[-1])}; rename it back)"
+        )
     return ""
 
 
@@ -480,8 +487,9 @@ def verify_store(store):
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             row = start + int(np.flatnonzero(~finite)[0])
-            raise FeatureStoreError(f"feature store {store.path}: row {row} (id {store.ids[row]!r}) holds NaN or "
-                                    f"infinite values; {fix}")
+            raise FeatureStoreError(
+                f"feature store {store.path}: row {row} (id {store.ids[row]!r}) holds NaN or infinite values; {fix}"
+            )
         if store.meta.get("normalized"):
             norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
             off = np.flatnonzero(np.abs(norms - 1.0) > _VERIFY_NORM_TOL)
@@ -489,12 +497,15 @@ def verify_store(store):
                 row = start + int(off[0])
                 raise FeatureStoreError(
                     f"feature store {store.path}: row {row} (id {store.ids[row]!r}) has norm {norms[off[0]]:.4g} but "
-                    f"the store says its rows are L2-normalized; {fix}")
+                    f"the store says its rows are L2-normalized; {fix}"
+                )
     digest.update("".join(i + "\n" for i in store.ids).encode("utf-8"))
     expected = store.meta.get("digest")
     if expected is not None and digest.hexdigest() != expected:
-        raise FeatureStoreError(f"feature store {store.path}: its embeddings or ids do not match the digest in "
-                                f"{META_FILE} (changed or damaged after writing); {fix}")
+        raise FeatureStoreError(
+            f"feature store {store.path}: its embeddings or ids do not match the digest in "
+            f"{META_FILE} (changed or damaged after writing); {fix}"
+        )
     if key is not None:
         _VERIFIED[key] = expected
     return store
@@ -529,7 +540,7 @@ def _shard_of(store):
     ok = isinstance(shard, dict) and all(isinstance(shard.get(k), int) for k in ("index", "total"))
     if not ok or not 1 <= shard["index"] <= shard["total"]:
         raise FeatureStoreError(
-            f"{store.path}: meta 'shard' must be {{\"index\": k, \"total\": n}} with 1 <= k <= n, got {shard!r}"
+            f'{store.path}: meta \'shard\' must be {{"index": k, "total": n}} with 1 <= k <= n, got {shard!r}'
         )
     return shard["index"], shard["total"]
 
@@ -595,8 +606,10 @@ def merge_stores(paths, out_dir, dtype=None, verify=True):
     dtypes = sorted({s.dtype for s in stores})
     if dtype is None and len(dtypes) > 1:
         listing = ", ".join(f"{s.path} ({s.dtype})" for s in stores)
-        raise FeatureStoreError(f"cannot merge stores of different dtypes without --dtype: {listing}; "
-                                "choose the merged store's with --dtype float32 or --dtype float16")
+        raise FeatureStoreError(
+            f"cannot merge stores of different dtypes without --dtype: {listing}; "
+            "choose the merged store's with --dtype float32 or --dtype float16"
+        )
     dtype = dtype or dtypes[0]
     stores = _order_shards(stores)
     owner = {}
@@ -625,8 +638,7 @@ def merge_stores(paths, out_dir, dtype=None, verify=True):
             meta[key] = value
     meta["failed_images"] = failed
     meta["sources"] = [
-        {"path": s.path, "count": len(s), "digest": s.meta.get("digest"), "shard": s.meta.get("shard")}
-        for s in stores
+        {"path": s.path, "count": len(s), "digest": s.meta.get("digest"), "shard": s.meta.get("shard")} for s in stores
     ]
     dim = stores[0].dim
 
@@ -676,7 +688,8 @@ def import_features(embeddings_path, ids_path, out_dir, normalize=True, meta=Non
     ids = read_ids_file(ids_path)
     if emb.ndim != 2 or emb.shape[0] != len(ids):
         raise FeatureStoreError(
-            f"{embeddings_path} has shape {emb.shape} but {ids_path} has {len(ids)} ids; need [N, D] with N = {len(ids)}"
+            f"{embeddings_path} has shape {emb.shape} but {ids_path} has {len(ids)} ids; "
+            f"need [N, D] with N = {len(ids)}"
         )
     full_meta = {"imported_from": io.abspath(embeddings_path)}
     full_meta.update(meta or {})

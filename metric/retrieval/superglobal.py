@@ -30,8 +30,8 @@ import logging
 import numpy as np
 import torch
 
-from metric.utils.errors import MetricError
 from metric.retrieval.search import as_matrix, deterministic_topk, is_int, resolve_backend
+from metric.utils.errors import MetricError
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,9 @@ def _rows(x, positions):
     return out.reshape(*np.shape(positions), x.shape[1])
 
 
-def superglobal_rerank(query, index, scores, indices, m=DEFAULT_M, k=DEFAULT_K, beta=DEFAULT_BETA, device=None,
-                       progress=False):
+def superglobal_rerank(
+    query, index, scores, indices, m=DEFAULT_M, k=DEFAULT_K, beta=DEFAULT_BETA, device=None, progress=False
+):
     """Re-rank the first ``m`` columns of an initial search of ``query`` [Q, D] in ``index`` [N, D].
 
     ``scores``/``indices`` [Q, T] are the initial results (best first, e.g. from
@@ -125,14 +126,15 @@ def superglobal_rerank(query, index, scores, indices, m=DEFAULT_M, k=DEFAULT_K, 
 
         def refine(v):
             """``v . x~_m`` for all m, from ``v . x_m`` [c, M] (x~ is linear in the candidates)."""
-            return (v + (w * v.gather(1, nbr.reshape(c, mm * k)).view(c, mm, k)).sum(-1)) / norm
+            # used within this iteration only: the loop variables are the ones meant
+            return (v + (w * v.gather(1, nbr.reshape(c, mm * k)).view(c, mm, k)).sum(-1)) / norm  # noqa: B023
 
         # 2. query refined by the element-wise max of its K+1 best refined candidates
         r = refine(torch.einsum("cd,cmd->cm", q, x)).masked_fill(~valid, neg_inf)  # q . x~_m
         top, top_r = deterministic_topk(r, k + 1)  # [c, K+1]
         rows = torch.arange(c, device=dev)[:, None]
         top_nbr = nbr[rows, top]  # [c, K+1, K]
-        sel = (x[rows, top] + torch.einsum("ctk,ctkd->ctd", w[rows, top], x[rows[..., None], top_nbr]))
+        sel = x[rows, top] + torch.einsum("ctk,ctkd->ctd", w[rows, top], x[rows[..., None], top_nbr])
         sel = sel / norm[rows, top][..., None]
         sel = sel.masked_fill(~torch.isfinite(top_r)[..., None], neg_inf)
         q_ref = sel.max(1).values  # [c, D]

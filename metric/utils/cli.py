@@ -68,7 +68,9 @@ def make_parser(description, config=True):
     parser = _ArgumentParser(
         description=description,
         allow_abbrev=False,  # --no-progres is an error, not --no-progress: an option must be spelled out
-        epilog="Config overrides are KEY VALUE pairs, e.g. OPTIM.BASE_LR 0.01 (see docs/CONFIG.md)." if config else None,
+        epilog="Config overrides are KEY VALUE pairs, e.g. OPTIM.BASE_LR 0.01 (see docs/CONFIG.md)."
+        if config
+        else None,
     )
     if config:
         parser.takes_config = True
@@ -79,18 +81,24 @@ def make_parser(description, config=True):
 def add_verify_option(parser):
     """``--no-verify`` for a tool that reads feature stores: ``args.no_verify``; the tool passes
     ``verify=not args.no_verify`` to what loads the stores."""
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip checking stores against their meta.json (digest, finite rows, norms): "
-                             "for trusted stores, saves one read of each")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking stores against their meta.json (digest, finite rows, norms): "
+        "for trusted stores, saves one read of each",
+    )
 
 
 def add_dtype_option(parser, dtypes, default="float32", help_extra=""):
     """``--dtype`` for a tool that writes feature stores; ``dtypes`` are the store precisions
     (:data:`metric.retrieval.store.STORE_DTYPES`, float32 first). The value is not checked here:
     the tool passes it to :func:`metric.retrieval.store.check_dtype`, whose error names them."""
-    parser.add_argument("--dtype", default=default,
-                        help=f"precision of the store written: {' or '.join(dtypes)} (half the disk and page "
-                             "cache; searched exactly, accumulating in float32)" + help_extra)
+    parser.add_argument(
+        "--dtype",
+        default=default,
+        help=f"precision of the store written: {' or '.join(dtypes)} (half the disk and page "
+        "cache; searched exactly, accumulating in float32)" + help_extra,
+    )
 
 
 def one_line(err):
@@ -101,7 +109,7 @@ def one_line(err):
     if text.startswith("Caught ") and "Original Traceback" in text:
         last = text.rstrip().splitlines()[-1]
         name = type(err).__module__ + "." + type(err).__qualname__ + ": "
-        text = last[len(name):] if last.startswith(name) else last
+        text = last[len(name) :] if last.startswith(name) else last
     return text
 
 

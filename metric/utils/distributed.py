@@ -137,13 +137,19 @@ def _join_group(backend, device, rank, world, timeout_s):
     addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
     try:
         with _native_stderr_held():
-            dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s),
-                                    device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(
+                backend=backend,
+                init_method="env://",
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=device if device.type == "cuda" else None,
+            )
     except (RuntimeError, ValueError) as err:  # DistNetworkError, DistStoreError, a missing variable
         text = str(err).lower()
         if "address already in use" in text or "eaddrinuse" in text:
-            raise DistributedError(f"rank {rank}: cannot host the process group at {addr}:{port}: the port is in use "
-                                   "(another run?); choose another PORT (MASTER_PORT under torchrun)") from None
+            raise DistributedError(
+                f"rank {rank}: cannot host the process group at {addr}:{port}: the port is in use "
+                "(another run?); choose another PORT (MASTER_PORT under torchrun)"
+            ) from None
         raise DistributedError(
             f"rank {rank}: cannot join the process group at {addr}:{port} within {timeout_s} s "
             f"({_first_line(err)}); check MASTER_ADDR and MASTER_PORT (HOST and PORT when NUM_GPUS spawns the "
@@ -153,8 +159,15 @@ def _join_group(backend, device, rank, world, timeout_s):
 
 
 _TIMEOUT_MARKS = ("timed out", "timeout")
-_LOST_MARKS = ("connection closed", "connection reset", "closed by peer", "broken pipe", "connection refused",
-               "socket closed", "end of file")
+_LOST_MARKS = (
+    "connection closed",
+    "connection reset",
+    "closed by peer",
+    "broken pipe",
+    "connection refused",
+    "socket closed",
+    "end of file",
+)
 
 
 def peer_failure(err):
@@ -373,6 +386,7 @@ def _spawned_worker(local_rank, fn, cfg, world, error_dir, parent_pid):
 def _child_error(error_dir, err):
     """The error to raise for spawned process ``err.error_index`` that ended badly: its own
     (its class and one line) when it left one, else how it ended plus another process's line."""
+
     def read(rank):
         try:
             with open(_error_file(error_dir, rank), encoding="utf-8") as f:
@@ -385,10 +399,13 @@ def _child_error(error_dir, err):
         cls = getattr(errors, own.get("type", ""), None)
         cls = cls if isinstance(cls, type) and issubclass(cls, MetricError) else MetricError
         return cls(own["message"])
-    how = (f"was killed by signal {err.signal_name}" if getattr(err, "signal_name", None)
-           else f"exited with status {err.exit_code}")
+    how = (
+        f"was killed by signal {err.signal_name}"
+        if getattr(err, "signal_name", None)
+        else f"exited with status {err.exit_code}"
+    )
     others = sorted(n for n in os.listdir(error_dir) if n.endswith(".json"))
-    other = read(int(others[0][len("rank"):-len(".json")])) if others else None
+    other = read(int(others[0][len("rank") : -len(".json")])) if others else None
     tail = f"; then {other['message']}" if other else ""
     return DistributedError(f"training process {err.error_index} {how} without an error message{tail}")
 
@@ -428,8 +445,9 @@ def launch(fn, cfg):
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     level = spawn_log.level
     try:
-        context = mp.start_processes(_spawned_worker, args=(fn, cfg, n, error_dir, os.getpid()), nprocs=n,
-                                     join=False, start_method="spawn")
+        context = mp.start_processes(
+            _spawned_worker, args=(fn, cfg, n, error_dir, os.getpid()), nprocs=n, join=False, start_method="spawn"
+        )
         spawn_log.setLevel(logging.ERROR)  # its "Terminating process N via signal SIGTERM" lines
         _wait_for(context)
     except mp.ProcessExitedException as err:
@@ -441,6 +459,7 @@ def launch(fn, cfg):
 
 
 # --- collectives (no-ops in a single process) ---------------------------------
+
 
 def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -503,6 +522,7 @@ def barrier():
 
 
 # --- model-parallel collectives (the Partial FC classifier) -----------------------------------
+
 
 def rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

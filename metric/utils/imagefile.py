@@ -39,8 +39,9 @@ def load_image(path, max_pixels=DEFAULT_MAX_PIXELS):
         return None, "is an empty file"
     size = header_size(data)
     if size is not None and max_pixels and size[0] * size[1] > max_pixels:
-        return None, (f"is {size[0]} x {size[1]} pixels, above the limit of {max_pixels} "
-                      "(DATA_LOADER.MAX_IMAGE_PIXELS)")
+        return None, (
+            f"is {size[0]} x {size[1]} pixels, above the limit of {max_pixels} (DATA_LOADER.MAX_IMAGE_PIXELS)"
+        )
     with native_stderr.captured() as said:
         im = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if im is None:
@@ -68,6 +69,7 @@ def file_header_size(path):
     when it cannot be read)."""
     try:
         with open(path, "rb") as f:
+
             def get(offset, n):
                 f.seek(offset)
                 return f.read(n)

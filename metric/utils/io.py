@@ -113,8 +113,10 @@ def _utf8_lines(f, path, error, what):
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             column = len(raw[: err.start].decode("utf-8", "replace")) + 1
-            raise error(f"{path}:{lineno}: {what} is not UTF-8 text ({err.reason}: byte 0x{raw[err.start]:02x} at "
-                        f"column {column}); save it as UTF-8") from None
+            raise error(
+                f"{path}:{lineno}: {what} is not UTF-8 text ({err.reason}: byte 0x{raw[err.start]:02x} at "
+                f"column {column}); save it as UTF-8"
+            ) from None
         yield line[1:] if lineno == 1 and line.startswith("\ufeff") else line
 
 
@@ -288,6 +290,7 @@ def check_distinct_paths(outputs, inputs=(), stores=()):
     Each of ``outputs``, ``inputs`` and ``stores`` is a sequence of ``(name, path)`` where
     ``name`` is how the user gave it (``--scores``, ``INFER.OUTPUT``); an empty or ``None`` path
     is skipped."""
+
     def label(name, path):
         return name if name == path else f"{name} {path}"
 
@@ -300,14 +303,19 @@ def check_distinct_paths(outputs, inputs=(), stores=()):
                 raise OutputError(f"{other} and {name} are the same file {key}; give each output its own path")
         for in_name, in_path, in_key, store in reads:
             if key == in_key:
-                raise OutputError(f"{label(name, path)} is also the input {in_name}: it would be overwritten; "
-                                  f"choose another {name}")
+                raise OutputError(
+                    f"{label(name, path)} is also the input {in_name}: it would be overwritten; choose another {name}"
+                )
             if store and _inside(key, in_key):
-                raise OutputError(f"{label(name, path)} is inside the input {label(in_name, in_path)}, a feature "
-                                  "store (replaced as a whole); write it outside that folder")
+                raise OutputError(
+                    f"{label(name, path)} is inside the input {label(in_name, in_path)}, a feature "
+                    "store (replaced as a whole); write it outside that folder"
+                )
             if _inside(in_key, key):
-                raise OutputError(f"the input {label(in_name, in_path)} is inside the output {label(name, path)}, "
-                                  f"which is replaced as a whole; choose another {name}")
+                raise OutputError(
+                    f"the input {label(in_name, in_path)} is inside the output {label(name, path)}, "
+                    f"which is replaced as a whole; choose another {name}"
+                )
 
 
 # ----------------------------------------------------------------------------- temporaries
@@ -400,8 +408,12 @@ def clean_stale_temps(folder, name=None):
             continue
         removed.append(path)
     if removed:
-        logger.info("removed %d stale temporary file(s) of interrupted writes in %s: %s", len(removed), folder,
-                    ", ".join(os.path.basename(p) for p in removed))
+        logger.info(
+            "removed %d stale temporary file(s) of interrupted writes in %s: %s",
+            len(removed),
+            folder,
+            ", ".join(os.path.basename(p) for p in removed),
+        )
     return removed
 
 
@@ -488,8 +500,11 @@ def atomic_write(path, mode="wb", encoding=None, newline=None, what="output"):
             with contextlib.suppress(Exception):
                 f.close()
         _remove_quietly(tmp, local)
-        mapped = _as_output_error(exc, path, (path, tmp, os.path.dirname(path)), what) \
-            if isinstance(exc, Exception) else None
+        mapped = (
+            _as_output_error(exc, path, (path, tmp, os.path.dirname(path)), what)
+            if isinstance(exc, Exception)
+            else None
+        )
         if mapped is None:
             raise
         raise mapped from None
@@ -527,8 +542,11 @@ def atomic_local_path(path, what="output"):
     except BaseException as exc:
         if remote_tmp is not None:
             _remove_quietly(remote_tmp, False)
-        mapped = _as_output_error(exc, path, (path, tmp, os.path.dirname(path)), what) \
-            if isinstance(exc, Exception) else None
+        mapped = (
+            _as_output_error(exc, path, (path, tmp, os.path.dirname(path)), what)
+            if isinstance(exc, Exception)
+            else None
+        )
         if mapped is None:
             raise
         raise mapped from None
@@ -636,8 +654,11 @@ def atomic_folder(path, what="output folder"):
     except BaseException as exc:
         if created:
             _remove_quietly(tmp, local)
-        mapped = _as_output_error(exc, path, (path, tmp, os.path.dirname(path)), what, inside=(tmp,)) \
-            if isinstance(exc, Exception) else None
+        mapped = (
+            _as_output_error(exc, path, (path, tmp, os.path.dirname(path)), what, inside=(tmp,))
+            if isinstance(exc, Exception)
+            else None
+        )
         if mapped is None:
             raise
         raise mapped from None

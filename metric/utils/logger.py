@@ -127,7 +127,10 @@ class StatsWriter:
                 if dropped:
                     logger.info(
                         "%s: dropped %d records of epochs from %d on (an earlier run stopped before its checkpoint)",
-                        self.path, dropped, epoch)
+                        self.path,
+                        dropped,
+                        epoch,
+                    )
         record = {"_type": kind, **_clean(stats)}
         line = simplejson.dumps(record, sort_keys=False) + "\n"
         with io.write_errors(self.path, "stats file"), io.open_path(self.path, "a") as f:
@@ -148,8 +151,11 @@ class StatsWriter:
         with io.open_path(self.path, "r") as f:
             text = f.read()
         records = _parse_stats(text, self.path)
-        keep = [r for r in records if (keep_final or r.get("_type") != "final")
-                and (r.get("epoch") is None or r["epoch"] <= epochs_done)]
+        keep = [
+            r
+            for r in records
+            if (keep_final or r.get("_type") != "final") and (r.get("epoch") is None or r["epoch"] <= epochs_done)
+        ]
         if len(keep) != len(records) or (text and not text.endswith("\n")):  # or a half-written last line
             text = "".join(simplejson.dumps(r, sort_keys=False) + "\n" for r in keep)
             io.write_text_atomic(self.path, text, what="stats file")

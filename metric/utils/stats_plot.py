@@ -20,8 +20,12 @@ from metric.utils.logger import StatsWriter, read_stats
 logger = logging.getLogger(__name__)
 
 X_CHOICES = ("epoch", "iteration")
-PANELS = (("loss", "training loss"), ("lr", "learning rate"), ("recall@1", "recall@1 (eval)"),
-          ("mAP@R", "mAP@R (eval)"))
+PANELS = (
+    ("loss", "training loss"),
+    ("lr", "learning rate"),
+    ("recall@1", "recall@1 (eval)"),
+    ("mAP@R", "mAP@R (eval)"),
+)
 
 
 def _number(v):

@@ -9,11 +9,11 @@ evaluation; the best checkpoint follows the evaluation; TensorBoard views the re
 from metric.engine.hooks.base import HookBase  # noqa: F401
 from metric.engine.hooks.best import BestCheckpointHook
 from metric.engine.hooks.checkpoint import PeriodicCheckpoint
+from metric.engine.hooks.class_sampling import PartialFCSampling
 from metric.engine.hooks.ema import EmaHook
 from metric.engine.hooks.evaluation import Evaluation
 from metric.engine.hooks.freeze import FreezeBackbone
 from metric.engine.hooks.margin_schedule import MarginSchedule
-from metric.engine.hooks.class_sampling import PartialFCSampling
 from metric.engine.hooks.tensorboard import TensorBoard
 
 HOOKS = (

@@ -22,10 +22,20 @@ def evaluate(trainer, epoch=None):
     follows (None: outside the schedule, no hooks are called)."""
     cfg, info = trainer.cfg, trainer.info
     use_ema = trainer.ema is not None and cfg.TEST.WEIGHTS_KIND != "raw"
-    predictor = Predictor.from_cfg(cfg, model=trainer.ema.module if use_ema else trainer.model,
-                                   device=trainer.device, channels_last=trainer.channels_last)
-    metrics = evaluate_retrieval(predictor, trainer.test_items, cfg.TEST.BATCH_SIZE // info.world_size,
-                                 cfg.DATA_LOADER.NUM_WORKERS, info.rank, info.world_size)
+    predictor = Predictor.from_cfg(
+        cfg,
+        model=trainer.ema.module if use_ema else trainer.model,
+        device=trainer.device,
+        channels_last=trainer.channels_last,
+    )
+    metrics = evaluate_retrieval(
+        predictor,
+        trainer.test_items,
+        cfg.TEST.BATCH_SIZE // info.world_size,
+        cfg.DATA_LOADER.NUM_WORKERS,
+        info.rank,
+        info.world_size,
+    )
     if epoch is not None:
         trainer.call_hooks("after_eval", epoch, metrics)  # before the stats record (see above)
     if metrics is not None:
@@ -46,8 +56,9 @@ class Evaluation(HookBase):
 
     def before_train(self):
         if self._missing():
-            logger.info("the evaluation after epoch %d is missing (stopped before it ran): running it",
-                        self.trainer.start_epoch)
+            logger.info(
+                "the evaluation after epoch %d is missing (stopped before it ran): running it", self.trainer.start_epoch
+            )
             self.trainer.evaluate(self.trainer.start_epoch - 1)
 
     def after_epoch(self, epoch):

@@ -38,7 +38,11 @@ class FreezeBackbone(HookBase):
             p.requires_grad_(not frozen)
         changed, self.frozen = self.frozen is not None, frozen
         if frozen or changed:
-            logger.info("epoch %d: backbone %s (TRAIN.FREEZE_BACKBONE_EPOCHS %d)", epoch + 1,
-                        "frozen" if frozen else "trains from now on", self.epochs)
+            logger.info(
+                "epoch %d: backbone %s (TRAIN.FREEZE_BACKBONE_EPOCHS %d)",
+                epoch + 1,
+                "frozen" if frozen else "trains from now on",
+                self.epochs,
+            )
         if changed and self.trainer.info.distributed:
             self.trainer.model = self.trainer.wrap_ddp(model)

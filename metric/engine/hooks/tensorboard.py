@@ -11,8 +11,9 @@ from metric.engine.tb_writer import build_training_board
 class TensorBoard(HookBase):
     def __init__(self, trainer):
         super().__init__(trainer)
-        self.board = trainer.tb = build_training_board(trainer.cfg, trainer.info.is_master,
-                                                       trainer.start_epoch * trainer.iters_per_epoch)
+        self.board = trainer.tb = build_training_board(
+            trainer.cfg, trainer.info.is_master, trainer.start_epoch * trainer.iters_per_epoch
+        )
 
     def before_step(self, iteration, batches):
         images, labels = batches[0][0], batches[0][1]

@@ -37,13 +37,13 @@ class SplitAttentionConv(nn.Module):
     Keys: ``conv`` (3x3, ``groups = cardinality * radix``), ``bn0``, ``fc1``, ``bn1``, ``fc2``.
     """
 
-    def __init__(self, w_in, channels, stride=1, radix=2, cardinality=1, reduction=4, min_inter=32,
-                 eps=1e-5, mom=0.1):
+    def __init__(self, w_in, channels, stride=1, radix=2, cardinality=1, reduction=4, min_inter=32, eps=1e-5, mom=0.1):
         super().__init__()
         self.radix, self.cardinality = radix, cardinality
         inter = max(w_in * radix // reduction, min_inter)
-        self.conv = nn.Conv2d(w_in, channels * radix, 3, stride=stride, padding=1, groups=cardinality * radix,
-                              bias=False)
+        self.conv = nn.Conv2d(
+            w_in, channels * radix, 3, stride=stride, padding=1, groups=cardinality * radix, bias=False
+        )
         self.bn0 = _bn(channels * radix, eps, mom)
         self.relu = nn.ReLU(inplace=True)
         self.fc1 = nn.Conv2d(channels, inter, 1, groups=cardinality)
@@ -76,8 +76,19 @@ class SplitAttentionBottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, w_in, planes, stride=1, radix=2, cardinality=1, bottleneck_width=64, avd=True,
-                 avd_first=False, eps=1e-5, mom=0.1):
+    def __init__(
+        self,
+        w_in,
+        planes,
+        stride=1,
+        radix=2,
+        cardinality=1,
+        bottleneck_width=64,
+        avd=True,
+        avd_first=False,
+        eps=1e-5,
+        mom=0.1,
+    ):
         super().__init__()
         w_b = int(planes * (bottleneck_width / 64.0)) * cardinality
         w_out = planes * self.expansion
@@ -117,8 +128,19 @@ class SplitAttentionBottleneck(nn.Module):
 class ResNeSt(nn.Module):
     """ResNeSt trunk (deep stem, four stages of split-attention bottlenecks), no classifier."""
 
-    def __init__(self, depth=50, stem_width=None, radix=2, cardinality=1, bottleneck_width=64, avd=True,
-                 avd_first=False, bn_eps=1e-5, bn_mom=0.1, zero_init_final_gamma=False):
+    def __init__(
+        self,
+        depth=50,
+        stem_width=None,
+        radix=2,
+        cardinality=1,
+        bottleneck_width=64,
+        avd=True,
+        avd_first=False,
+        bn_eps=1e-5,
+        bn_mom=0.1,
+        zero_init_final_gamma=False,
+    ):
         super().__init__()
         if depth not in STAGE_DEPTHS:
             raise ValueError(f"ResNeSt depth {depth} not in {sorted(STAGE_DEPTHS)}")
@@ -141,10 +163,20 @@ class ResNeSt(nn.Module):
             planes, stride = 64 * 2**i, 1 if i == 0 else 2
             blocks = []
             for j in range(n):
-                blocks.append(SplitAttentionBottleneck(
-                    w_in, planes, stride if j == 0 else 1, radix, cardinality, bottleneck_width, avd, avd_first,
-                    eps=eps, mom=mom,
-                ))
+                blocks.append(
+                    SplitAttentionBottleneck(
+                        w_in,
+                        planes,
+                        stride if j == 0 else 1,
+                        radix,
+                        cardinality,
+                        bottleneck_width,
+                        avd,
+                        avd_first,
+                        eps=eps,
+                        mom=mom,
+                    )
+                )
                 w_in = planes * SplitAttentionBottleneck.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.out_channels = w_in

@@ -144,7 +144,9 @@ class ResNet(nn.Module):
         self.stem = ResStem(stem_width, bn_eps, bn_mom)
         w_in = stem_width
         for i, (d, w_out) in enumerate(zip(STAGE_DEPTHS[depth], widths)):
-            stage = ResStage(w_in, w_out, 1 if i == 0 else 2, d, trans, w_b * 2**i, num_groups, stride_1x1, bn_eps, bn_mom)
+            stage = ResStage(
+                w_in, w_out, 1 if i == 0 else 2, d, trans, w_b * 2**i, num_groups, stride_1x1, bn_eps, bn_mom
+            )
             self.add_module(f"s{i + 1}", stage)
             w_in = w_out
         self.out_channels = w_in

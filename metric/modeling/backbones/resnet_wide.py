@@ -21,8 +21,13 @@ from metric.modeling.registry import BACKBONES
 
 STAGE_DEPTHS = {50: (3, 4, 6, 3), 152: (3, 8, 36, 3)}
 # The registered names: depth and width multiplier (those of the original project).
-WIDE_RESNETS = {"resnet50x1": (50, 1), "resnet50x2": (50, 2), "resnet50x4": (50, 4),
-                "resnet152x1": (152, 1), "resnet152x2": (152, 2)}
+WIDE_RESNETS = {
+    "resnet50x1": (50, 1),
+    "resnet50x2": (50, 2),
+    "resnet50x4": (50, 4),
+    "resnet152x1": (152, 1),
+    "resnet152x2": (152, 2),
+}
 
 
 class Bottleneck(nn.Module):
@@ -57,8 +62,16 @@ class WideResNet(nn.Module):
     """``forward`` returns the last feature map ``[N, 2048 k, H/32, W/32]`` (``out_channels``);
     ``forward_stages`` the stage-3 and stage-4 maps (``stage_channels``), e.g. for DOLG."""
 
-    def __init__(self, depth=50, width_mult=1, stem_width=64, width_per_group=64, bn_eps=1e-5, bn_mom=0.1,
-                 zero_init_final_gamma=False):
+    def __init__(
+        self,
+        depth=50,
+        width_mult=1,
+        stem_width=64,
+        width_per_group=64,
+        bn_eps=1e-5,
+        bn_mom=0.1,
+        zero_init_final_gamma=False,
+    ):
         super().__init__()
         if depth not in STAGE_DEPTHS:
             raise ValueError(f"wide ResNet depth {depth} not in {sorted(STAGE_DEPTHS)}")
@@ -74,8 +87,10 @@ class WideResNet(nn.Module):
         w_in, outs = w_stem, []
         for i, n in enumerate(STAGE_DEPTHS[depth]):
             w_b, w_out = width_per_group * k * 2**i, 4 * stem_width * k * 2**i
-            blocks = [Bottleneck(w_in if j == 0 else w_out, w_b, w_out, 2 if (i > 0 and j == 0) else 1, bn_eps, bn_mom)
-                      for j in range(n)]
+            blocks = [
+                Bottleneck(w_in if j == 0 else w_out, w_b, w_out, 2 if (i > 0 and j == 0) else 1, bn_eps, bn_mom)
+                for j in range(n)
+            ]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             w_in = w_out
             outs.append(w_out)
@@ -104,9 +119,15 @@ def _builder(name):
     depth, k = WIDE_RESNETS[name]
 
     def build(cfg):  # RESNET.STEM_WIDTH / WIDTH_PER_GROUP and BN.* apply
-        return WideResNet(depth=depth, width_mult=k, stem_width=cfg.RESNET.STEM_WIDTH,
-                          width_per_group=cfg.RESNET.WIDTH_PER_GROUP, bn_eps=cfg.BN.EPS, bn_mom=cfg.BN.MOM,
-                          zero_init_final_gamma=cfg.BN.ZERO_INIT_FINAL_GAMMA)
+        return WideResNet(
+            depth=depth,
+            width_mult=k,
+            stem_width=cfg.RESNET.STEM_WIDTH,
+            width_per_group=cfg.RESNET.WIDTH_PER_GROUP,
+            bn_eps=cfg.BN.EPS,
+            bn_mom=cfg.BN.MOM,
+            zero_init_final_gamma=cfg.BN.ZERO_INIT_FINAL_GAMMA,
+        )
 
     build.__name__ = f"build_{name}"
     return build

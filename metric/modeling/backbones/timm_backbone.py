@@ -20,8 +20,8 @@ import math
 
 import torch.nn as nn
 
-from metric.utils.errors import ConfigError
 from metric.modeling.registry import BACKBONES
+from metric.utils.errors import ConfigError
 
 
 def import_timm():
@@ -76,7 +76,7 @@ class TimmBackbone(nn.Module):
             nhwc = self.nhwc or (y.shape[1] != self.out_channels and y.shape[3] == self.out_channels)
             return y.permute(0, 3, 1, 2).contiguous() if nhwc else y
         if y.dim() == 3:  # tokens [N, L, C] -> [N, C, h, w] on the patch grid
-            y = y[:, self.num_prefix_tokens:]
+            y = y[:, self.num_prefix_tokens :]
             h, w = self._grid(x.shape[-2:], y.shape[1])
             return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
         raise ValueError(f"timm model {self.name} returned features of shape {tuple(y.shape)}; expected 3 or 4 dims")

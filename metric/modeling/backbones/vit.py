@@ -14,7 +14,8 @@ checkpoints and CLIP / OpenCLIP image-encoder weights load by name (``backbone.`
 (``image_size // patch_size`` squared, plus the class token). For another grid (multi-scale
 extraction, non-square images) its patch part is resampled bicubically over the grid (PyTorch's
 ``bicubic``, ``align_corners=False``, no antialiasing: OpenCLIP's ``resize_pos_embed(...,
-antialias=False)``), the class token's entry kept; :meth:`adapt_state_dict` does the same to weights made at another size when they are loaded.
+antialias=False)``), the class token's entry kept; :meth:`adapt_state_dict` does the same to weights made at
+another size when they are loaded.
 A side that is not a multiple of the patch size is resized (bilinear) up to the next multiple
 before the patch convolution, so nothing of the image is cropped; the config requires
 ``TRAIN.IM_SIZE`` and ``TEST.IM_SIZE`` to be multiples, so this happens only to the shorter side
@@ -38,8 +39,9 @@ HEAD_WIDTH = 64  # channels per attention head: heads = width / 64, as in CLIP
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, image_size=224, patch_size=32, width=768, layers=12, emb_dim=512, heads=None,
-                 grad_checkpointing=False):
+    def __init__(
+        self, image_size=224, patch_size=32, width=768, layers=12, emb_dim=512, heads=None, grad_checkpointing=False
+    ):
         super().__init__()
         # The config check (metric/config/check.py) reports these for MODEL.* / TRAIN.IM_SIZE first.
         if heads is None:
@@ -51,7 +53,7 @@ class VisionTransformer(nn.Module):
         self.patch_size, self.width, self.layers, self.heads = patch_size, width, layers, heads
         self.grid = (image_size // patch_size, image_size // patch_size)
         self.out_channels = emb_dim
-        scale = width ** -0.5
+        scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid[0] * self.grid[1] + 1, width))
@@ -137,8 +139,13 @@ class VisionTransformer(nn.Module):
         if side * side != pe.shape[0] - 1:
             return state  # not a square grid plus a class token: reported as a shape mismatch
         resized = torch.cat([pe[:1], resample_grid(pe[1:].float(), (side, side), self.grid)]).to(pe.dtype)
-        logger.info("%s: positional embedding of a %dx%d patch grid resampled (bicubic) to this model's %dx%d",
-                    source, side, side, *self.grid)
+        logger.info(
+            "%s: positional embedding of a %dx%d patch grid resampled (bicubic) to this model's %dx%d",
+            source,
+            side,
+            side,
+            *self.grid,
+        )
         return {**state, key: resized}
 
 
@@ -153,10 +160,12 @@ def build_vit(cfg):
     """CLIP's ViT from ``MODEL.WIDTH``, ``LAYERS``, ``PATCH_SIZE``, ``EMB_DIM`` at ``TRAIN.IM_SIZE``."""
     m = cfg.MODEL
     if cfg.TRAIN.CHANNELS_LAST:
-        logger.info("TRAIN.CHANNELS_LAST has no effect on MODEL.TYPE vit (one patch convolution, then matrix "
-                    "products): ignored")
-    return VisionTransformer(cfg.TRAIN.IM_SIZE, m.PATCH_SIZE, m.WIDTH, m.LAYERS, m.EMB_DIM,
-                             grad_checkpointing=m.VIT.GRAD_CHECKPOINT)
+        logger.info(
+            "TRAIN.CHANNELS_LAST has no effect on MODEL.TYPE vit (one patch convolution, then matrix products): ignored"
+        )
+    return VisionTransformer(
+        cfg.TRAIN.IM_SIZE, m.PATCH_SIZE, m.WIDTH, m.LAYERS, m.EMB_DIM, grad_checkpointing=m.VIT.GRAD_CHECKPOINT
+    )
 
 
 BACKBONES.register("vit")(build_vit)

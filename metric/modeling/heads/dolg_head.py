@@ -16,19 +16,32 @@ from ``backbone.forward_stages``). State-dict keys, and the authors' names they 
 import torch
 import torch.nn as nn
 
-from metric.utils.errors import ConfigError
 from metric.modeling.heads.linear_head import MarginHead, margin_layer_from_config
 from metric.modeling.layers.dolg import LocalBranch, orthogonal_fusion
 from metric.modeling.layers.pooling import GeM
 from metric.modeling.registry import HEADS
+from metric.utils.errors import ConfigError
 
 
 @HEADS.register("DOLGHead")
 class DOLGHead(MarginHead):
     uses_stages = True  # called with (stage-3 map, stage-4 map)
 
-    def __init__(self, s3_dim, s4_dim, embedding_dim, num_classes, classifier, multi_atrous=False,
-                 gem_p=3.0, learn_p=True, bn_neck=False, dropout=0.0, bn_eps=1e-5, bn_mom=0.1):
+    def __init__(
+        self,
+        s3_dim,
+        s4_dim,
+        embedding_dim,
+        num_classes,
+        classifier,
+        multi_atrous=False,
+        gem_p=3.0,
+        learn_p=True,
+        bn_neck=False,
+        dropout=0.0,
+        bn_eps=1e-5,
+        bn_mom=0.1,
+    ):
         """``classifier`` is a built margin layer (see :meth:`from_config`)."""
         super().__init__()
         self.pool_layer = GeM(p=gem_p, learn_p=learn_p)
@@ -62,11 +75,24 @@ class DOLGHead(MarginHead):
                     f"{want} channels; set MODEL.DOLG.{key} {want} (or 0 to take it from the backbone)"
                 )
         h = cfg.MODEL.HEADS
-        return cls(s3, s4, h.REDUCTION_DIM, h.NUM_CLASSES, margin_layer_from_config(cfg), multi_atrous=cfg.MODEL.DOLG.MULTI_ATROUS,
-                   gem_p=h.GEM_P, learn_p=h.GEM_LEARN_P, bn_neck=h.BN_NECK, dropout=h.DROPOUT,
-                   bn_eps=cfg.BN.EPS, bn_mom=cfg.BN.MOM)
+        return cls(
+            s3,
+            s4,
+            h.REDUCTION_DIM,
+            h.NUM_CLASSES,
+            margin_layer_from_config(cfg),
+            multi_atrous=cfg.MODEL.DOLG.MULTI_ATROUS,
+            gem_p=h.GEM_P,
+            learn_p=h.GEM_LEARN_P,
+            bn_neck=h.BN_NECK,
+            dropout=h.DROPOUT,
+            bn_eps=cfg.BN.EPS,
+            bn_mom=cfg.BN.MOM,
+        )
 
 
 def _backbone_name(cfg):
     t = cfg.MODEL.TYPE
-    return f"timm {cfg.MODEL.TIMM.NAME}" if t == "timm" else f"{t}-{cfg.MODEL.DEPTH}" if t in ("resnet", "resnest") else t
+    return (
+        f"timm {cfg.MODEL.TIMM.NAME}" if t == "timm" else f"{t}-{cfg.MODEL.DEPTH}" if t in ("resnet", "resnest") else t
+    )

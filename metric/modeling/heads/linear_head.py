@@ -8,9 +8,9 @@ CurricularFace, ``classifier.scale`` for AdaCos); an attention block
 
 import torch.nn as nn
 
-from metric.utils import distributed as du
 from metric.modeling.layers.partial_fc import shard_of
 from metric.modeling.registry import ATTENTIONS, HEADS, MARGIN_LAYERS, POOL_LAYERS
+from metric.utils import distributed as du
 
 
 class MarginHead(nn.Module):
@@ -86,6 +86,13 @@ def margin_layer_from_config(cfg):
     if h.PARTIAL_FC.ENABLED:
         shard, init_seed = shard_of(h.NUM_CLASSES, du.world_size(), du.rank()), cfg.RNG_SEED
     return MARGIN_LAYERS.get(h.CLS_LAYER)(
-        h.REDUCTION_DIM, h.NUM_CLASSES, scale=h.SCALE, margin=h.MARGIN, easy_margin=h.EASY_MARGIN,
-        subcenters=h.SUBCENTERS, adaptive=h.ADACOS_MODE == "adaptive", shard=shard, init_seed=init_seed,
+        h.REDUCTION_DIM,
+        h.NUM_CLASSES,
+        scale=h.SCALE,
+        margin=h.MARGIN,
+        easy_margin=h.EASY_MARGIN,
+        subcenters=h.SUBCENTERS,
+        adaptive=h.ADACOS_MODE == "adaptive",
+        shard=shard,
+        init_seed=init_seed,
     )

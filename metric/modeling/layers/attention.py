@@ -68,8 +68,9 @@ class SecondOrderAttention(nn.Module):
             raise ValueError(f"second-order attention needs at least 2 channels, got {in_channels}")
 
         def branch():
-            return nn.Sequential(nn.Conv2d(in_channels, mid, 1), nn.BatchNorm2d(mid, eps=bn_eps, momentum=bn_mom),
-                                 nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(in_channels, mid, 1), nn.BatchNorm2d(mid, eps=bn_eps, momentum=bn_mom), nn.ReLU()
+            )
 
         self.f, self.g = branch(), branch()
         self.h = nn.Conv2d(in_channels, mid, 1)

@@ -44,7 +44,8 @@ def _seeded_rows(rows, cols, seed, std, dtype=torch.float32):
 
 class ClassWeights(nn.Module):
     """The class-weight matrix every classifier layer here builds on (the margin layers, AdaCos,
-    the plain linear classifier): ``weight`` [num_classes * centers, D]; rows ``c * centers ... c * centers + centers - 1``
+    the plain linear classifier): ``weight`` [num_classes * centers, D]; rows ``c * centers ... c * centers +
+    centers - 1``
     belong to class ``c``. With ``shard=(start, stop)`` only classes ``start .. stop - 1`` are
     held (row ``(c - start) * centers + k`` is centre k of class c). ``init_seed``: draw the rows
     from per-block generators (:func:`_seeded_rows`), so a shard gets the same rows whatever the
@@ -211,8 +212,18 @@ class ArcFace(_Margin):
     applied only where ``cos > 0``.
     """
 
-    def __init__(self, in_features, num_classes, scale=30.0, margin=0.5, easy_margin=False, centers=1,
-                 shard=None, init_seed=None, **unused):
+    def __init__(
+        self,
+        in_features,
+        num_classes,
+        scale=30.0,
+        margin=0.5,
+        easy_margin=False,
+        centers=1,
+        shard=None,
+        init_seed=None,
+        **unused,
+    ):
         super().__init__(in_features, num_classes, margin, centers, shard=shard, init_seed=init_seed)
         self.scale, self.easy_margin = scale, easy_margin
 
@@ -229,12 +240,23 @@ class SubCenterArcFace(ArcFace):
     largest of its K center cosines, then ArcFace's margin. ``weight`` is [C * K, D], rows
     ``c * K ... c * K + K - 1`` belonging to class ``c``."""
 
-    def __init__(self, in_features, num_classes, scale=30.0, margin=0.5, easy_margin=False, subcenters=3,
-                 shard=None, init_seed=None, **unused):
+    def __init__(
+        self,
+        in_features,
+        num_classes,
+        scale=30.0,
+        margin=0.5,
+        easy_margin=False,
+        subcenters=3,
+        shard=None,
+        init_seed=None,
+        **unused,
+    ):
         if subcenters < 1:
             raise ValueError(f"subcenters must be >= 1, got {subcenters}")
-        super().__init__(in_features, num_classes, scale, margin, easy_margin, centers=subcenters, shard=shard,
-                         init_seed=init_seed)
+        super().__init__(
+            in_features, num_classes, scale, margin, easy_margin, centers=subcenters, shard=shard, init_seed=init_seed
+        )
 
     def cosine(self, x, weight=None):
         cos = super().cosine(x, weight)
@@ -280,8 +302,9 @@ class CurricularFace(_Margin):
     training mode only. The re-weighting factor is not back-propagated through ``t``.
     """
 
-    def __init__(self, in_features, num_classes, scale=30.0, margin=0.5, t_momentum=0.01, shard=None,
-                 init_seed=None, **unused):
+    def __init__(
+        self, in_features, num_classes, scale=30.0, margin=0.5, t_momentum=0.01, shard=None, init_seed=None, **unused
+    ):
         super().__init__(in_features, num_classes, margin, shard=shard, init_seed=init_seed)
         self.scale, self.t_momentum = scale, t_momentum
         self.register_buffer("t", torch.zeros(1))

@@ -106,8 +106,9 @@ def sharded_cross_entropy(logits, cols, label_smoothing=0.0, total=None):
     processes (all-reduced when None). A single process gives ``F.cross_entropy``."""
     if total is None:
         total = int(du.all_reduce_sum(torch.tensor([logits.shape[1]], device=logits.device)).item())
-    return _ShardedCrossEntropy.apply(logits.to(torch.promote_types(logits.dtype, torch.float32)), cols,
-                                      float(label_smoothing), total)
+    return _ShardedCrossEntropy.apply(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)), cols, float(label_smoothing), total
+    )
 
 
 class PartialFC(nn.Module):
@@ -142,8 +143,9 @@ class PartialFC(nn.Module):
         if self.sample_rate < 1.0 and self.training:
             classes = stop - start
             positives = torch.unique(local[owned]).cpu()
-            keep = sample_classes(classes, positives, self.sample_rate,
-                                  sampling_generator(self.seed, self.step, start)).to(labels.device)
+            keep = sample_classes(
+                classes, positives, self.sample_rate, sampling_generator(self.seed, self.step, start)
+            ).to(labels.device)
             column = torch.full((classes,), -1, dtype=torch.long, device=labels.device)
             column[keep] = torch.arange(keep.numel(), device=labels.device)
             if classes:

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metric.utils.errors import ConfigError
 from metric.modeling.registry import POOL_LAYERS
+from metric.utils.errors import ConfigError
 
 
 @POOL_LAYERS.register("avgpool")
