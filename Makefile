@@ -1,5 +1,6 @@
-# pymetric: `make demo` (train the CPU demo) and `make test` (the whole test suite).
-# Both create .venv on first use and reuse it afterwards.
+# pymetric: `make demo` (train the CPU demo), `make test` (the whole test suite, with the TensorFlow
+# export tests) and `make test-fast` (the inner loop: no end-to-end tests, no TensorFlow venv).
+# All create .venv on first use and reuse it afterwards.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.pymetric-installed
 
-.PHONY: install tf-env demo test clean-demo
+.PHONY: install tf-env demo test test-fast lint format clean-demo
 
 $(STAMP): setup.py requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +28,23 @@ tf-env:
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
+# Everything, the 30 slowest tests listed at the end.
 test: $(STAMP) tf-env
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
+
+# The fast tier: leaves out the end-to-end tests (marker slow) and those that need .venv-tf (tf).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not tf" tests
+
+# ruff (configured in ruff.toml): lint and import order, and the formatting check.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Rewrite the sources as `make lint` wants them (import order, formatting).
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean-demo:
 	rm -rf output/demo metric/datasets/data/demo
