@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from metric import build_model, load_cfg, load_weights
 import metric.checkpoint as cp
+from metric import build_model, load_cfg, load_weights
 from metric.utils.errors import CheckpointError
+from tests.helpers import TINY_MODEL
 
-TINY = ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "4", "MODEL.HEADS.IN_FEAT", "0",
-        "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5"]
+TINY = TINY_MODEL
 
 
 def _model(*extra):
@@ -38,6 +38,7 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
 
 def test_latest_checkpoint_skips_temporary_and_unreadable(tmp_path, caplog):
     out = str(tmp_path)
+
     def state(epoch):
         return {"epoch": epoch, "model_state": {"w": torch.zeros(2)}, "optimizer_state": {}}
 

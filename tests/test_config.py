@@ -4,11 +4,11 @@ import re
 
 import pytest
 
+from metric.config import all_keys, get_cfg, load_cfg, validate
 from metric.config import check as config_check
 from metric.config import defaults as config_mod
-from metric.config import all_keys, get_cfg, load_cfg, validate
 from metric.utils.errors import ConfigError
-from tests.conftest import REPO, call_tool, run_py
+from tests.helpers import REPO, call_tool, run_py
 
 
 def test_defaults_validate():
@@ -35,9 +35,9 @@ def test_every_key_is_commented_with_its_allowed_values():
     comments = _key_comments()
     for key in all_keys():
         assert comments.get(key, "").strip(), f"{key} has no comment in config.py"
-    for key, (ok, allowed) in config_check._RULES.items():
+    for key, (_ok, allowed) in config_check._RULES.items():
         if allowed.startswith("one of "):
-            for value in allowed[len("one of "):].split(" | "):
+            for value in allowed[len("one of ") :].split(" | "):
                 assert value in comments[key], f"comment of {key} does not mention {value}"
 
 
@@ -128,7 +128,9 @@ def test_num_classes_alias(tmp_path):
     assert load_cfg(None, ["MODEL.NUM_CLASSES", "7"]).MODEL.HEADS.NUM_CLASSES == 7
     assert load_cfg(None, ["MODEL.HEADS.NUM_CLASSES", "9"]).MODEL.NUM_CLASSES == 9
     # on the command line either name sets both, over a yaml file that sets both
-    c = load_cfg(os.path.join(REPO, "configs", "metric", "R-50-1x64d_step_8gpu.yaml"), ["MODEL.HEADS.NUM_CLASSES", "81313"])
+    c = load_cfg(
+        os.path.join(REPO, "configs", "metric", "R-50-1x64d_step_8gpu.yaml"), ["MODEL.HEADS.NUM_CLASSES", "81313"]
+    )
     assert (c.MODEL.NUM_CLASSES, c.MODEL.HEADS.NUM_CLASSES) == (81313, 81313)
     y = tmp_path / "both.yaml"
     y.write_text("VERSION: 2\nMODEL:\n  NUM_CLASSES: 7\n  HEADS:\n    NUM_CLASSES: 9\n")

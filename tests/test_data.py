@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from metric.utils.errors import DataError
 from metric.datasets.dataset import ListDataset
 from metric.datasets.listfile import read_list
 from metric.datasets.transforms import TrainTransform, decode_image
 from metric.engine.predictor import ImageViews, Preprocess
+from metric.utils.errors import DataError
 
 
 def _write(path, text):

@@ -8,13 +8,20 @@ import cv2
 import numpy as np
 import pytest
 
-from metric.utils.errors import DataError
 from metric.datasets import demo
 from metric.datasets.demo import make_demo_dataset
-from tests.conftest import REPO, call_tool, load_tool, run_py
+from metric.utils.errors import DataError
+from tests.helpers import REPO, call_tool, load_tool, run_py
 
-TINY = dict(num_train_classes=3, train_per_class=3, num_heldout_classes=3, queries_per_class=2,
-            index_per_class=3, num_distractor_classes=2, image_size=32)
+TINY = dict(
+    num_train_classes=3,
+    train_per_class=3,
+    num_heldout_classes=3,
+    queries_per_class=2,
+    index_per_class=3,
+    num_distractor_classes=2,
+    image_size=32,
+)
 
 
 def _files(root):
@@ -182,11 +189,29 @@ def test_interrupted_generation_leaves_no_output(tmp_path, monkeypatch):
 
 
 def test_tool(tmp_path, capsys):
-    assert load_tool("make_demo_data").default_output() == Path(REPO).resolve() / "metric" / "datasets" / "data" / "demo"
+    assert (
+        load_tool("make_demo_data").default_output() == Path(REPO).resolve() / "metric" / "datasets" / "data" / "demo"
+    )
     out = tmp_path / "demo"
-    argv = ["--output", str(out), "--quiet", "--seed", "3", "--num-train-classes", "2",
-            "--train-per-class", "2", "--num-heldout-classes", "2", "--index-per-class", "2",
-            "--num-distractor-classes", "1", "--image-size", "24"]
+    argv = [
+        "--output",
+        str(out),
+        "--quiet",
+        "--seed",
+        "3",
+        "--num-train-classes",
+        "2",
+        "--train-per-class",
+        "2",
+        "--num-heldout-classes",
+        "2",
+        "--index-per-class",
+        "2",
+        "--num-distractor-classes",
+        "1",
+        "--image-size",
+        "24",
+    ]
     status, printed, _ = call_tool("make_demo_data", argv, capsys)
     printed = printed.strip().splitlines()
     assert status == 0 and len(printed) == 1 and "generated" in printed[0] and "4 train images" in printed[0]

@@ -20,15 +20,27 @@ from metric.modeling.layers.dolg import orthogonal_fusion
 from metric.modeling.layers.margins import CurricularFace
 from metric.retrieval.store import load_features
 from metric.utils.errors import CheckpointError, ConfigError
-from tests.conftest import REPO, TINY_MODEL, call_tool, run_py, tiny_opts
+from tests.helpers import REPO, TINY_MODEL, call_tool, run_py, tiny_opts
 
 COMPAT = os.path.join(REPO, "tests", "data", "dolg_state_dict_keys.json")
 TINY_CFG = os.path.join(REPO, "tests", "data", "dolg_tiny.yaml")
 DOLG = ["MODEL.HEADS.NAME", "DOLGHead", "MODEL.HEADS.CLS_LAYER", "curricularface"]
 TINY_DOLG = TINY_MODEL + DOLG
 # The authors' R-50 model (compat file): S3 1024, S4 2048, 512-d, 100 classes, torchvision strides.
-R50_DOLG = ["MODEL.DEPTH", "50", "RESNET.STRIDE_1X1", "False", "MODEL.HEADS.REDUCTION_DIM", "512",
-            "MODEL.HEADS.NUM_CLASSES", "100", "MODEL.DOLG.S3_DIM", "1024", "MODEL.DOLG.S4_DIM", "2048"] + DOLG
+R50_DOLG = [
+    "MODEL.DEPTH",
+    "50",
+    "RESNET.STRIDE_1X1",
+    "False",
+    "MODEL.HEADS.REDUCTION_DIM",
+    "512",
+    "MODEL.HEADS.NUM_CLASSES",
+    "100",
+    "MODEL.DOLG.S3_DIM",
+    "1024",
+    "MODEL.DOLG.S4_DIM",
+    "2048",
+] + DOLG
 
 
 def _rel(out, ref):
@@ -37,6 +49,7 @@ def _rel(out, ref):
 
 
 # --- the authors' checkpoint and a naive re-implementation -----------------------------------
+
 
 def _authors_keys(multi_atrous):
     with open(COMPAT, encoding="utf-8") as f:
@@ -68,15 +81,24 @@ def authors_state(multi_atrous, seed=0):
 
 
 def _bn(sd, prefix, x, eps=1e-5):
-    return F.batch_norm(x, sd[prefix + ".running_mean"], sd[prefix + ".running_var"], sd[prefix + ".weight"],
-                        sd[prefix + ".bias"], False, 0.0, eps)
+    return F.batch_norm(
+        x,
+        sd[prefix + ".running_mean"],
+        sd[prefix + ".running_var"],
+        sd[prefix + ".weight"],
+        sd[prefix + ".bias"],
+        False,
+        0.0,
+        eps,
+    )
 
 
 def naive_resnet(sd, x, stride_1x1=False):
     """pycls ResNet (bottleneck) from ``globalmodel.*`` tensors: the stage-3 and stage-4 maps."""
     g = "globalmodel."
-    x = F.max_pool2d(F.relu(_bn(sd, g + "stem.bn", F.conv2d(x, sd[g + "stem.conv.weight"], stride=2, padding=3))),
-                     3, 2, 1)
+    x = F.max_pool2d(
+        F.relu(_bn(sd, g + "stem.bn", F.conv2d(x, sd[g + "stem.conv.weight"], stride=2, padding=3))), 3, 2, 1
+    )
     maps = []
     for s in range(1, 5):
         b = 1
@@ -87,7 +109,9 @@ def naive_resnet(sd, x, stride_1x1=False):
             h = F.relu(_bn(sd, p + "f.a_bn", F.conv2d(x, sd[p + "f.a.weight"], stride=s1)))
             h = F.relu(_bn(sd, p + "f.b_bn", F.conv2d(h, sd[p + "f.b.weight"], stride=s3, padding=1)))
             h = _bn(sd, p + "f.c_bn", F.conv2d(h, sd[p + "f.c.weight"]))
-            short = _bn(sd, p + "bn", F.conv2d(x, sd[p + "proj.weight"], stride=stride)) if p + "proj.weight" in sd else x
+            short = (
+                _bn(sd, p + "bn", F.conv2d(x, sd[p + "proj.weight"], stride=stride)) if p + "proj.weight" in sd else x
+            )
             x = F.relu(short + h)
             b += 1
         maps.append(x)
@@ -104,9 +128,13 @@ def naive_head(sd, f3, f4):
     if "localmodel.aspp.conv_after.0.weight" in sd:
         a = "localmodel.aspp."
         h, w = x.shape[2:]
-        pooled = F.relu(F.conv2d(x.mean(dim=(2, 3), keepdim=True), sd[a + "im_pool.1.weight"], sd[a + "im_pool.1.bias"]))
-        parts = [F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=False),
-                 F.conv2d(x, sd[a + "aspp.0.weight"], sd[a + "aspp.0.bias"])]
+        pooled = F.relu(
+            F.conv2d(x.mean(dim=(2, 3), keepdim=True), sd[a + "im_pool.1.weight"], sd[a + "im_pool.1.bias"])
+        )
+        parts = [
+            F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=False),
+            F.conv2d(x, sd[a + "aspp.0.weight"], sd[a + "aspp.0.bias"]),
+        ]
         for i, d in enumerate((6, 12, 18), start=1):
             parts.append(F.conv2d(x, sd[a + f"aspp.{i}.weight"], sd[a + f"aspp.{i}.bias"], padding=d, dilation=d))
         x = F.relu(F.conv2d(torch.cat(parts, 1), sd[a + "conv_after.0.weight"], sd[a + "conv_after.0.bias"]))
@@ -142,14 +170,17 @@ def test_authors_checkpoint_loads_exactly_and_gives_the_naive_embedding(tmp_path
     assert missing == [] and unexpected == []
     assert isinstance(model.head.classifier, CurricularFace)
     assert torch.equal(model.head.classifier.t, state["desc_cls.t"])
-    assert load_inference_weights(build_model(load_cfg(None, R50_DOLG + ["MODEL.DOLG.MULTI_ATROUS",
-                                                                           str(multi_atrous)])), path) == ([], [])
+    assert load_inference_weights(
+        build_model(load_cfg(None, R50_DOLG + ["MODEL.DOLG.MULTI_ATROUS", str(multi_atrous)])), path
+    ) == ([], [])
     torch.manual_seed(1)
     x = torch.rand(2, 3, 224, 160) * 4 - 2  # stage-3 map 14 x 10: the dilated convolutions see the map
     with torch.no_grad():
         ours = model.eval()(x)
-        ref = naive_head({k: v.double() if v.is_floating_point() else v for k, v in state.items()},
-                         *naive_resnet({k: v.double() for k, v in state.items()}, x.double()))
+        ref = naive_head(
+            {k: v.double() if v.is_floating_point() else v for k, v in state.items()},
+            *naive_resnet({k: v.double() for k, v in state.items()}, x.double()),
+        )
     rel = _rel(ours, ref)
     print(f"DOLG multi_atrous={multi_atrous}: max relative difference to the naive re-implementation {rel:.2e}")
     assert ours.shape == (2, 512) and rel < 1e-5
@@ -157,15 +188,21 @@ def test_authors_checkpoint_loads_exactly_and_gives_the_naive_embedding(tmp_path
 
 def _authors_names(head_state):
     """Our DOLGHead keys -> the authors' names (the inverse of the checkpoint conversion)."""
-    renames = [("pool_layer.", "pool_g."), ("global_fc.", "fc_t."), ("embedding_layer.", "fc."),
-               ("classifier.", "desc_cls."), ("local_branch.multi_atrous.convs.", "localmodel.aspp.aspp."),
-               ("local_branch.multi_atrous.image_pool.", "localmodel.aspp.im_pool."),
-               ("local_branch.multi_atrous.fuse.", "localmodel.aspp.conv_after."), ("local_branch.", "localmodel.")]
+    renames = [
+        ("pool_layer.", "pool_g."),
+        ("global_fc.", "fc_t."),
+        ("embedding_layer.", "fc."),
+        ("classifier.", "desc_cls."),
+        ("local_branch.multi_atrous.convs.", "localmodel.aspp.aspp."),
+        ("local_branch.multi_atrous.image_pool.", "localmodel.aspp.im_pool."),
+        ("local_branch.multi_atrous.fuse.", "localmodel.aspp.conv_after."),
+        ("local_branch.", "localmodel."),
+    ]
     out = {}
     for k, v in head_state.items():
         for a, b in renames:
             if k.startswith(a):
-                k = b + k[len(a):]
+                k = b + k[len(a) :]
                 break
         out[k] = v.double() if v.is_floating_point() else v
     return out
@@ -200,17 +237,44 @@ def test_orthogonal_fusion_is_orthogonal_to_the_global_descriptor():
 
 BACKBONES = {
     "resnet18": TINY_MODEL,
-    "resnest50": ["MODEL.TYPE", "resnest50", "MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.REDUCTION_DIM", "8",
-                  "MODEL.HEADS.NUM_CLASSES", "5"],
+    "resnest50": [
+        "MODEL.TYPE",
+        "resnest50",
+        "MODEL.HEADS.IN_FEAT",
+        "0",
+        "MODEL.HEADS.REDUCTION_DIM",
+        "8",
+        "MODEL.HEADS.NUM_CLASSES",
+        "5",
+    ],
 }
 for _timm in ("resnet18", "convnext_atto", "efficientnet_b0"):  # EfficientNet: f4 after its conv_head
-    BACKBONES[f"timm_{_timm}"] = ["MODEL.TYPE", "timm", "MODEL.TIMM.NAME", _timm, "MODEL.HEADS.IN_FEAT", "0",
-                                  "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5"]
+    BACKBONES[f"timm_{_timm}"] = [
+        "MODEL.TYPE",
+        "timm",
+        "MODEL.TIMM.NAME",
+        _timm,
+        "MODEL.HEADS.IN_FEAT",
+        "0",
+        "MODEL.HEADS.REDUCTION_DIM",
+        "8",
+        "MODEL.HEADS.NUM_CLASSES",
+        "5",
+    ]
 
 
-@pytest.mark.parametrize("name, multi_atrous", [("resnet18", False), ("resnet18", True), ("resnest50", False),
-                                                ("timm_resnet18", False), ("timm_resnet18", True),
-                                                ("timm_convnext_atto", False), ("timm_efficientnet_b0", False)])
+@pytest.mark.parametrize(
+    "name, multi_atrous",
+    [
+        ("resnet18", False),
+        ("resnet18", True),
+        ("resnest50", False),
+        ("timm_resnet18", False),
+        ("timm_resnet18", True),
+        ("timm_convnext_atto", False),
+        ("timm_efficientnet_b0", False),
+    ],
+)
 def test_every_two_stage_backbone_trains(name, multi_atrous):
     if name.startswith("timm"):
         pytest.importorskip("timm")
@@ -238,8 +302,22 @@ def test_imagenet_weights_load_into_the_backbone(tmp_path, caplog):
     tv = torchvision.models.resnet18()
     path = str(tmp_path / "resnet18.pth")
     torch.save(tv.state_dict(), path)
-    model = build_model(load_cfg(None, ["MODEL.DEPTH", "18", "RESNET.STRIDE_1X1", "False", "MODEL.HEADS.IN_FEAT", "0",
-                                        "MODEL.HEADS.NUM_CLASSES", "5"] + DOLG))
+    model = build_model(
+        load_cfg(
+            None,
+            [
+                "MODEL.DEPTH",
+                "18",
+                "RESNET.STRIDE_1X1",
+                "False",
+                "MODEL.HEADS.IN_FEAT",
+                "0",
+                "MODEL.HEADS.NUM_CLASSES",
+                "5",
+            ]
+            + DOLG,
+        )
+    )
     missing, unexpected = load_weights(model, path)
     assert unexpected == [] and missing and all(k.startswith("head.") for k in missing)
     assert torch.equal(model.backbone.stem.conv.weight, tv.conv1.weight)
@@ -255,9 +333,12 @@ def test_dolg_checkpoint_errors(tmp_path):
     """A tiny checkpoint in the authors' format (our tiny model's keys renamed back)."""
     torch.manual_seed(0)
     tiny = build_model(load_cfg(None, TINY_DOLG + ["MODEL.DOLG.MULTI_ATROUS", "True"]))
-    state = {("globalmodel." + k[len("backbone."):]) if k.startswith("backbone.") else k: v
-             for k, v in tiny.state_dict().items() if k.startswith("backbone.")}
-    state.update(_authors_names({k[len("head."):]: v for k, v in tiny.state_dict().items() if k.startswith("head.")}))
+    state = {
+        ("globalmodel." + k[len("backbone.") :]) if k.startswith("backbone.") else k: v
+        for k, v in tiny.state_dict().items()
+        if k.startswith("backbone.")
+    }
+    state.update(_authors_names({k[len("head.") :]: v for k, v in tiny.state_dict().items() if k.startswith("head.")}))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     path = str(tmp_path / "dolg_ma.pyth")
     _save_authors_checkpoint(path, state)
@@ -274,6 +355,7 @@ def test_dolg_checkpoint_errors(tmp_path):
 
 
 # --- config -----------------------------------------------------------------------------------
+
 
 def test_authors_config_names_are_read(tmp_path):
     path = tmp_path / "dolg.yaml"
@@ -293,12 +375,17 @@ def test_dims_from_the_backbone_or_refused():
         load_cfg(None, TINY_DOLG + ["MODEL.DOLG.S3_DIM", "-1"])
 
 
-@pytest.mark.parametrize("opts, words", [
-    (["MODEL.DOLG.S3_DIM", "1000"], ["MODEL.DOLG.S3_DIM=1000", "stage-3 map has 16 channels"]),
-    (["MODEL.DOLG.S4_DIM", "7"], ["MODEL.DOLG.S4_DIM=7", "stage-4 map has 32 channels"]),
-    (["MODEL.TYPE", "timm", "MODEL.TIMM.NAME", "vit_tiny_patch16_224"], ["DOLGHead needs", "stage-3 and stage-4",
-                                                                          "timm vit_tiny_patch16_224"]),
-])
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        (["MODEL.DOLG.S3_DIM", "1000"], ["MODEL.DOLG.S3_DIM=1000", "stage-3 map has 16 channels"]),
+        (["MODEL.DOLG.S4_DIM", "7"], ["MODEL.DOLG.S4_DIM=7", "stage-4 map has 32 channels"]),
+        (
+            ["MODEL.TYPE", "timm", "MODEL.TIMM.NAME", "vit_tiny_patch16_224"],
+            ["DOLGHead needs", "stage-3 and stage-4", "timm vit_tiny_patch16_224"],
+        ),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(opts, words, capsys):
     if "timm" in opts:
         pytest.importorskip("timm")
@@ -317,18 +404,32 @@ def test_bad_input_subprocess_exit_code():
 
 # --- end to end: the tiny config trains, and extraction (multi-scale, flip) uses the model ----------
 
+
 @pytest.mark.slow
 def test_tiny_config_trains_and_extracts_multiscale(tiny_data, tmp_path, capsys):
     out = str(tmp_path / "run")
-    opts = tiny_opts(tiny_data, out, **{"MODEL.HEADS.NAME": "DOLGHead", "MODEL.HEADS.CLS_LAYER": "curricularface",
-                                        "MODEL.DOLG.MULTI_ATROUS": "True"})
+    opts = tiny_opts(
+        tiny_data,
+        out,
+        **{
+            "MODEL.HEADS.NAME": "DOLGHead",
+            "MODEL.HEADS.CLS_LAYER": "curricularface",
+            "MODEL.DOLG.MULTI_ATROUS": "True",
+        },
+    )
     status, _, err = call_tool("train_metric", ["--cfg", TINY_CFG] + opts, capsys)
     assert status == 0, err
     weights = list_checkpoints(out)[-1]
     feats = str(tmp_path / "feats")
     scales = ["INFER.SCALES", "[0.75, 1.0, 1.5]", "INFER.FLIP", "True"]
-    status, _, err = call_tool("extract_features", ["--no-progress", "--cfg", TINY_CFG] + opts + scales + [
-        "TEST.WEIGHTS", weights, "INFER.INPUT", os.path.join(tiny_data, "test.txt"), "INFER.OUTPUT", feats], capsys)
+    status, _, err = call_tool(
+        "extract_features",
+        ["--no-progress", "--cfg", TINY_CFG]
+        + opts
+        + scales
+        + ["TEST.WEIGHTS", weights, "INFER.INPUT", os.path.join(tiny_data, "test.txt"), "INFER.OUTPUT", feats],
+        capsys,
+    )
     assert status == 0, err
     store = load_features(feats)
     cfg = load_cfg(TINY_CFG, opts + scales)

@@ -8,7 +8,7 @@ import pytest
 
 from metric.retrieval.metrics import labelled_metrics, rank_index, revisited_map
 from metric.retrieval.store import save_features
-from tests.conftest import call_tool, run_py, unit_vectors
+from tests.helpers import call_tool, run_py, unit_vectors
 
 
 def run(argv, capsys):
@@ -41,18 +41,27 @@ def revisited_files(tmp_path):
     rng = np.random.default_rng(0)
     imlist = [f"im{i:03d}" for i in range(30)]
     qimlist = [f"query{i}" for i in range(4)]
-    gnd = [{"easy": rng.choice(30, 3, replace=False).tolist(), "hard": [int(i)], "junk": [int(i) + 1],
-            "bbx": [0.0, 0.0, 10.0, 10.0]} for i in (5, 7, 9, 11)]
+    gnd = [
+        {
+            "easy": rng.choice(30, 3, replace=False).tolist(),
+            "hard": [int(i)],
+            "junk": [int(i) + 1],
+            "bbx": [0.0, 0.0, 10.0, 10.0],
+        }
+        for i in (5, 7, 9, 11)
+    ]
     gt = tmp_path / "gnd_test.pkl"
     gt.write_bytes(pickle.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
     x, q = unit_vectors(rng, 30, 8), unit_vectors(rng, 4, 8)
     # stores in another order, with 2 distractors in the index and an extra query
     order = rng.permutation(30)
     distractors = unit_vectors(rng, 2, 8)
-    save_features(str(tmp_path / "index"), np.concatenate([x[order], distractors]),
-                  [imlist[i] for i in order] + ["d1", "d2"])
-    save_features(str(tmp_path / "query"), np.concatenate([q[::-1], unit_vectors(rng, 1, 8)]),
-                  qimlist[::-1] + ["other"])
+    save_features(
+        str(tmp_path / "index"), np.concatenate([x[order], distractors]), [imlist[i] for i in order] + ["d1", "d2"]
+    )
+    save_features(
+        str(tmp_path / "query"), np.concatenate([q[::-1], unit_vectors(rng, 1, 8)]), qimlist[::-1] + ["other"]
+    )
     expected = revisited_map(rank_index(q, np.concatenate([x, distractors])), gnd)
     return str(tmp_path / "query"), str(tmp_path / "index"), str(gt), expected
 
@@ -66,11 +75,12 @@ def labelled_files(tmp_path):
     save_features(str(tmp_path / "lx"), x, [f"x{i}" for i in range(20)])
     # query labels keyed by id, index labels as a training list file (path label)
     (tmp_path / "q.txt").write_text("".join(f"q{i} {lab}\n" for i, lab in enumerate(q_lab)))
-    (tmp_path / "x.txt").write_text("# path label\n" + "".join(f"train/{lab}/x{i}.jpg {lab}\n" for i, lab in enumerate(x_lab)))
+    (tmp_path / "x.txt").write_text(
+        "# path label\n" + "".join(f"train/{lab}/x{i}.jpg {lab}\n" for i, lab in enumerate(x_lab))
+    )
     expected = labelled_metrics(q, q_lab, x, x_lab)
     loo = labelled_metrics(q, q_lab)
-    return (str(tmp_path / "lq"), str(tmp_path / "q.txt"), str(tmp_path / "lx"), str(tmp_path / "x.txt"),
-            expected, loo)
+    return (str(tmp_path / "lq"), str(tmp_path / "q.txt"), str(tmp_path / "lx"), str(tmp_path / "x.txt"), expected, loo)
 
 
 # ---------------------------------------------------------------------------- modes

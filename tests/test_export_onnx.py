@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from metric.config import load_cfg
-from metric.utils.errors import ExportError, OutputError
 from metric.datasets import transforms
 from metric.export import kaggle, parse_tool_args
 from metric.export.onnx import (
@@ -23,13 +22,20 @@ from metric.export.onnx import (
     verify_onnx,
 )
 from metric.modeling import build_model
-from tests.conftest import call_tool, run_py
+from metric.utils.errors import ExportError, OutputError
+from tests.helpers import call_tool, run_py
+from tests.helpers import tiny_model as tiny_model_opts
+
+pytestmark = pytest.mark.export
 
 # A narrow ResNet-18 (width 8) keeps these tests fast; tests/test_export_tf.py uses the full width.
-TINY = [
-    "MODEL.DEPTH", 18, "RESNET.WIDTH_PER_GROUP", 8, "RESNET.STEM_WIDTH", 8, "MODEL.HEADS.IN_FEAT", 0,
-    "MODEL.HEADS.REDUCTION_DIM", 16, "MODEL.HEADS.NUM_CLASSES", 5, "MODEL.HEADS.CLS_LAYER", "arcface",
-    "TRAIN.IM_SIZE", 64, "TEST.IM_SIZE", 64,
+TINY = tiny_model_opts(width=8, dim=16, num_classes=5) + [
+    "MODEL.HEADS.CLS_LAYER",
+    "arcface",
+    "TRAIN.IM_SIZE",
+    64,
+    "TEST.IM_SIZE",
+    64,
 ]
 
 
@@ -171,8 +177,24 @@ def test_flags_after_config_options():
         p.add_argument("--dynamic", action="store_true")
         p.add_argument("--size", type=int, nargs=2)
 
-    args = parse_tool_args("t", flags, ["--cfg", "c.yaml", "TEST.WEIGHTS", "w.pyth", "--output", "m.onnx",
-                                        "--size", "32", "48", "MODEL.DEPTH", "18", "--dynamic"])
+    args = parse_tool_args(
+        "t",
+        flags,
+        [
+            "--cfg",
+            "c.yaml",
+            "TEST.WEIGHTS",
+            "w.pyth",
+            "--output",
+            "m.onnx",
+            "--size",
+            "32",
+            "48",
+            "MODEL.DEPTH",
+            "18",
+            "--dynamic",
+        ],
+    )
     assert args.cfg_file == "c.yaml" and args.output == "m.onnx" and args.dynamic and args.size == [32, 48]
     assert args.opts == ["TEST.WEIGHTS", "w.pyth", "MODEL.DEPTH", "18"]
     args = parse_tool_args("t", flags, ["--output", "m.onnx"])
@@ -230,8 +252,21 @@ def test_tool_subprocess_exit_code(tmp_path, weights):
 def test_resnest_exports_with_dynamic_size(tmp_path):
     """Split attention uses 4-D tensors only, so ResNeSt exports with dynamic height/width."""
     torch.manual_seed(0)
-    cfg = load_cfg(None, ["MODEL.TYPE", "resnest50", "MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.REDUCTION_DIM", "16",
-                          "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.HEADS.POOL_LAYER", "gempool"])
+    cfg = load_cfg(
+        None,
+        [
+            "MODEL.TYPE",
+            "resnest50",
+            "MODEL.HEADS.IN_FEAT",
+            "0",
+            "MODEL.HEADS.REDUCTION_DIM",
+            "16",
+            "MODEL.HEADS.NUM_CLASSES",
+            "4",
+            "MODEL.HEADS.POOL_LAYER",
+            "gempool",
+        ],
+    )
     model = build_model(cfg).eval()
     path = str(tmp_path / "resnest.onnx")
     export_onnx(model, path, (64, 64), dynamic_hw=True)
@@ -260,9 +295,25 @@ def test_dolg_on_a_timm_backbone_exports(tmp_path):
     """DOLG's stage maps from a timm CNN (forward_intermediates) export with dynamic size too."""
     pytest.importorskip("timm")
     torch.manual_seed(0)
-    cfg = load_cfg(None, ["MODEL.TYPE", "timm", "MODEL.TIMM.NAME", "resnet18", "MODEL.HEADS.IN_FEAT", "0",
-                          "MODEL.HEADS.REDUCTION_DIM", "16", "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.HEADS.NAME",
-                          "DOLGHead", "MODEL.DOLG.MULTI_ATROUS", "True"])
+    cfg = load_cfg(
+        None,
+        [
+            "MODEL.TYPE",
+            "timm",
+            "MODEL.TIMM.NAME",
+            "resnet18",
+            "MODEL.HEADS.IN_FEAT",
+            "0",
+            "MODEL.HEADS.REDUCTION_DIM",
+            "16",
+            "MODEL.HEADS.NUM_CLASSES",
+            "4",
+            "MODEL.HEADS.NAME",
+            "DOLGHead",
+            "MODEL.DOLG.MULTI_ATROUS",
+            "True",
+        ],
+    )
     model = build_model(cfg).eval()
     path = str(tmp_path / "dolg_timm.onnx")
     export_onnx(model, path, (64, 64), dynamic_hw=True)

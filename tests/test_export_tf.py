@@ -23,14 +23,28 @@ from metric.export.kaggle import ZIP_COMMENT, check_output_zip
 from metric.export.onnx import export_onnx, extraction_input, fixed_size_input, run_torch, sample_image
 from metric.export.tensorflow import MARKER_FILE, check_output_dir, convert_onnx_to_tf, tf_python
 from metric.modeling import build_model
+from tests.helpers import tool_in_process
 
-pytestmark = pytest.mark.slow  # every test here runs the exporter end to end
+pytestmark = [pytest.mark.slow, pytest.mark.export]  # every test here runs the exporter end to end
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTS = [
-    "MODEL.DEPTH", "18", "MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.POOL_LAYER", "gempool",
-    "MODEL.HEADS.REDUCTION_DIM", "64", "MODEL.HEADS.NUM_CLASSES", "10", "MODEL.HEADS.CLS_LAYER", "arcface",
-    "TRAIN.IM_SIZE", "64", "TEST.IM_SIZE", "64",
+    "MODEL.DEPTH",
+    "18",
+    "MODEL.HEADS.IN_FEAT",
+    "0",
+    "MODEL.HEADS.POOL_LAYER",
+    "gempool",
+    "MODEL.HEADS.REDUCTION_DIM",
+    "64",
+    "MODEL.HEADS.NUM_CLASSES",
+    "10",
+    "MODEL.HEADS.CLS_LAYER",
+    "arcface",
+    "TRAIN.IM_SIZE",
+    "64",
+    "TEST.IM_SIZE",
+    "64",
 ]
 
 
@@ -89,6 +103,7 @@ def tf_script(python, tmp_path, body, **args):
     return dict(np.load(args["result"]))
 
 
+@pytest.mark.tf
 def test_savedmodel_and_tflite(tf_env, resnet18, tmp_path):
     model, _, _ = resnet18
     onnx_path = str(tmp_path / "model.onnx")
@@ -111,7 +126,10 @@ def test_savedmodel_and_tflite(tf_env, resnet18, tmp_path):
     # Independently of the converter's own checks: load the files and compare with PyTorch.
     x = torch.cat([fixed_size_input(sample_image(90, 70, seed=5), (64, 64))[None], torch.randn(2, 3, 64, 64)])
     np.save(tmp_path / "x.npy", x.numpy().transpose(0, 2, 3, 1))
-    got = tf_script(tf_env, tmp_path, """
+    got = tf_script(
+        tf_env,
+        tmp_path,
+        """
         x = np.load(args["x"])
         fn = tf.saved_model.load(args["dir"]).signatures["serving_default"]
         out["saved_model"] = fn(input=tf.constant(x))["embedding"].numpy()
@@ -124,7 +142,10 @@ def test_savedmodel_and_tflite(tf_env, resnet18, tmp_path):
             it.set_tensor(inp["index"], x)
             it.invoke()
             out[kind] = it.get_tensor(it.get_output_details()[0]["index"])
-    """, x=str(tmp_path / "x.npy"), dir=out)
+    """,
+        x=str(tmp_path / "x.npy"),
+        dir=out,
+    )
     ref = run_torch(model, x)
     assert rel(got["saved_model"], ref) < 1e-4
     assert rel(got["float32"], ref) < 1e-4
@@ -132,6 +153,7 @@ def test_savedmodel_and_tflite(tf_env, resnet18, tmp_path):
     check_output_dir(out)  # a folder this tool wrote may be written again
 
 
+@pytest.mark.tf
 def test_dynamic_size_nchw(tf_env, resnet18, tmp_path):
     model, _, _ = resnet18
     onnx_path = str(tmp_path / "model.onnx")
@@ -142,19 +164,38 @@ def test_dynamic_size_nchw(tf_env, resnet18, tmp_path):
     assert {tuple(c["shape"]) for c in report["checks"]} == {(2, 3, 64, 96), (2, 3, 96, 32)}
     x = torch.randn(1, 3, 77, 51)
     np.save(tmp_path / "x.npy", x.numpy())
-    got = tf_script(tf_env, tmp_path, """
+    got = tf_script(
+        tf_env,
+        tmp_path,
+        """
         fn = tf.saved_model.load(args["dir"]).signatures["serving_default"]
         out["y"] = fn(input=tf.constant(np.load(args["x"])))["embedding"].numpy()
-    """, x=str(tmp_path / "x.npy"), dir=out)
+    """,
+        x=str(tmp_path / "x.npy"),
+        dir=out,
+    )
     assert rel(got["y"], run_torch(model, x)) < 1e-4
 
 
+@pytest.mark.tf
 def test_grouped_convolutions(tf_env, tmp_path):
     """onnx2tf keeps grouped convolutions (ResNeXt, ResNeSt) as variables that Keras does not track
     and SavedModel cannot name; they are frozen into constants."""
     torch.manual_seed(0)
-    opts = ["MODEL.DEPTH", "50", "RESNET.NUM_GROUPS", "2", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "8",
-            "MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.REDUCTION_DIM", "16"]
+    opts = [
+        "MODEL.DEPTH",
+        "50",
+        "RESNET.NUM_GROUPS",
+        "2",
+        "RESNET.WIDTH_PER_GROUP",
+        "4",
+        "RESNET.STEM_WIDTH",
+        "8",
+        "MODEL.HEADS.IN_FEAT",
+        "0",
+        "MODEL.HEADS.REDUCTION_DIM",
+        "16",
+    ]
     model = build_model(load_cfg(None, opts)).eval()
     onnx_path = str(tmp_path / "model.onnx")
     export_onnx(model, onnx_path, (64, 64))
@@ -163,6 +204,7 @@ def test_grouped_convolutions(tf_env, tmp_path):
     assert all(c["rel"] < 1e-4 for c in report["checks"])
 
 
+@pytest.mark.tf
 def test_failed_check_writes_nothing(tf_env, tmp_path):
     """A conversion whose check fails (tolerance 0 here) leaves an earlier export of ours intact
     and keeps only the log, named in the one-line error."""
@@ -184,6 +226,7 @@ def test_failed_check_writes_nothing(tf_env, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "tf", "tf.failed.log"]
 
 
+@pytest.mark.tf
 def test_kaggle_submission(tf_env, resnet18, tmp_path):
     model, weights, _ = resnet18
     out = str(tmp_path / "submission.zip")
@@ -199,18 +242,28 @@ def test_kaggle_submission(tf_env, resnet18, tmp_path):
     check_output_zip(out)  # ours: may be overwritten
 
     # The host's view: load the unzipped SavedModel, one uint8 image at a time, any size.
-    images = [sample_image(151, 203, seed=11), sample_image(40, 29, seed=12), sample_image(64, 48, seed=13),
-              sample_image(200, 33, seed=14)]
+    images = [
+        sample_image(151, 203, seed=11),
+        sample_image(40, 29, seed=12),
+        sample_image(64, 48, seed=13),
+        sample_image(200, 33, seed=14),
+    ]
     for i, im in enumerate(images):
         np.save(tmp_path / f"im{i}.npy", im)
-    got = tf_script(tf_env, tmp_path, """
+    got = tf_script(
+        tf_env,
+        tmp_path,
+        """
         loaded = tf.saved_model.load(args["dir"])
         fn = loaded.signatures["serving_default"]
         spec = fn.structured_input_signature[1]["input_image"]
         assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, None, 3], spec
         for i, path in enumerate(args["images"]):
             out[f"d{i}"] = fn(input_image=tf.constant(np.load(path)))["global_descriptor"].numpy()
-    """, dir=str(tmp_path / "unzipped"), images=[str(tmp_path / f"im{i}.npy") for i in range(len(images))])
+    """,
+        dir=str(tmp_path / "unzipped"),
+        images=[str(tmp_path / f"im{i}.npy") for i in range(len(images))],
+    )
     for i, im in enumerate(images):
         d = got[f"d{i}"]
         assert d.shape == (64,) and d.dtype == np.float32
@@ -220,6 +273,7 @@ def test_kaggle_submission(tf_env, resnet18, tmp_path):
         assert float(d @ ref) >= 0.9999, (im.shape, float(d @ ref))
 
 
+@pytest.mark.tf
 def test_kaggle_preprocessing_matches_opencv(tf_env, tmp_path):
     """The in-graph resize against metric.datasets.transforms.resize_longer, pixel by pixel (the
     descriptor check alone is too forgiving: with random weights, bilinear instead of area
@@ -227,19 +281,26 @@ def test_kaggle_preprocessing_matches_opencv(tf_env, tmp_path):
     from metric.datasets.transforms import resize_longer
 
     shapes = [(151, 203), (128, 96), (200, 33), (3, 500), (40, 29), (1, 1), (64, 48)]
-    images = [sample_image(h, w, seed=20 + i) if min(h, w) >= 8 else np.full((h, w, 3), 90 + i, np.uint8)
-              for i, (h, w) in enumerate(shapes)]
+    images = [
+        sample_image(h, w, seed=20 + i) if min(h, w) >= 8 else np.full((h, w, 3), 90 + i, np.uint8)
+        for i, (h, w) in enumerate(shapes)
+    ]
     for i, im in enumerate(images):
         np.save(tmp_path / f"im{i}.npy", im)
-    got = tf_script(tf_env, tmp_path, """
+    got = tf_script(
+        tf_env,
+        tmp_path,
+        """
         import importlib.util
         spec = importlib.util.spec_from_file_location("kaggle_worker", args["kaggle"])
         k = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(k)
         for i, path in enumerate(args["images"]):
             out[f"r{i}"] = k.resize_longer_tf(tf, tf.constant(np.load(path)), 64).numpy()
-    """, kaggle=os.path.join(REPO, "metric", "export", "kaggle.py"),
-        images=[str(tmp_path / f"im{i}.npy") for i in range(len(images))])
+    """,
+        kaggle=os.path.join(REPO, "metric", "export", "kaggle.py"),
+        images=[str(tmp_path / f"im{i}.npy") for i in range(len(images))],
+    )
     for i, im in enumerate(images):
         ref = resize_longer(im, 64).astype(np.float32)
         out = got[f"r{i}"]
@@ -252,6 +313,7 @@ def test_kaggle_preprocessing_matches_opencv(tf_env, tmp_path):
         assert (diff > 0).mean() < (0.01 if shrink else 0.2), (im.shape, (diff > 0).mean())
 
 
+@pytest.mark.tf
 def test_kaggle_tool_errors(tf_env, resnet18, tmp_path):
     _, weights, _ = resnet18
     foreign = tmp_path / "submission.zip"
@@ -259,8 +321,10 @@ def test_kaggle_tool_errors(tf_env, resnet18, tmp_path):
     proc = run(["tools/make_kaggle_model.py", "TEST.WEIGHTS", weights] + OPTS + ["--output", str(foreign)])
     one_line_error(proc, "not a submission written by")
     assert foreign.read_text() == "not ours"
-    proc = run(["tools/make_kaggle_model.py", "TEST.WEIGHTS", weights] + OPTS
-               + ["MODEL.HEADS.REDUCTION_DIM", "32", "--output", str(tmp_path / "s.zip")])
+    proc = tool_in_process(
+        "make_kaggle_model",
+        ["TEST.WEIGHTS", weights] + OPTS + ["MODEL.HEADS.REDUCTION_DIM", "32", "--output", str(tmp_path / "s.zip")],
+    )
     one_line_error(proc, "shape mismatch")
     assert not os.path.exists(tmp_path / "s.zip")
 
@@ -273,31 +337,41 @@ def test_onnx2tf_tool_errors(tmp_path):
     one_line_error(proc, "ONNX file not found")
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(os.urandom(300))
-    proc = run(["tools/onnx2tf.py", str(corrupt), str(tmp_path / "out")])
+    proc = tool_in_process("onnx2tf", [corrupt, tmp_path / "out"])  # the command line's status: above
     one_line_error(proc, "not a valid ONNX model")
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_onnx2tf_refuses_foreign_folder_and_missing_env(resnet18, tmp_path):
+def test_onnx2tf_refuses_foreign_folder_and_missing_env(resnet18, tmp_path, monkeypatch):
     model, _, _ = resnet18
     onnx_path = str(tmp_path / "model.onnx")
     export_onnx(model, onnx_path, (64, 64))
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"x")
-    proc = run(["tools/onnx2tf.py", onnx_path, str(foreign)])
+    proc = tool_in_process("onnx2tf", [onnx_path, foreign])
     one_line_error(proc, "was not written by tools/onnx2tf.py")
     assert os.listdir(foreign) == ["holiday.jpg"]
-    env = dict(os.environ, PYMETRIC_TF_VENV=str(tmp_path / "no-venv"))
-    proc = run(["tools/onnx2tf.py", onnx_path, str(tmp_path / "out")], env=env)
+    monkeypatch.setenv("PYMETRIC_TF_VENV", str(tmp_path / "no-venv"))
+    monkeypatch.chdir(REPO)  # the message names the setup script relative to the current folder
+    proc = tool_in_process("onnx2tf", [onnx_path, tmp_path / "out"])
     one_line_error(proc, f"create it with: bash tools/setup_tf_env.sh {tmp_path / 'no-venv'}")
 
 
+@pytest.mark.tf
 def test_dolg_kaggle_submission(tf_env, tmp_path):
     """DOLG (stage-3 and stage-4 maps, multi-atrous module, orthogonal fusion) converts to
     TensorFlow with dynamic sizes: the Kaggle model matches PyTorch extraction on any image size."""
-    opts = OPTS + ["RESNET.WIDTH_PER_GROUP", "16", "RESNET.STEM_WIDTH", "16", "MODEL.HEADS.NAME", "DOLGHead",
-                   "MODEL.DOLG.MULTI_ATROUS", "True"]
+    opts = OPTS + [
+        "RESNET.WIDTH_PER_GROUP",
+        "16",
+        "RESNET.STEM_WIDTH",
+        "16",
+        "MODEL.HEADS.NAME",
+        "DOLGHead",
+        "MODEL.DOLG.MULTI_ATROUS",
+        "True",
+    ]
     torch.manual_seed(0)
     model = build_model(load_cfg(None, opts)).eval()
     with torch.no_grad():
@@ -315,11 +389,17 @@ def test_dolg_kaggle_submission(tf_env, tmp_path):
     images = [sample_image(151, 203, seed=21), sample_image(64, 48, seed=22)]
     for i, im in enumerate(images):
         np.save(tmp_path / f"im{i}.npy", im)
-    got = tf_script(tf_env, tmp_path, """
+    got = tf_script(
+        tf_env,
+        tmp_path,
+        """
         fn = tf.saved_model.load(args["dir"]).signatures["serving_default"]
         for i, path in enumerate(args["images"]):
             out[f"d{i}"] = fn(input_image=tf.constant(np.load(path)))["global_descriptor"].numpy()
-    """, dir=str(tmp_path / "unzipped"), images=[str(tmp_path / f"im{i}.npy") for i in range(len(images))])
+    """,
+        dir=str(tmp_path / "unzipped"),
+        images=[str(tmp_path / f"im{i}.npy") for i in range(len(images))],
+    )
     for i, im in enumerate(images):
         with torch.no_grad():
             ref = F.normalize(model(extraction_input(im, 64)[None]), dim=1)[0].numpy()

@@ -12,16 +12,23 @@ import torch
 import torch.nn.functional as F
 
 from metric import build_model, load_cfg
-from metric.utils.errors import DataError
 from metric.datasets.transforms import decode_image, resize_longer, to_tensor
 from metric.engine.extract import list_images, shard_bounds
 from metric.engine.predictor import combine_views
 from metric.retrieval.store import load_features
-from tests.conftest import REPO, run_py
+from metric.utils.errors import DataError
+from tests.helpers import REPO, run_py, tiny_model, tool_in_process
 
-TINY = ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "8", "RESNET.STEM_WIDTH", "8", "MODEL.HEADS.IN_FEAT", "0",
-        "MODEL.HEADS.REDUCTION_DIM", "16", "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.HEADS.POOL_LAYER", "gempool",
-        "TEST.IM_SIZE", "40", "TEST.BATCH_SIZE", "8", "DATA_LOADER.NUM_WORKERS", "0"]
+TINY = tiny_model(width=8, dim=16, num_classes=4) + [
+    "MODEL.HEADS.POOL_LAYER",
+    "gempool",
+    "TEST.IM_SIZE",
+    "40",
+    "TEST.BATCH_SIZE",
+    "8",
+    "DATA_LOADER.NUM_WORKERS",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,12 @@ def _opts(weights, src, out, *extra):
     return TINY + ["TEST.WEIGHTS", weights, "INFER.INPUT", src, "INFER.OUTPUT", out, *extra]
 
 
-def _extract(weights, src, out, *extra, env=None):
+def _extract(weights, src, out, *extra):
+    """tools/extract_features.py in this process (its command line: :func:`_extract_cli`)."""
+    return tool_in_process("extract_features", ["--no-progress", *_opts(weights, src, out, *extra)])
+
+
+def _extract_cli(weights, src, out, *extra, env=None):
     return run_py(["tools/extract_features.py", "--no-progress", *_opts(weights, src, out, *extra)], env=env)
 
 
@@ -98,18 +110,20 @@ def test_single_scale_descriptor_equals_manual_forward(tiny_data, tmp_path, weig
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_multiscale_flip_shards_and_torchrun_equal_single_process(tiny_data, tmp_path, weights):
     src = os.path.join(tiny_data, "test.txt")
     ms = ["INFER.SCALES", "[0.75, 1.0, 1.25]", "INFER.FLIP", "True"]
     single = str(tmp_path / "single")
-    assert _extract(weights, src, single, *ms).returncode == 0
+    assert _extract_cli(weights, src, single, *ms).returncode == 0
     ref = load_features(single)
     assert ref.meta["scales"] == [0.75, 1.0, 1.25] and ref.meta["flip"] is True
     # two shards by hand, merged by the merge tool
     shards = []
     for k in (1, 2):
         shards.append(str(tmp_path / f"shard{k}"))
-        assert _extract(weights, src, shards[-1], *ms, "INFER.TOTAL_NUM", "2", "INFER.CUT_NUM", str(k)).returncode == 0
+        cut = ["INFER.TOTAL_NUM", "2", "INFER.CUT_NUM", str(k)]
+        assert _extract_cli(weights, src, shards[-1], *ms, *cut).returncode == 0
     merged = str(tmp_path / "merged")
     run_py(["tools/merge_features.py", shards[1], shards[0], "--output", merged], check=True)
     # two ranks under torchrun (gloo), merged by rank 0
@@ -117,9 +131,19 @@ def test_multiscale_flip_shards_and_torchrun_equal_single_process(tiny_data, tmp
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ranked = str(tmp_path / "ranked")
-    run_py(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={port}", "tools/extract_features.py", "--no-progress", *_opts(weights, src, ranked, *ms)],
-           check=True)
+    run_py(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "tools/extract_features.py",
+            "--no-progress",
+            *_opts(weights, src, ranked, *ms),
+        ],
+        check=True,
+    )
     for path in (merged, ranked):
         other = load_features(path)
         assert other.ids == ref.ids
@@ -187,9 +211,23 @@ def test_bad_input_exits_2(tiny_data, tmp_path, weights, opts, words, capsys):
 @pytest.mark.slow
 def test_infer_sh_runs_shards_skips_done_ones_and_merges(tiny_data, tmp_path, weights):
     out = str(tmp_path / "feats")
-    cmd = ["bash", os.path.join(REPO, "tools", "infer.sh"), "--cfg", os.path.join(REPO, "configs", "metric", "demo_cpu.yaml"),
-           "--weights", weights, "--input", os.path.join(tiny_data, "test.txt"), "--output", out,
-           "--shards", "3", "--gpus", "", *TINY]
+    cmd = [
+        "bash",
+        os.path.join(REPO, "tools", "infer.sh"),
+        "--cfg",
+        os.path.join(REPO, "configs", "metric", "demo_cpu.yaml"),
+        "--weights",
+        weights,
+        "--input",
+        os.path.join(tiny_data, "test.txt"),
+        "--output",
+        out,
+        "--shards",
+        "3",
+        "--gpus",
+        "",
+        *TINY,
+    ]
     env = dict(os.environ, PYTHONPATH=REPO, PYTHON=sys.executable)
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]

@@ -17,10 +17,9 @@ import torch
 
 from metric import build_model, load_cfg
 from metric.retrieval.store import load_features, save_features
-from metric.utils import io, lock
-from metric.utils import cli
+from metric.utils import cli, io, lock
 from metric.utils.errors import ConfigError, OutputError
-from tests.conftest import REPO, TINY_MODEL, call_tool, logging_restored, run_py, tiny_opts
+from tests.helpers import REPO, TINY_MODEL, call_tool, logging_restored, run_py, tiny_opts
 
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 TOOLS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO, "tools", "*.py")))
@@ -39,8 +38,9 @@ def _one_error(status, err, *words):
 @pytest.fixture()
 def stores(tmp_path):
     rng = np.random.default_rng(0)
-    idx = save_features(tmp_path / "index", rng.standard_normal((30, 8)).astype(np.float32),
-                        [f"img{i}" for i in range(30)])
+    idx = save_features(
+        tmp_path / "index", rng.standard_normal((30, 8)).astype(np.float32), [f"img{i}" for i in range(30)]
+    )
     qry = save_features(tmp_path / "query", rng.standard_normal((4, 8)).astype(np.float32), [f"q{i}" for i in range(4)])
     return tmp_path, qry, idx
 
@@ -56,11 +56,14 @@ def tiny_weights(tmp_path_factory):
 # ----------------------------------------------------------------------------- 1. config files
 
 
-@pytest.mark.parametrize("content, words", [
-    (b"OUT_DIR: output/caf\xe9\n", [":1:", "not UTF-8", "0xe9", "column 20"]),  # latin-1 text
-    (b"MODEL:\n  DEPTH: 18\n\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xd8", [":3:", "not UTF-8", "0x89"]),  # binary
-    (b"OUT_DIR: a\x00b\n", ["line 1, column 11", "#x0000"]),  # valid UTF-8, but a control character
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"OUT_DIR: output/caf\xe9\n", [":1:", "not UTF-8", "0xe9", "column 20"]),  # latin-1 text
+        (b"MODEL:\n  DEPTH: 18\n\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xd8", [":3:", "not UTF-8", "0x89"]),  # binary
+        (b"OUT_DIR: a\x00b\n", ["line 1, column 11", "#x0000"]),  # valid UTF-8, but a control character
+    ],
+)
 def test_config_file_not_utf8_is_one_line(tmp_path, capsys, content, words):
     path = tmp_path / "bad.yaml"
     path.write_bytes(content)
@@ -103,8 +106,9 @@ def test_out_dir_that_is_a_file_is_one_line(tiny_data, tmp_path, monkeypatch, ca
     (tmp_path / "ids.txt").write_text("a\nb\nc\n")
     store = save_features(tmp_path / "s", rng.standard_normal((3, 4)).astype(np.float32), ["a", "b", "c"])
     for out in ("taken", "taken/store"):
-        status, _, err = call_tool("import_features", ["--embeddings", "x.npy", "--ids", "ids.txt", "--output", out],
-                                   capsys)
+        status, _, err = call_tool(
+            "import_features", ["--embeddings", "x.npy", "--ids", "ids.txt", "--output", out], capsys
+        )
         _one_error(status, err, "taken")
         status, _, err = call_tool("merge_features", [store, "--output", out], capsys)
         _one_error(status, err, "taken")
@@ -114,8 +118,8 @@ def test_out_dir_that_is_a_file_is_one_line(tiny_data, tmp_path, monkeypatch, ca
 
 
 def _refuse_model_load(monkeypatch):
+    import metric.engine.memory_estimates as memory
     import metric.export.onnx as onnx_mod
-    import metric.engine.memory as memory
 
     def load(cfg):
         raise AssertionError("the model was loaded before the sizes were checked")
@@ -141,7 +145,7 @@ def test_kaggle_model_refuses_a_size_that_cannot_fit(tmp_path, tiny_weights, mon
 
 
 def test_export_memory_estimate_accepts_ordinary_sizes():
-    from metric.engine.memory import check_export_memory
+    from metric.engine.memory_estimates import check_export_memory
     from metric.export.onnx import export_inputs
 
     cfg = load_cfg(None, ["MODEL.DEPTH", "50"])
@@ -198,8 +202,9 @@ def test_abbreviation_on_the_real_command_line(tmp_path):
     assert not (tmp_path / "c.png").exists()
 
 
-@pytest.mark.parametrize("script", ["dolg_throughput", "train_throughput", "scale_bench", "search_bench",
-                                    "rerank_demo"])
+@pytest.mark.parametrize(
+    "script", ["dolg_throughput", "train_throughput", "scale_bench", "search_bench", "rerank_demo"]
+)
 def test_benchmarks_refuse_abbreviated_options(script, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location(f"bench_{script}", os.path.join(REPO, "benchmarks", f"{script}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -222,13 +227,29 @@ def test_search_output_and_scores_to_one_file_is_refused(stores, capsys):
     tmp, qry, idx = stores
     (tmp / "sub").mkdir()
     for scores in (tmp / "r.csv", tmp / "sub" / ".." / "r.csv"):
-        status, _, err = call_tool("search", ["--query", qry, "--index", idx, "--output", tmp / "r.csv",
-                                              "--scores", scores, "--no-progress"], capsys)
+        status, _, err = call_tool(
+            "search",
+            ["--query", qry, "--index", idx, "--output", tmp / "r.csv", "--scores", scores, "--no-progress"],
+            capsys,
+        )
         _one_error(status, err, "--output and --scores are the same file", str(tmp / "r.csv"))
         assert not (tmp / "r.csv").exists()
     os.symlink(tmp / "sub", tmp / "link")
-    status, _, err = call_tool("search", ["--query", qry, "--index", idx, "--output", tmp / "sub" / "r.csv",
-                                          "--scores", tmp / "link" / "r.csv", "--no-progress"], capsys)
+    status, _, err = call_tool(
+        "search",
+        [
+            "--query",
+            qry,
+            "--index",
+            idx,
+            "--output",
+            tmp / "sub" / "r.csv",
+            "--scores",
+            tmp / "link" / "r.csv",
+            "--no-progress",
+        ],
+        capsys,
+    )
     _one_error(status, err, "the same file")
 
 
@@ -236,8 +257,9 @@ def test_search_output_and_scores_to_one_file_is_refused(stores, capsys):
 def test_search_output_into_an_input_store_is_refused(stores, capsys, name):
     tmp, qry, idx = stores
     before = {n: (tmp / "query" / n).read_bytes() for n in os.listdir(qry)}
-    status, _, err = call_tool("search", ["--query", qry, "--index", idx, "--output", os.path.join(qry, name),
-                                          "--no-progress"], capsys)
+    status, _, err = call_tool(
+        "search", ["--query", qry, "--index", idx, "--output", os.path.join(qry, name), "--no-progress"], capsys
+    )
     _one_error(status, err, "--output", "the input --query")
     assert {n: (tmp / "query" / n).read_bytes() for n in os.listdir(qry)} == before
     assert len(load_features(qry)) == 4
@@ -255,23 +277,46 @@ def test_outputs_equal_to_an_input_are_refused_in_every_tool(stores, tiny_data, 
     ext = [*TINY_MODEL, "TEST.WEIGHTS", tiny_weights, "INFER.INPUT", os.path.join(tiny_data, "test.txt")]
     cases = [
         ("evaluate", ["--results", results, "--gt", gt, "--json", results], "--json", "is also the input --results"),
-        ("evaluate", ["--query", qry, "--index", idx, "--gt", gt, "--json", tmp / "index" / "m.json"], "--json",
-         "is inside the input --index"),
-        ("visualize", ["--results", results, "--gt", gt, "--query-root", tmp, "--index-root", tmp, "--output", gt],
-         "--output",
-         "is also the input --gt"),
+        (
+            "evaluate",
+            ["--query", qry, "--index", idx, "--gt", gt, "--json", tmp / "index" / "m.json"],
+            "--json",
+            "is inside the input --index",
+        ),
+        (
+            "visualize",
+            ["--results", results, "--gt", gt, "--query-root", tmp, "--index-root", tmp, "--output", gt],
+            "--output",
+            "is also the input --gt",
+        ),
         ("plot_stats", [tmp / "run", "--output", stats], "--output", "is also the input"),
         ("merge_features", [qry, idx, "--output", idx], "--output", "is also the input"),
-        ("import_features", ["--embeddings", tmp / "x.npy", "--ids", tmp / "ids.txt", "--output", tmp], "--output",
-         "inside the output --output"),
-        ("torch2onnx", [*TINY_MODEL, "TEST.WEIGHTS", tiny_weights, "--output", tiny_weights], "--output",
-         "is also the input TEST.WEIGHTS"),
-        ("make_kaggle_model", [*TINY_MODEL, "TEST.WEIGHTS", tiny_weights, "--output", tiny_weights], "--output",
-         "is also the input TEST.WEIGHTS"),
+        (
+            "import_features",
+            ["--embeddings", tmp / "x.npy", "--ids", tmp / "ids.txt", "--output", tmp],
+            "--output",
+            "inside the output --output",
+        ),
+        (
+            "torch2onnx",
+            [*TINY_MODEL, "TEST.WEIGHTS", tiny_weights, "--output", tiny_weights],
+            "--output",
+            "is also the input TEST.WEIGHTS",
+        ),
+        (
+            "make_kaggle_model",
+            [*TINY_MODEL, "TEST.WEIGHTS", tiny_weights, "--output", tiny_weights],
+            "--output",
+            "is also the input TEST.WEIGHTS",
+        ),
         ("onnx2tf", [tmp / "m.onnx", tmp], "OUTDIR", "is inside the output OUTDIR"),
         ("extract_features", [*ext, "INFER.OUTPUT", tiny_data], "INFER.OUTPUT", "inside the output INFER.OUTPUT"),
-        ("test_metric", [*TINY_MODEL, "TEST.WEIGHTS", tiny_weights, "--json", tiny_weights], "--json",
-         "is also the input TEST.WEIGHTS"),
+        (
+            "test_metric",
+            [*TINY_MODEL, "TEST.WEIGHTS", tiny_weights, "--json", tiny_weights],
+            "--json",
+            "is also the input TEST.WEIGHTS",
+        ),
     ]
     kept = {p: p.read_bytes() for p in (results, gt, stats)}
     for tool, argv, *words in cases:
@@ -282,8 +327,11 @@ def test_outputs_equal_to_an_input_are_refused_in_every_tool(stores, tiny_data, 
 
 
 def test_check_distinct_paths():
-    io.check_distinct_paths([("--output", "a.csv"), ("--scores", "b.csv"), ("--json", None)],
-                            [("--gt", "gt.csv")], stores=[("--query", "q")])
+    io.check_distinct_paths(
+        [("--output", "a.csv"), ("--scores", "b.csv"), ("--json", None)],
+        [("--gt", "gt.csv")],
+        stores=[("--query", "q")],
+    )
     io.check_distinct_paths([("--output", "q2/r.csv")], stores=[("--query", "q")])  # q2 is not inside q
     with pytest.raises(OutputError, match="--output and --scores are the same file"):
         io.check_distinct_paths([("--output", "a.csv"), ("--scores", "./x/../a.csv")])
@@ -294,10 +342,16 @@ def test_check_distinct_paths():
 # ----------------------------------------------------------------------------- 6. original search form
 
 
-@pytest.mark.parametrize("argv, command", [
-    (["search_gpu", "q_feats,", "r_feats,", "out.pkl"], "--query q_feats --index r_feats --output out.csv --topk 100"),
-    (["search_gpu", "q,r,res.csv", "50"], "--query q --index r --output res.csv --topk 50"),
-])
+@pytest.mark.parametrize(
+    "argv, command",
+    [
+        (
+            ["search_gpu", "q_feats,", "r_feats,", "out.pkl"],
+            "--query q_feats --index r_feats --output out.csv --topk 100",
+        ),
+        (["search_gpu", "q,r,res.csv", "50"], "--query q --index r --output res.csv --topk 50"),
+    ],
+)
 def test_original_search_command_names_the_new_one(argv, command, capsys):
     status, out, err = call_tool("search", argv, capsys)
     _one_error(status, err, "search_gpu", f"python tools/search.py {command}")
@@ -306,16 +360,28 @@ def test_original_search_command_names_the_new_one(argv, command, capsys):
 
 # ----------------------------------------------------------------------------- 7. tools/infer.sh
 
-TINY = [*TINY_MODEL, "MODEL.HEADS.POOL_LAYER", "avgpool", "TEST.IM_SIZE", "40",  # the model of tiny_weights
-        "DATA_LOADER.NUM_WORKERS", "0"]
+TINY = [
+    *TINY_MODEL,
+    "MODEL.HEADS.POOL_LAYER",
+    "avgpool",
+    "TEST.IM_SIZE",
+    "40",  # the model of tiny_weights
+    "DATA_LOADER.NUM_WORKERS",
+    "0",
+]
 
 
 def _infer(args, cwd, path_prefix=None):
     env = dict(os.environ, PYTHONPATH=REPO, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     if path_prefix:
         env["PATH"] = f"{path_prefix}{os.pathsep}{env['PATH']}"
-    cmd = ["bash", os.path.join(REPO, "tools", "infer.sh"), "--cfg", os.path.join(REPO, "configs", "metric",
-                                                                                   "demo_cpu.yaml"), *args]
+    cmd = [
+        "bash",
+        os.path.join(REPO, "tools", "infer.sh"),
+        "--cfg",
+        os.path.join(REPO, "configs", "metric", "demo_cpu.yaml"),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
@@ -345,12 +411,17 @@ def test_infer_sh_destination_faults_are_one_line(infer_setup, case):
         fake = _fake_mkdir(tmp / "bin", "No space left on device")
     elif case == "read-only":
         fake = _fake_mkdir(tmp / "bin", "Read-only file system")
-    proc = _infer(["--weights", str(tmp / "w.pth"), "--input", str(tmp / "list.txt"), "--output", str(out),
-                   "--gpus", ""], tmp, fake)
-    words = {"parent is a file": ["parent folder", "taken", "is not a folder"],
-             "output is a file": ["taken exists and is not a folder"],
-             "full disk": [f"cannot create shard folder {out}.shards: no space left on device"],
-             "read-only": [f"cannot create shard folder {out}.shards: read-only file system"]}[case]
+    proc = _infer(
+        ["--weights", str(tmp / "w.pth"), "--input", str(tmp / "list.txt"), "--output", str(out), "--gpus", ""],
+        tmp,
+        fake,
+    )
+    words = {
+        "parent is a file": ["parent folder", "taken", "is not a folder"],
+        "output is a file": ["taken exists and is not a folder"],
+        "full disk": [f"cannot create shard folder {out}.shards: no space left on device"],
+        "read-only": [f"cannot create shard folder {out}.shards: read-only file system"],
+    }[case]
     _one_error(proc.returncode, proc.stderr, *words)
     assert (tmp / "taken").read_text() == "a file\n" and not (tmp / "new").exists()
 
@@ -368,10 +439,17 @@ def test_infer_sh_read_only_folder(infer_setup):
 
 
 def test_infer_sh_failed_shard_is_one_line(infer_setup):
-    proc = _infer(["--weights", "w.pth", "--input", "missing.txt", "--output", "feats", "--gpus", "", *TINY],
-                  infer_setup)
-    _one_error(proc.returncode, proc.stderr, "shard 1/1 failed:", "missing.txt", "(log: feats.shards/",
-               "rerun the same command")
+    proc = _infer(
+        ["--weights", "w.pth", "--input", "missing.txt", "--output", "feats", "--gpus", "", *TINY], infer_setup
+    )
+    _one_error(
+        proc.returncode,
+        proc.stderr,
+        "shard 1/1 failed:",
+        "missing.txt",
+        "(log: feats.shards/",
+        "rerun the same command",
+    )
 
 
 @pytest.mark.slow
@@ -380,8 +458,22 @@ def test_infer_sh_resolves_relative_paths_against_the_callers_folder(tiny_data, 
     work = tmp_path / "work"
     shutil.copytree(tiny_data, work / "data")
     (work / "w.pth").write_bytes(open(tiny_weights, "rb").read())
-    proc = _infer(["--weights", "w.pth", "--input", "data/test.txt", "--output", "out/feats", "--shards", "2",
-                   "--gpus", "", *TINY], work)
+    proc = _infer(
+        [
+            "--weights",
+            "w.pth",
+            "--input",
+            "data/test.txt",
+            "--output",
+            "out/feats",
+            "--shards",
+            "2",
+            "--gpus",
+            "",
+            *TINY,
+        ],
+        work,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(load_features(work / "out" / "feats")) == 32
     assert not os.path.exists(os.path.join(REPO, "out"))

@@ -15,16 +15,17 @@ import numpy as np
 import pytest
 import simplejson
 
-from conftest import REPO, logging_restored, run_py, tiny_opts
 from metric.config import load_cfg
 from metric.utils.errors import ConfigError, DataError, OutputError
 from metric.utils.logger import StatsWriter, read_stats
+from tests.helpers import REPO, logging_restored, run_py, tiny_opts
 
 # the warnings "No path found after ..." of TensorBoard's event accumulator are noise
 logging.getLogger("tensorboard").setLevel(logging.ERROR)
 
 
 # ----------------------------------------------------------------------------- images
+
 
 def _jpeg(shape=(40, 48), seed=0):
     im = np.random.default_rng(seed).integers(0, 255, shape + (3,)).astype(np.uint8)
@@ -62,12 +63,21 @@ def _write(path, data):
     return str(path)
 
 
-@pytest.mark.parametrize("ext,params", [(".jpg", []), (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]), (".png", []),
-                                        (".bmp", []), (".tiff", []), (".gif", []),
-                                        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80]),
-                                        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101])])
+@pytest.mark.parametrize(
+    "ext,params",
+    [
+        (".jpg", []),
+        (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+        (".png", []),
+        (".bmp", []),
+        (".tiff", []),
+        (".gif", []),
+        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80]),
+        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
+    ],
+)
 def test_header_size_of_every_checked_format(tmp_path, ext, params):
-    from metric.datasets.imagefile import file_header_size, header_size
+    from metric.utils.imagefile import file_header_size, header_size
 
     im = np.random.default_rng(0).integers(0, 255, (37, 53, 3)).astype(np.uint8)
     try:
@@ -79,19 +89,26 @@ def test_header_size_of_every_checked_format(tmp_path, ext, params):
 
 
 def test_header_size_of_extended_webp_and_of_malformed_headers(tmp_path):
-    from metric.datasets.imagefile import file_header_size, header_size
+    from metric.utils.imagefile import file_header_size, header_size
 
     im = np.random.default_rng(0).integers(0, 255, (37, 53, 4)).astype(np.uint8)
     assert header_size(cv2.imencode(".webp", im)[1]) == (53, 37)  # with alpha: the extended (VP8X) header
-    for junk in (b"\xff\xd8\xff\xe0\x00", b"\xff\xd8\xff\xe0\x00\x10JFIF", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00\xff",
-                 b"not an image", b""):
+    for junk in (
+        b"\xff\xd8\xff\xe0\x00",
+        b"\xff\xd8\xff\xe0\x00\x10JFIF",
+        b"\x89PNG\r\n\x1a\n",
+        b"BM",
+        b"II*\x00\xff",
+        b"not an image",
+        b"",
+    ):
         assert header_size(junk) is None
     assert file_header_size(str(tmp_path / "missing.jpg")) is None
 
 
 def test_decompression_bomb_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
-    from metric.datasets import imagefile
     from metric.datasets.transforms import decode_image
+    from metric.utils import imagefile
 
     bomb = _write(tmp_path / "bomb.jpg", _bomb())
     decoded = []
@@ -118,12 +135,13 @@ def test_bomb_in_training_is_replaced_and_counted_like_an_unreadable_image(tmp_p
     assert any("big.jpg" in r.getMessage() and "50 x 60 pixels" in r.getMessage() for r in caplog.records)
     assert ListDataset(items, TrainTransform(16), seed=0, max_pixels=3000)[0][2] == 0
     with pytest.raises(DataError, match="class 1 .* no readable image"):
-        check_readable_classes(items[:2] + [(_write(tmp_path / "c.jpg", _jpeg((60, 50))), 1)], "list.txt",
-                               max_pixels=2500)
+        check_readable_classes(
+            items[:2] + [(_write(tmp_path / "c.jpg", _jpeg((60, 50))), 1)], "list.txt", max_pixels=2500
+        )
 
 
 def test_max_image_pixels_config_key():
-    from metric.datasets.imagefile import DEFAULT_MAX_PIXELS
+    from metric.utils.imagefile import DEFAULT_MAX_PIXELS
 
     cfg = load_cfg(None, [])
     assert cfg.DATA_LOADER.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS == 89_478_485
@@ -199,15 +217,45 @@ def test_extraction_lists_bombs_and_broken_files_and_stderr_has_only_our_lines(t
     data = str(tmp_path / "images")
     files = _chatter_files(data)
     _write(os.path.join(data, "bomb.jpg"), _bomb(300, 200))
-    opts = ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "8", "RESNET.STEM_WIDTH", "8", "MODEL.HEADS.IN_FEAT", "0",
-            "MODEL.HEADS.REDUCTION_DIM", "16", "MODEL.HEADS.NUM_CLASSES", "4", "TEST.IM_SIZE", "32",
-            "TEST.BATCH_SIZE", "4", "DATA_LOADER.NUM_WORKERS", "0"]
+    opts = [
+        "MODEL.DEPTH",
+        "18",
+        "RESNET.WIDTH_PER_GROUP",
+        "8",
+        "RESNET.STEM_WIDTH",
+        "8",
+        "MODEL.HEADS.IN_FEAT",
+        "0",
+        "MODEL.HEADS.REDUCTION_DIM",
+        "16",
+        "MODEL.HEADS.NUM_CLASSES",
+        "4",
+        "TEST.IM_SIZE",
+        "32",
+        "TEST.BATCH_SIZE",
+        "4",
+        "DATA_LOADER.NUM_WORKERS",
+        "0",
+    ]
     torch.manual_seed(0)
     weights = str(tmp_path / "w.pth")
     torch.save(build_model(load_cfg(None, opts)).state_dict(), weights)
     out = str(tmp_path / "store")
-    proc = run_py(["tools/extract_features.py", "--no-progress", *opts, "TEST.WEIGHTS", weights, "INFER.INPUT", data,
-                   "INFER.OUTPUT", out, "DATA_LOADER.MAX_IMAGE_PIXELS", "50000"])
+    proc = run_py(
+        [
+            "tools/extract_features.py",
+            "--no-progress",
+            *opts,
+            "TEST.WEIGHTS",
+            weights,
+            "INFER.INPUT",
+            data,
+            "INFER.OUTPUT",
+            out,
+            "DATA_LOADER.MAX_IMAGE_PIXELS",
+            "50000",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     store = load_features(out)
     assert sorted(store.ids) == ["corrupt", "good"]
@@ -218,6 +266,7 @@ def test_extraction_lists_bombs_and_broken_files_and_stderr_has_only_our_lines(t
 
 
 # ----------------------------------------------------------------------------- TensorBoard's thread
+
 
 def _full_disk_in_tensorboard_thread(monkeypatch):
     """TensorBoard's event-file writer thread hits a full disk (the main thread still writes)."""
@@ -299,6 +348,7 @@ def test_full_disk_during_training_is_one_error_line_and_one_warning(tiny_data, 
 
 # ----------------------------------------------------------------------------- stats.jsonl
 
+
 def _records(path):
     return [simplejson.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
 
@@ -315,7 +365,10 @@ def test_stats_of_a_run_killed_before_its_first_checkpoint_are_written_once(tmp_
     rerun.write("train_iter", epoch=1, iter=4, iters=4, loss=0.8)
     rerun.write("train_epoch", epoch=1, loss=0.95)
     assert [(r["_type"], r.get("iter"), r["loss"]) for r in _records(rerun.path)] == [
-        ("train_iter", 2, 1.1), ("train_iter", 4, 0.8), ("train_epoch", None, 0.95)]
+        ("train_iter", 2, 1.1),
+        ("train_iter", 4, 0.8),
+        ("train_epoch", None, 0.95),
+    ]
 
     # a run resumed after the checkpoint of epoch 1 (the trainer cut the file back to it) keeps
     # what came before that checkpoint
@@ -336,8 +389,17 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_has_each_record_once(tin
     from metric.engine.trainer import train_model
 
     out = str(tmp_path / "run")
-    opts = tiny_opts(tiny_data, out, **{"OPTIM.MAX_EPOCH": 2, "TRAIN.CHECKPOINT_PERIOD": 2, "LOG_PERIOD": 1,
-                                        "TEST.DATASET": "", "LOG.TENSORBOARD": False})
+    opts = tiny_opts(
+        tiny_data,
+        out,
+        **{
+            "OPTIM.MAX_EPOCH": 2,
+            "TRAIN.CHECKPOINT_PERIOD": 2,
+            "LOG_PERIOD": 1,
+            "TEST.DATASET": "",
+            "LOG.TENSORBOARD": False,
+        },
+    )
     with logging_restored():
         train_model(load_cfg(None, opts))
     stats = os.path.join(out, "stats.jsonl")
@@ -358,6 +420,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_has_each_record_once(tin
 
 
 # ----------------------------------------------------------------------------- GLDv2 on a full disk
+
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_gldv2_conversion_on_a_full_disk_leaves_nothing_it_created(tmp_path, monkeypatch, existing):
@@ -386,6 +449,7 @@ def test_gldv2_conversion_on_a_full_disk_leaves_nothing_it_created(tmp_path, mon
 
 # ----------------------------------------------------------------------------- extraction lists
 
+
 def test_repeated_line_in_an_extraction_list_is_named_not_blamed_on_ids(tiny_data, tmp_path):
     from metric.engine.extract import list_images
 
@@ -407,12 +471,20 @@ def test_repeated_line_in_an_extraction_list_is_named_not_blamed_on_ids(tiny_dat
 
 # ----------------------------------------------------------------------------- batch norm on one image
 
-@pytest.mark.parametrize("extra,words", [
-    ({"MODEL.HEADS.BN_NECK": True, "TRAIN.BATCH_SIZE": 1}, ["TRAIN.BATCH_SIZE=1", "MODEL.HEADS.BN_NECK False",
-                                                            "NUM_GPUS"]),
-    ({"MODEL.HEADS.BN_NECK": True, "TRAIN.BATCH_SIZE": 2, "NUM_GPUS": 2, "DIST.ALLOW_OVERSUBSCRIBE": True},
-     ["TRAIN.BATCH_SIZE=2 over 2 process(es)", "TRAIN.BATCH_SIZE to 4", "MODEL.HEADS.BN_NECK False"]),
-])
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (
+            {"MODEL.HEADS.BN_NECK": True, "TRAIN.BATCH_SIZE": 1},
+            ["TRAIN.BATCH_SIZE=1", "MODEL.HEADS.BN_NECK False", "NUM_GPUS"],
+        ),
+        (
+            {"MODEL.HEADS.BN_NECK": True, "TRAIN.BATCH_SIZE": 2, "NUM_GPUS": 2, "DIST.ALLOW_OVERSUBSCRIBE": True},
+            ["TRAIN.BATCH_SIZE=2 over 2 process(es)", "TRAIN.BATCH_SIZE to 4", "MODEL.HEADS.BN_NECK False"],
+        ),
+    ],
+)
 def test_one_image_per_process_with_batch_norm_is_refused_before_launch(tiny_data, tmp_path, extra, words):
     from metric.engine.precheck import check_training
 
@@ -424,8 +496,7 @@ def test_one_image_per_process_with_batch_norm_is_refused_before_launch(tiny_dat
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_one_image_per_process_without_a_neck_is_refused_where_backbone_batch_norm_has_one_value(tiny_data,
-                                                                                                 tmp_path):
+def test_one_image_per_process_without_a_neck_is_refused_where_backbone_batch_norm_has_one_value(tiny_data, tmp_path):
     from metric.engine.precheck import check_training
 
     # the backbone's last batch norm sees a 1 x 1 map of a 32 px image

@@ -17,7 +17,7 @@ import metric.utils.distributed as du
 from metric.config import load_cfg
 from metric.utils import lock
 from metric.utils.errors import DistributedError, OutputBusyError
-from tests.conftest import REPO, call_tool, free_port, run_py, tiny_opts
+from tests.helpers import REPO, call_tool, free_port, run_py, tiny_opts
 
 # --- locks ----------------------------------------------------------------------------------------
 
@@ -50,8 +50,9 @@ def _env():
 @contextlib.contextmanager
 def held_by_another_process(lock_path):
     """A process (not this one: locks are reentrant within a process) holding ``lock_path``."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock_path)], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(lock_path)], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         yield proc
@@ -61,8 +62,9 @@ def held_by_another_process(lock_path):
 
 
 def _try_in_subprocess(lock_path):
-    return subprocess.run([sys.executable, "-c", _TRY, str(lock_path)], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", _TRY, str(lock_path)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60
+    )
 
 
 def test_lock_refuses_a_second_process_naming_the_holder(tmp_path):
@@ -84,8 +86,9 @@ def test_lock_of_a_killed_holder_is_free(tmp_path):
     with held_by_another_process(path) as holder:
         with pytest.raises(OutputBusyError) as info:
             lock.acquire(str(path), "OUT_DIR x", "choose another OUT_DIR")
-        assert str(info.value) == (f"OUT_DIR x is in use by another run (pid {holder.pid}); "
-                                   "wait for it or choose another OUT_DIR")
+        assert str(info.value) == (
+            f"OUT_DIR x is in use by another run (pid {holder.pid}); wait for it or choose another OUT_DIR"
+        )
         holder.send_signal(signal.SIGKILL)
         holder.wait()
         assert path.exists()  # left behind by kill -9, but not locked
@@ -108,16 +111,22 @@ def test_feature_store_writers_are_locked(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x.npy", rng.standard_normal((3, 4)).astype(np.float32))
     (tmp_path / "ids.txt").write_text("a\nb\nc\n")
-    status, _, _ = call_tool("import_features", ["--embeddings", tmp_path / "x.npy", "--ids", tmp_path / "ids.txt",
-                                                 "--output", tmp_path / "s"], capsys)
+    status, _, _ = call_tool(
+        "import_features",
+        ["--embeddings", tmp_path / "x.npy", "--ids", tmp_path / "ids.txt", "--output", tmp_path / "s"],
+        capsys,
+    )
     assert status == 0 and not (tmp_path / "s.lock").exists()
     out = tmp_path / "merged"
     with held_by_another_process(str(out) + ".lock") as holder:
         status, _, err = call_tool("merge_features", [tmp_path / "s", "--output", out], capsys)
         assert status == 2
         _one_error_line(err, f"feature store {out} is in use by another run (pid {holder.pid})")
-        status, _, err = call_tool("import_features", ["--embeddings", tmp_path / "x.npy", "--ids",
-                                                       tmp_path / "ids.txt", "--output", out], capsys)
+        status, _, err = call_tool(
+            "import_features",
+            ["--embeddings", tmp_path / "x.npy", "--ids", tmp_path / "ids.txt", "--output", out],
+            capsys,
+        )
         assert status == 2
         _one_error_line(err, f"(pid {holder.pid})", "choose another output folder")
         assert not out.exists()
@@ -129,11 +138,13 @@ def test_extraction_output_is_locked(tmp_path, capsys):
     out = tmp_path / "feats"
     (tmp_path / "list.txt").write_text("a.jpg\n")
     with held_by_another_process(str(out) + ".lock") as holder:
-        status, _, err = call_tool("extract_features", ["INFER.INPUT", tmp_path / "list.txt", "INFER.OUTPUT", out],
-                                   capsys)
+        status, _, err = call_tool(
+            "extract_features", ["INFER.INPUT", tmp_path / "list.txt", "INFER.OUTPUT", out], capsys
+        )
     assert status == 2
-    _one_error_line(err, f"feature store {out} is in use by another run (pid {holder.pid})",
-                    "choose another INFER.OUTPUT")
+    _one_error_line(
+        err, f"feature store {out} is in use by another run (pid {holder.pid})", "choose another INFER.OUTPUT"
+    )
 
 
 def test_training_out_dir_is_locked(tiny_data, tmp_path, capsys, monkeypatch):
@@ -143,8 +154,9 @@ def test_training_out_dir_is_locked(tiny_data, tmp_path, capsys, monkeypatch):
     with held_by_another_process(out / ".lock") as holder:
         status, _, err = call_tool("train_metric", tiny_opts(tiny_data, str(out)), capsys)
     assert status == 2
-    _one_error_line(err, f"OUT_DIR {out} is in use by another run (pid {holder.pid}); wait for it or choose another "
-                         "OUT_DIR")
+    _one_error_line(
+        err, f"OUT_DIR {out} is in use by another run (pid {holder.pid}); wait for it or choose another OUT_DIR"
+    )
     assert os.listdir(out) == [".lock"]  # nothing written (the lock file was left by the killed holder)
 
 
@@ -161,6 +173,7 @@ def test_second_training_run_on_one_out_dir_exits_2(tiny_data, tmp_path):
 
 # --- checks in the launching process --------------------------------------------------------------
 
+
 @pytest.fixture
 def no_spawn(monkeypatch):
     """Fail the test if any process is spawned."""
@@ -172,8 +185,9 @@ def no_spawn(monkeypatch):
 
 def test_missing_data_with_4_processes_is_one_line_before_spawning(tiny_data, tmp_path, capsys, no_spawn):
     out = tmp_path / "run"
-    opts = tiny_opts(tiny_data, str(out), **{"TRAIN.DATASET": "no_such_set", "NUM_GPUS": 4,
-                                             "DIST.ALLOW_OVERSUBSCRIBE": True})
+    opts = tiny_opts(
+        tiny_data, str(out), **{"TRAIN.DATASET": "no_such_set", "NUM_GPUS": 4, "DIST.ALLOW_OVERSUBSCRIBE": True}
+    )
     status, _, err = call_tool("train_metric", opts, capsys)
     assert status == 2
     _one_error_line(err, "data set folder not found", "no_such_set")
@@ -198,8 +212,9 @@ def test_more_cpu_processes_than_cores_needs_the_opt_in(tiny_data, tmp_path, cap
 
 
 @pytest.mark.parametrize("local_rank, printed", [("0", True), ("1", False)])
-def test_under_torchrun_only_local_rank_0_prints_errors_every_rank_finds(tiny_data, tmp_path, capsys, monkeypatch,
-                                                                       local_rank, printed):
+def test_under_torchrun_only_local_rank_0_prints_errors_every_rank_finds(
+    tiny_data, tmp_path, capsys, monkeypatch, local_rank, printed
+):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", local_rank)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
@@ -217,8 +232,9 @@ def test_under_torchrun_only_local_rank_0_prints_errors_every_rank_finds(tiny_da
 @pytest.mark.slow
 def test_missing_data_with_4_processes_end_to_end(tiny_data, tmp_path):
     out = str(tmp_path / "run")
-    opts = tiny_opts(tiny_data, out, **{"TRAIN.DATASET": "no_such_set", "NUM_GPUS": 4,
-                                        "DIST.ALLOW_OVERSUBSCRIBE": True})
+    opts = tiny_opts(
+        tiny_data, out, **{"TRAIN.DATASET": "no_such_set", "NUM_GPUS": 4, "DIST.ALLOW_OVERSUBSCRIBE": True}
+    )
     start = time.monotonic()
     proc = run_py(["tools/train_metric.py", *opts], timeout=120)
     seconds = time.monotonic() - start
@@ -231,12 +247,19 @@ def test_missing_data_with_4_processes_end_to_end(tiny_data, tmp_path):
 
 # --- collectives: timeouts and dead peers ----------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "message, kind",
     [
-        ("[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation", "timeout"),
+        (
+            "[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation",
+            "timeout",
+        ),
         ("[third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:4998", "lost"),
-        ("[third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:37261: Connection reset by peer", "lost"),
+        (
+            "[third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:37261: Connection reset by peer",
+            "lost",
+        ),
         ("shape mismatch", None),
     ],
 )
@@ -249,8 +272,10 @@ def test_collective_helpers_raise_one_line(monkeypatch):
     import torch.distributed as dist
 
     def stuck(*args, **kwargs):
-        raise RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
-                           "5000ms for recv operation to complete")
+        raise RuntimeError(
+            "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+            "5000ms for recv operation to complete"
+        )
 
     monkeypatch.setattr(du, "world_size", lambda: 2)
     monkeypatch.setattr(du, "_timeout_s", 5)
@@ -260,8 +285,13 @@ def test_collective_helpers_raise_one_line(monkeypatch):
     with pytest.raises(DistributedError) as info:
         du.barrier()
     message = str(info.value)
-    assert message.startswith("rank 0: barrier (in test_collective_helpers_raise_one_line) timed out after 5 s "
-                              "(a peer process died or is stuck)") and "\n" not in message
+    assert (
+        message.startswith(
+            "rank 0: barrier (in test_collective_helpers_raise_one_line) timed out after 5 s "
+            "(a peer process died or is stuck)"
+        )
+        and "\n" not in message
+    )
     with pytest.raises(DistributedError, match=r"rank 0: all_reduce \(in .*\) timed out after 5 s"):
         du.all_reduce_mean(torch.ones(2))
     with pytest.raises(DistributedError, match=r"rank 0: all_gather_object \(in .*\) timed out"):
@@ -281,7 +311,7 @@ def test_timeout_key_is_checked():
 
 # Stops (SIGSTOP) rank 1 of a self-spawned two-process run at a point the test chooses; it is a
 # file, not `python -c`, so that the spawned processes import it too (as __mp_main__).
-_STOPPER = '''
+_STOPPER = """
 import importlib.util, os, signal, sys
 import torch
 import metric.utils.distributed as du
@@ -308,29 +338,37 @@ if __name__ == "__main__":
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     sys.exit(run_tool(tool.main))
-'''
+"""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where, collective", [("all_gather_objects", "all_gather_object"),
-                                               ("backward", "the gradient all-reduce (DDP backward)")])
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "where, collective",
+    [("all_gather_objects", "all_gather_object"), ("backward", "the gradient all-reduce (DDP backward)")],
+)
 def test_a_stopped_peer_ends_the_run_with_one_line(tiny_data, tmp_path, where, collective):
     script = tmp_path / "stop_rank1.py"
     script.write_text(_STOPPER)
     opts = tiny_opts(tiny_data, str(tmp_path / "run"), **{"TRAIN.BATCH_SIZE": 8, "TEST.BATCH_SIZE": 8})
     start = time.monotonic()
-    proc = run_py([str(script), *opts, "NUM_GPUS", "2", "HOST", "127.0.0.1", "PORT", str(free_port()),
-                   "DIST.TIMEOUT_S", "5"], env={"STOP_WHERE": where}, timeout=180)
+    proc = run_py(
+        [str(script), *opts, "NUM_GPUS", "2", "HOST", "127.0.0.1", "PORT", str(free_port()), "DIST.TIMEOUT_S", "5"],
+        env={"STOP_WHERE": where},
+        timeout=180,
+    )
     seconds = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-3000:]
-    line = _one_error_line(proc.stderr, f"error: rank 0: {collective}", "timed out after 5 s",
-                           "a peer process died or is stuck")
+    line = _one_error_line(
+        proc.stderr, f"error: rank 0: {collective}", "timed out after 5 s", "a peer process died or is stuck"
+    )
     assert "no CUDA: running 2 CPU processes with gloo" in proc.stdout
     assert seconds < 90, (seconds, line)  # about 25 s on a 2-core machine: start-up, 5 s, shutdown
     assert not os.path.exists(tmp_path / "run" / ".lock")
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_an_error_of_every_spawned_process_is_one_line(tiny_data, tmp_path):
     weights = tmp_path / "other.pyth"
     torch.save({"some.other.layer": torch.zeros(3)}, weights)  # a readable file that fits no model
@@ -342,13 +380,27 @@ def test_an_error_of_every_spawned_process_is_one_line(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_unreachable_rendezvous_is_one_line(tiny_data, tmp_path):
-    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}  # a hand-launched worker whose master never comes
+    env = {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }  # a hand-launched worker whose master never comes
     start = time.monotonic()
-    proc = run_py(["tools/train_metric.py", *tiny_opts(tiny_data, str(tmp_path / "run")), "DIST.TIMEOUT_S", "3"],
-                  env=env, timeout=120)
+    proc = run_py(
+        ["tools/train_metric.py", *tiny_opts(tiny_data, str(tmp_path / "run")), "DIST.TIMEOUT_S", "3"],
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    _one_error_line(proc.stderr, "rank 1: cannot join the process group at 127.0.0.1:", "within 3 s",
-                    "check MASTER_ADDR and MASTER_PORT")
+    _one_error_line(
+        proc.stderr,
+        "rank 1: cannot join the process group at 127.0.0.1:",
+        "within 3 s",
+        "check MASTER_ADDR and MASTER_PORT",
+    )
     assert time.monotonic() - start < 60

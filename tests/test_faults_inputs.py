@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from metric.config import load_cfg
-from metric.engine import memory
+from metric.engine import memory_estimates
 from metric.utils.errors import ConfigError, DataError, MetricError
-from tests.conftest import call_tool, run_py, tiny_opts, write_tiny_dataset
+from tests.helpers import call_tool, run_py, tiny_opts, write_tiny_dataset
 
 BIG_CLASSIFIER = ["MODEL.HEADS.NUM_CLASSES", "50000000", "MODEL.HEADS.REDUCTION_DIM", "512", "OPTIM.OPTIMIZER", "adamw"]
 
@@ -36,34 +36,48 @@ def test_memory_estimate_refuses_what_cannot_fit():
     cpu = torch.device("cpu")
     cfg = load_cfg(None, BIG_CLASSIFIER)
     # 50M x 512 x 4 bytes x (weights, gradient, 2 adamw slots) = 410 GB; nothing is allocated.
-    with pytest.raises(ConfigError, match=r"^MODEL.HEADS.NUM_CLASSES=50000000 x REDUCTION_DIM=512 \(the classifier, "
-                                          r"its gradient and its adamw state\) needs about 410 GB, more than this "
-                                          r"machine's 24.0 GB of memory \(CPU\)"):
-        memory.check_training_memory(cfg, cpu, cpu_bytes=24e9)
+    with pytest.raises(
+        ConfigError,
+        match=r"^MODEL.HEADS.NUM_CLASSES=50000000 x REDUCTION_DIM=512 \(the classifier, "
+        r"its gradient and its adamw state\) needs about 410 GB, more than this "
+        r"machine's 24.0 GB of memory \(CPU\)",
+    ):
+        memory_estimates.check_training_memory(cfg, cpu, cpu_bytes=24e9)
     with pytest.raises(ConfigError, match=r"REDUCTION_DIM=512 \(the classifier weights\) needs about 102 GB"):
-        memory.check_extraction_memory(cfg, cpu, cpu_bytes=24e9)
+        memory_estimates.check_extraction_memory(cfg, cpu, cpu_bytes=24e9)
     # On a GPU the classifier state counts against the GPU's memory (and its weights against the CPU's).
     cfg = load_cfg(None, ["MODEL.HEADS.NUM_CLASSES", "5000000", "MODEL.HEADS.REDUCTION_DIM", "512"])
     with pytest.raises(ConfigError, match=r"needs about 30.7 GB, more than the 16.0 GB of GPU memory of cuda:0"):
-        memory.check_training_memory(cfg, torch.device("cuda", 0), cpu_bytes=1e12, gpu_bytes=16e9)
-    with pytest.raises(ConfigError, match=r"^TRAIN.BATCH_SIZE=4096 \(4096 per process\) at TRAIN.IM_SIZE=224 .* "
-                                          r"needs about \d+ GB"):
-        memory.check_training_memory(load_cfg(None, ["TRAIN.BATCH_SIZE", "4096"]), cpu, cpu_bytes=24e9)
+        memory_estimates.check_training_memory(cfg, torch.device("cuda", 0), cpu_bytes=1e12, gpu_bytes=16e9)
+    with pytest.raises(
+        ConfigError,
+        match=r"^TRAIN.BATCH_SIZE=4096 \(4096 per process\) at TRAIN.IM_SIZE=224 .* "
+        r"needs about \d+ GB",
+    ):
+        memory_estimates.check_training_memory(load_cfg(None, ["TRAIN.BATCH_SIZE", "4096"]), cpu, cpu_bytes=24e9)
     with pytest.raises(ConfigError, match=r"TEST.IM_SIZE=256 x INFER.SCALES max 40.0 = 10240 px needs about"):
-        memory.check_extraction_memory(load_cfg(None, ["INFER.SCALES", "[1.0, 40.0]"]), cpu, cpu_bytes=24e9)
-    with pytest.raises(ConfigError, match=r"^DATA_LOADER.NUM_WORKERS=1000 starts 1000 loader processes on this "
-                                          r"machine's 2 CPU core\(s\); use at most 8"):
-        memory.check_extraction_memory(load_cfg(None, ["DATA_LOADER.NUM_WORKERS", "1000"]), cpu, cpu_bytes=24e9,
-                                       cores=2)
+        memory_estimates.check_extraction_memory(load_cfg(None, ["INFER.SCALES", "[1.0, 40.0]"]), cpu, cpu_bytes=24e9)
+    with pytest.raises(
+        ConfigError,
+        match=r"^DATA_LOADER.NUM_WORKERS=1000 starts 1000 loader processes on this "
+        r"machine's 2 CPU core\(s\); use at most 8",
+    ):
+        memory_estimates.check_extraction_memory(
+            load_cfg(None, ["DATA_LOADER.NUM_WORKERS", "1000"]), cpu, cpu_bytes=24e9, cores=2
+        )
     few_pixels = ["TRAIN.BATCH_SIZE", "16", "TRAIN.IM_SIZE", "64"]
-    with pytest.raises(ConfigError, match=r"^DATA_LOADER.NUM_WORKERS=32 \(32 loader processes of about 102 MB each\) "
-                                          r"needs about 3.3 GB, more than this machine's 2.0 GB"):
-        memory.check_training_memory(load_cfg(None, few_pixels + ["DATA_LOADER.NUM_WORKERS", "32"]), cpu,
-                                     cpu_bytes=2e9, cores=8)
+    with pytest.raises(
+        ConfigError,
+        match=r"^DATA_LOADER.NUM_WORKERS=32 \(32 loader processes of about 102 MB each\) "
+        r"needs about 3.3 GB, more than this machine's 2.0 GB",
+    ):
+        memory_estimates.check_training_memory(
+            load_cfg(None, few_pixels + ["DATA_LOADER.NUM_WORKERS", "32"]), cpu, cpu_bytes=2e9, cores=8
+        )
     # The shipped defaults fit a 32 GB machine; the machine's own memory is found.
-    memory.check_training_memory(load_cfg(None, []), cpu, cpu_bytes=32e9, cores=4)
-    memory.check_extraction_memory(load_cfg(None, []), cpu, cpu_bytes=32e9, cores=4)
-    assert memory.machine_memory() > 10**8 and memory.cpu_cores() >= 1
+    memory_estimates.check_training_memory(load_cfg(None, []), cpu, cpu_bytes=32e9, cores=4)
+    memory_estimates.check_extraction_memory(load_cfg(None, []), cpu, cpu_bytes=32e9, cores=4)
+    assert memory_estimates.machine_memory() > 10**8 and memory_estimates.cpu_cores() >= 1
 
 
 def test_trainer_and_extraction_check_memory_before_allocating(tiny_data, tmp_path, monkeypatch, capsys):
@@ -75,15 +89,22 @@ def test_trainer_and_extraction_check_memory_before_allocating(tiny_data, tmp_pa
 
     monkeypatch.setattr(trainer, "build_model", forbidden)
     monkeypatch.setattr(extract.Predictor, "from_cfg", forbidden)
-    monkeypatch.setattr(memory, "machine_memory", lambda: 8 * 10**9)
-    opts = tiny_opts(tiny_data, str(tmp_path / "run"), **{"MODEL.HEADS.NUM_CLASSES": 10**9,
-                                                         "MODEL.HEADS.REDUCTION_DIM": 512})
+    monkeypatch.setattr(memory_estimates, "machine_memory", lambda: 8 * 10**9)
+    opts = tiny_opts(
+        tiny_data, str(tmp_path / "run"), **{"MODEL.HEADS.NUM_CLASSES": 10**9, "MODEL.HEADS.REDUCTION_DIM": 512}
+    )
     status, _, err = call_tool("train_metric", opts, capsys)
     _one_line_exit_2(status, err)
     assert "MODEL.HEADS.NUM_CLASSES=1000000000 x REDUCTION_DIM=512" in err and "8.0 GB of memory (CPU)" in err
-    opts = tiny_opts(tiny_data, str(tmp_path / "run"), **{"INFER.INPUT": os.path.join(tiny_data, "img"),
-                                                         "INFER.OUTPUT": str(tmp_path / "store"),
-                                                         "INFER.SCALES": "[1.0, 300.0]"})
+    opts = tiny_opts(
+        tiny_data,
+        str(tmp_path / "run"),
+        **{
+            "INFER.INPUT": os.path.join(tiny_data, "img"),
+            "INFER.OUTPUT": str(tmp_path / "store"),
+            "INFER.SCALES": "[1.0, 300.0]",
+        },
+    )
     status, _, err = call_tool("extract_features", opts, capsys)
     _one_line_exit_2(status, err)
     assert "INFER.SCALES max 300.0 = 10800 px" in err and not os.path.exists(tmp_path / "store")
@@ -101,12 +122,26 @@ def test_views_too_small_for_the_backbone_are_refused(tiny_data, tmp_path, capsy
     # TRAIN.IM_SIZE with a centre crop (which used to crash after the last epoch), train and evaluate.
     from metric.engine.predictor import Predictor
 
-    cfg = load_cfg(None, ["MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.REDUCTION_DIM", "16", "TEST.IM_SIZE", "8",
-                          "INFER.CENTER_CROP", "True"])
+    cfg = load_cfg(
+        None,
+        [
+            "MODEL.HEADS.IN_FEAT",
+            "0",
+            "MODEL.HEADS.REDUCTION_DIM",
+            "16",
+            "TEST.IM_SIZE",
+            "8",
+            "INFER.CENTER_CROP",
+            "True",
+        ],
+    )
     emb = Predictor.from_cfg(cfg, device="cpu", missing_weights="ignore").describe([np.zeros((5, 300, 3), np.uint8)])
     assert emb.shape == (1, 16) and np.isfinite(emb).all()
-    opts = tiny_opts(tiny_data, str(tmp_path / "run"), **{"TEST.IM_SIZE": 16, "INFER.SCALES": "[0.5, 1.0]",
-                                                         "INFER.CENTER_CROP": True, "OPTIM.MAX_EPOCH": 1})
+    opts = tiny_opts(
+        tiny_data,
+        str(tmp_path / "run"),
+        **{"TEST.IM_SIZE": 16, "INFER.SCALES": "[0.5, 1.0]", "INFER.CENTER_CROP": True, "OPTIM.MAX_EPOCH": 1},
+    )
     status, _, err = call_tool("train_metric", opts, capsys)
     assert status == 0, err
 
@@ -118,8 +153,11 @@ def test_files_that_are_not_utf8_name_file_and_line(tmp_path):
 
     lst = tmp_path / "list.txt"
     lst.write_bytes(b"a.jpg 0\nb\xe9.jpg 1\n")
-    with pytest.raises(DataError, match=r"list.txt:2: the list file is not UTF-8 text \(invalid continuation byte: "
-                                        r"byte 0xe9 at column 2\); save it as UTF-8$"):
+    with pytest.raises(
+        DataError,
+        match=r"list.txt:2: the list file is not UTF-8 text \(invalid continuation byte: "
+        r"byte 0xe9 at column 2\); save it as UTF-8$",
+    ):
         read_list(str(lst), check_files=False)
     labels = tmp_path / "labels.txt"
     labels.write_bytes(b"a 1\nb 2\n\xff\xfec 3\n")
@@ -150,8 +188,11 @@ def test_class_without_readable_image_is_refused_at_start(tmp_path):
     (tmp_path / "data" / "img" / "2_0.jpg").write_bytes(b"")  # class 2 keeps one readable image
     opts = tiny_opts(data, str(tmp_path / "run"), **{"MODEL.HEADS.NUM_CLASSES": 3, "TRAIN.BATCH_SIZE": 2})
     cfg = load_cfg(None, opts)
-    with pytest.raises(DataError, match=r"^class 1 of .*train.txt has no readable image: none of its 2 image\(s\) "
-                                        r"can be decoded \(e.g. .*1_0.jpg\); replace the images or remove"):
+    with pytest.raises(
+        DataError,
+        match=r"^class 1 of .*train.txt has no readable image: none of its 2 image\(s\) "
+        r"can be decoded \(e.g. .*1_0.jpg\); replace the images or remove",
+    ):
         train_items(cfg)
     # Without DATA_LOADER.CHECK_FILES the class is found when drawn, in a loader worker; the tools
     # still print only the message (not the worker's traceback that torch puts into it).
@@ -170,8 +211,9 @@ def test_gldv2_csv_refuses_ambiguous_or_path_like_rows(tmp_path):
 
     csv = tmp_path / "train.csv"
     cases = {
-        "abc1,http://x,7\nabd2,http://x,8\nabc1,http://x,9\n":
-            r"train.csv:4: image 'abc1' is listed under landmark 9 here and under landmark 7 before",
+        "abc1,http://x,7\nabd2,http://x,8\nabc1,http://x,9\n": (
+            r"train.csv:4: image 'abc1' is listed under landmark 9 here and under landmark 7 before"
+        ),
         "abc1,http://x,7\n../../etc/passwd,http://x,7\n": r"train.csv:3: image id '../../etc/passwd' looks like a path",
         "a/b/c,http://x,7\n": r"train.csv:2: image id 'a/b/c' looks like a path",
         "a\\bc,http://x,7\n": r"train.csv:2: image id 'a\\\\bc' looks like a path",
@@ -189,8 +231,11 @@ def test_gldv2_csv_refuses_ambiguous_or_path_like_rows(tmp_path):
         assert not (tmp_path / "out" / "train_list.txt").exists()
     clean = tmp_path / "train_clean.csv"
     clean.write_text("landmark_id,images\n7,abc1 abd2\n8,bcd3 abd2\n")
-    with pytest.raises(DataError, match=r"train_clean.csv:3: image 'abd2' is listed under landmark 8 here and under "
-                                        r"landmark 7 before"):
+    with pytest.raises(
+        DataError,
+        match=r"train_clean.csv:3: image 'abd2' is listed under landmark 8 here and under "
+        r"landmark 7 before",
+    ):
         read_gldv2_csv(str(clean))
     # The same image twice under one landmark is kept once; 007 and 7 are one landmark.
     clean.write_text("landmark_id,images\n7,abc1 abd2 abc1\n007,abd2 bcd3\n")

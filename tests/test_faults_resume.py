@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import logging_restored, tiny_opts
 from metric.checkpoint import list_checkpoints, read_checkpoint
 from metric.config import load_cfg
 from metric.utils.errors import CheckpointError
 from metric.utils.logger import read_stats
+from tests.helpers import logging_restored, tiny_opts
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import call_tool, tiny_opts
 from metric.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -21,11 +20,16 @@ from metric.checkpoint import (
     save_checkpoint,
 )
 from metric.utils.errors import CheckpointError, FeatureStoreError
+from tests.helpers import call_tool, tiny_opts
 
 
 def _state(epoch, value=1.0):
-    return {"epoch": epoch, "model_state": {"backbone.w": torch.full((4, 4), value)},
-            "optimizer_state": {"state": {}, "param_groups": []}, "cfg": ""}
+    return {
+        "epoch": epoch,
+        "model_state": {"backbone.w": torch.full((4, 4), value)},
+        "optimizer_state": {"state": {}, "param_groups": []},
+        "cfg": "",
+    }
 
 
 def _flip_a_bit_in_tensor_data(path):
@@ -96,15 +100,18 @@ def test_corrupted_weights_file_is_one_line_exit_2(tiny_data, tmp_path, capsys):
     assert at > 0
     data[at + 2] ^= 0x01  # one bit of the first weight tensor
     open(weights, "wb").write(bytes(data))
-    status, _, err = call_tool("test_metric", tiny_opts(tiny_data, str(tmp_path / "eval"), **{"TEST.WEIGHTS": weights}),
-                            capsys)
+    status, _, err = call_tool(
+        "test_metric", tiny_opts(tiny_data, str(tmp_path / "eval"), **{"TEST.WEIGHTS": weights}), capsys
+    )
     assert status == 2 and err.count("\n") == 1 and weights in err
-    status, _, err = call_tool("train_metric", tiny_opts(tiny_data, str(tmp_path / "ft"), **{"TRAIN.WEIGHTS": weights}),
-                            capsys)
+    status, _, err = call_tool(
+        "train_metric", tiny_opts(tiny_data, str(tmp_path / "ft"), **{"TRAIN.WEIGHTS": weights}), capsys
+    )
     assert status == 2 and err.count("\n") == 1 and weights in err
 
 
 # --- feature stores ------------------------------------------------------------------------------
+
 
 def _store(tmp_path, n=6, d=4, name="store"):
     from metric.retrieval.store import save_features
@@ -152,15 +159,18 @@ def _scale_row(e):
     return e
 
 
-@pytest.mark.parametrize("change, fix_digest, words", [
-    (dict(change_rows=_negate_rows), False, "do not match the digest"),
-    (dict(count=0), False, "do not match the digest"),
-    (dict(change_rows=_nan_row), True, "row 3 (id 'id3') holds NaN"),
-    (dict(change_rows=_scale_row), True, "row 1 (id 'id1') has norm 100"),
-    (dict(ids=["id0", "id1", "", "id3", "id4", "id5"]), True, "empty or contains whitespace"),
-    (dict(ids=["id0", "id1", "a b", "id3", "id4", "id5"]), True, "empty or contains whitespace"),
-    (dict(ids=["id0", "id1", "id1", "id3", "id4", "id5"]), True, "repeats"),
-])
+@pytest.mark.parametrize(
+    "change, fix_digest, words",
+    [
+        (dict(change_rows=_negate_rows), False, "do not match the digest"),
+        (dict(count=0), False, "do not match the digest"),
+        (dict(change_rows=_nan_row), True, "row 3 (id 'id3') holds NaN"),
+        (dict(change_rows=_scale_row), True, "row 1 (id 'id1') has norm 100"),
+        (dict(ids=["id0", "id1", "", "id3", "id4", "id5"]), True, "empty or contains whitespace"),
+        (dict(ids=["id0", "id1", "a b", "id3", "id4", "id5"]), True, "empty or contains whitespace"),
+        (dict(ids=["id0", "id1", "id1", "id3", "id4", "id5"]), True, "repeats"),
+    ],
+)
 def test_store_reader_verifies_what_meta_promises(tmp_path, change, fix_digest, words):
     from metric.retrieval.store import load_features
 
@@ -184,10 +194,13 @@ def test_store_is_read_once_per_process_and_no_verify_skips_it(tmp_path, monkeyp
     out = str(tmp_path / "results.csv")
     status, _, err = call_tool("search", ["--query", path, "--index", path, "--output", out, "--topk", "2"], capsys)
     assert status == 2 and "digest" in err and err.count("\n") == 1
-    status, _, err = call_tool("search", ["--query", path, "--index", path, "--output", out, "--topk", "2",
-                                          "--no-verify"], capsys)
+    status, _, err = call_tool(
+        "search", ["--query", path, "--index", path, "--output", out, "--topk", "2", "--no-verify"], capsys
+    )
     assert status == 0, err
-    store_mod.set_store_verification(True)
+    with pytest.raises(FeatureStoreError, match="digest"):  # --no-verify of one call leaves no switch behind
+        store_mod.load_features(path)
+    store_mod.load_features(path, verify=False)  # the explicit parameter skips the check
 
 
 def test_merge_refuses_non_finite_and_import_survives_huge_values(tmp_path):

@@ -19,7 +19,7 @@ import torch
 from metric.checkpoint import read_checkpoint, save_checkpoint
 from metric.config import load_cfg
 from metric.modeling import build_model
-from metric.retrieval.ann import build_ann_index, load_ann_index
+from metric.retrieval.ann import AnnOptions, build_ann_index, load_ann_index
 from metric.retrieval.metrics import write_json
 from metric.retrieval.results import read_results_csv, write_results_csv
 from metric.retrieval.store import load_features, save_features
@@ -27,7 +27,7 @@ from metric.utils import io
 from metric.utils.cli import run_tool
 from metric.utils.errors import OutputError
 from metric.utils.logger import setup_logging
-from tests.conftest import tiny_opts
+from tests.helpers import TINY_MODEL, tiny_opts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -78,8 +78,7 @@ def leftovers(folder):
     return found
 
 
-TINY = ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "4", "MODEL.HEADS.IN_FEAT", "0",
-        "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5"]
+TINY = TINY_MODEL
 
 
 def _tiny_model():
@@ -99,36 +98,46 @@ def _store_data(n, seed, prefix):
 def _checkpoint(tmp_path):
     path = str(tmp_path / "checkpoints" / "model_epoch_0001.pyth")
     save_checkpoint(path, {"epoch": 0, "w": torch.ones(2)})
-    return (lambda: save_checkpoint(path, {"epoch": 1, "w": torch.zeros(2)}), path,
-            lambda: read_checkpoint(path)["epoch"] == 0)
+    return (
+        lambda: save_checkpoint(path, {"epoch": 1, "w": torch.zeros(2)}),
+        path,
+        lambda: read_checkpoint(path)["epoch"] == 0,
+    )
 
 
 def _store(tmp_path):
     path = save_features(tmp_path / "store", *_store_data(20, 0, "a"))
-    return (lambda: save_features(path, *_store_data(5, 1, "b")), path,
-            lambda: load_features(path).ids == [f"a{i}" for i in range(20)])
+    return (
+        lambda: save_features(path, *_store_data(5, 1, "b")),
+        path,
+        lambda: load_features(path).ids == [f"a{i}" for i in range(20)],
+    )
 
 
 def _results_csv(tmp_path):
     path = str(tmp_path / "results.csv")
     write_results_csv(path, ["q"], ["a", "b"], np.array([[0, 1]]))
-    return (lambda: write_results_csv(path, ["q"], ["a", "b"], np.array([[1, 0]])), path,
-            lambda: read_results_csv(path) == {"q": ["a", "b"]})
+    return (
+        lambda: write_results_csv(path, ["q"], ["a", "b"], np.array([[1, 0]])),
+        path,
+        lambda: read_results_csv(path) == {"q": ["a", "b"]},
+    )
 
 
 def _metrics_json(tmp_path):
     path = str(tmp_path / "metrics.json")
     write_json(path, {"mAP@100": 0.5})
-    return (lambda: write_json(path, {"mAP@100": 0.75}), path,
-            lambda: io.read_json(path) == {"mAP@100": 0.5})
+    return (lambda: write_json(path, {"mAP@100": 0.75}), path, lambda: io.read_json(path) == {"mAP@100": 0.5})
 
 
 def _ann_index(tmp_path):
     store = save_features(tmp_path / "store", *_store_data(200, 0, "a"))
-    build_ann_index(store, "hnsw", ef_search=16, sample=20, recall_k=5)
-    return (lambda: build_ann_index(store, "hnsw", ef_search=32, sample=20, recall_k=5),
-            os.path.join(store, "faiss_hnsw.index"),
-            lambda: load_ann_index(store, "hnsw")[1]["ef_search"] == 16)
+    build_ann_index(store, AnnOptions("hnsw", ef_search=16, sample=20, recall_k=5))
+    return (
+        lambda: build_ann_index(store, AnnOptions("hnsw", ef_search=32, sample=20, recall_k=5)),
+        os.path.join(store, "faiss_hnsw.index"),
+        lambda: load_ann_index(store, "hnsw")[1]["ef_search"] == 16,
+    )
 
 
 def _onnx(tmp_path):
@@ -137,8 +146,7 @@ def _onnx(tmp_path):
     path = str(tmp_path / "model.onnx")
     model = _tiny_model()
     export_onnx(model, path, (64, 64))
-    return (lambda: export_onnx(model, path, (96, 96)), path,
-            lambda: onnx_signature(path)["shape"][2:] == [64, 64])
+    return (lambda: export_onnx(model, path, (96, 96)), path, lambda: onnx_signature(path)["shape"][2:] == [64, 64])
 
 
 def _kaggle_zip(tmp_path):
@@ -151,8 +159,11 @@ def _kaggle_zip(tmp_path):
     path = str(tmp_path / "submission.zip")
     write_submission_zip(str(saved), path)
     (saved / "saved_model.pb").write_bytes(b"graph v2")
-    return (lambda: write_submission_zip(str(saved), path), path,
-            lambda: zipfile.ZipFile(path).read("saved_model.pb") == b"graph v1")
+    return (
+        lambda: write_submission_zip(str(saved), path),
+        path,
+        lambda: zipfile.ZipFile(path).read("saved_model.pb") == b"graph v1",
+    )
 
 
 WRITERS = {
@@ -268,7 +279,8 @@ def inputs(tmp_path_factory, tiny_data):
     }
     os.makedirs(paths["stats"])
     (root / "run" / "stats.jsonl").write_text(
-        '{"_type": "train_iter", "epoch": 1, "iter": 2, "iters": 2, "loss": 1.5, "lr": 0.1}\n')
+        '{"_type": "train_iter", "epoch": 1, "iter": 2, "iters": 2, "loss": 1.5, "lr": 0.1}\n'
+    )
     np.save(paths["npy"], x[:7])
     (root / "ids.txt").write_text("\n".join(ids[:7]) + "\n")
     (root / "results.csv").write_text("id,images\nq0,img1 img2\nq1,img3\n")
@@ -290,31 +302,83 @@ def _model_opts(inputs, out, **extra):
 def _tool_calls(inputs, out):
     """(tool, argv, output path named in the error, fsync only for paths containing this)."""
     return [
-        ("search", ["--query", inputs["query"], "--index", inputs["index"], "--output", f"{out}/r.csv",
-                    "--no-progress"], f"{out}/r.csv", None),
-        ("import_features", ["--embeddings", inputs["npy"], "--ids", inputs["ids"], "--output", f"{out}/imp"],
-         f"{out}/imp", None),
+        (
+            "search",
+            ["--query", inputs["query"], "--index", inputs["index"], "--output", f"{out}/r.csv", "--no-progress"],
+            f"{out}/r.csv",
+            None,
+        ),
+        (
+            "import_features",
+            ["--embeddings", inputs["npy"], "--ids", inputs["ids"], "--output", f"{out}/imp"],
+            f"{out}/imp",
+            None,
+        ),
         ("merge_features", [inputs["query"], inputs["index"], "--output", f"{out}/merged"], f"{out}/merged", None),
-        ("build_index", ["--index", inputs["index"], "--type", "hnsw", "--output-dir", out, "--sample", 20],
-         f"{out}/faiss_hnsw.index", None),
-        ("evaluate", ["--results", inputs["results"], "--gt", inputs["gt"], "--json", f"{out}/m.json"],
-         f"{out}/m.json", None),
-        ("visualize", ["--results", inputs["results"], "--query-root", inputs["images"], "--index-root",
-                       inputs["images"], "--output", f"{out}/g.html"], f"{out}/g.html", None),
+        (
+            "build_index",
+            ["--index", inputs["index"], "--type", "hnsw", "--output-dir", out, "--sample", 20],
+            f"{out}/faiss_hnsw.index",
+            None,
+        ),
+        (
+            "evaluate",
+            ["--results", inputs["results"], "--gt", inputs["gt"], "--json", f"{out}/m.json"],
+            f"{out}/m.json",
+            None,
+        ),
+        (
+            "visualize",
+            [
+                "--results",
+                inputs["results"],
+                "--query-root",
+                inputs["images"],
+                "--index-root",
+                inputs["images"],
+                "--output",
+                f"{out}/g.html",
+            ],
+            f"{out}/g.html",
+            None,
+        ),
         ("gldv2_to_list", ["--csv", inputs["gld"], "--output", f"{out}/gld"], f"{out}/gld/train_list.txt", None),
         ("plot_stats", [inputs["stats"], "--output", f"{out}/curves.png"], f"{out}/curves.png", None),
-        ("torch2onnx", [*_model_opts(inputs, out), "--output", f"{out}/m.onnx", "--size", 64, 64],
-         f"{out}/m.onnx", None),
-        ("extract_features", [*_model_opts(inputs, out, **{"INFER.INPUT": os.path.join(inputs["data"], "test.txt"),
-                                                           "INFER.OUTPUT": f"{out}/feats"}), "--no-progress"],
-         f"{out}/feats", None),
-        ("train_metric", tiny_opts(inputs["data"], f"{out}/run", **{"OPTIM.MAX_EPOCH": 1, "TEST.DATASET": ""}),
-         f"{out}/run/checkpoints/model_epoch_0001.pyth", ".pyth"),
+        (
+            "torch2onnx",
+            [*_model_opts(inputs, out), "--output", f"{out}/m.onnx", "--size", 64, 64],
+            f"{out}/m.onnx",
+            None,
+        ),
+        (
+            "extract_features",
+            [
+                *_model_opts(
+                    inputs,
+                    out,
+                    **{"INFER.INPUT": os.path.join(inputs["data"], "test.txt"), "INFER.OUTPUT": f"{out}/feats"},
+                ),
+                "--no-progress",
+            ],
+            f"{out}/feats",
+            None,
+        ),
+        (
+            "train_metric",
+            tiny_opts(inputs["data"], f"{out}/run", **{"OPTIM.MAX_EPOCH": 1, "TEST.DATASET": ""}),
+            f"{out}/run/checkpoints/model_epoch_0001.pyth",
+            ".pyth",
+        ),
     ]
 
 
-TOOL_NAMES = [c[0] for c in _tool_calls({k: "" for k in ("query", "index", "npy", "ids", "results", "gt", "images",
-                                                         "gld", "weights", "data", "stats")}, "")]
+TOOL_NAMES = [
+    c[0]
+    for c in _tool_calls(
+        {k: "" for k in ("query", "index", "npy", "ids", "results", "gt", "images", "gld", "weights", "data", "stats")},
+        "",
+    )
+]
 
 
 def _assert_one_line(status, err, path, cause):
@@ -386,7 +450,7 @@ def test_tool_in_read_only_folder(inputs, tmp_path, capsys, tool):
         status, err = _run(name, argv, capsys)
     finally:
         out.chmod(0o755)
-    _assert_one_line(status, err, out, err[-1][err[-1].find("permission denied"):])
+    _assert_one_line(status, err, out, err[-1][err[-1].find("permission denied") :])
     assert "permission denied" in err[-1]
     assert os.listdir(out) == []
 

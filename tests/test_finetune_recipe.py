@@ -17,13 +17,46 @@ from metric.checkpoint import list_checkpoints, read_checkpoint
 from metric.engine.optimizer import build_optimizer
 from metric.engine.param_groups import param_groups
 from metric.utils.errors import CheckpointError, ConfigError
-from tests.conftest import TINY_MODEL, call_tool, logging_restored, tiny_opts
+from tests.helpers import TINY_MODEL, call_tool, logging_restored, tiny_opts
 
-TINY_WIDE = ["MODEL.TYPE", "resnet50x1", "RESNET.STEM_WIDTH", "4", "RESNET.WIDTH_PER_GROUP", "4",
-             "MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5"]
-TINY_VIT = ["MODEL.TYPE", "vit", "MODEL.WIDTH", "64", "MODEL.LAYERS", "3", "MODEL.PATCH_SIZE", "8",
-            "MODEL.EMB_DIM", "16", "TRAIN.IM_SIZE", "32", "TEST.IM_SIZE", "32", "MODEL.HEADS.POOL_LAYER", "identity",
-            "MODEL.HEADS.IN_FEAT", "16", "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5"]
+TINY_WIDE = [
+    "MODEL.TYPE",
+    "resnet50x1",
+    "RESNET.STEM_WIDTH",
+    "4",
+    "RESNET.WIDTH_PER_GROUP",
+    "4",
+    "MODEL.HEADS.IN_FEAT",
+    "0",
+    "MODEL.HEADS.REDUCTION_DIM",
+    "8",
+    "MODEL.HEADS.NUM_CLASSES",
+    "5",
+]
+TINY_VIT = [
+    "MODEL.TYPE",
+    "vit",
+    "MODEL.WIDTH",
+    "64",
+    "MODEL.LAYERS",
+    "3",
+    "MODEL.PATCH_SIZE",
+    "8",
+    "MODEL.EMB_DIM",
+    "16",
+    "TRAIN.IM_SIZE",
+    "32",
+    "TEST.IM_SIZE",
+    "32",
+    "MODEL.HEADS.POOL_LAYER",
+    "identity",
+    "MODEL.HEADS.IN_FEAT",
+    "16",
+    "MODEL.HEADS.REDUCTION_DIM",
+    "8",
+    "MODEL.HEADS.NUM_CLASSES",
+    "5",
+]
 GEM = ["MODEL.HEADS.POOL_LAYER", "gempool"]
 
 
@@ -36,7 +69,7 @@ def _naive_depth(name, model_type, layers=3):
     """The documented depth of a parameter (module docstring of metric.engine.param_groups)."""
     if not name.startswith("backbone."):
         return None  # the head
-    n = name[len("backbone."):]
+    n = name[len("backbone.") :]
     if model_type == "vit":
         m = re.match(r"transformer\.resblocks\.(\d+)\.", n)
         if m:
@@ -49,19 +82,37 @@ def _naive_depth(name, model_type, layers=3):
 def _naive_no_decay(model, name, p):
     module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     leaf = name.rsplit(".", 1)[-1]
-    return (isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)) or leaf.endswith("bias")
-            or p.ndim <= 1 or leaf in ("class_embedding", "positional_embedding"))
+    return (
+        isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm))
+        or leaf.endswith("bias")
+        or p.ndim <= 1
+        or leaf in ("class_embedding", "positional_embedding")
+    )
 
 
 # --- the groups against a naive reading of the rules ---------------------------------------------
 
+
 @pytest.mark.parametrize("model_opts", [TINY_MODEL + GEM, TINY_WIDE, TINY_VIT], ids=["resnet", "wide", "vit"])
-@pytest.mark.parametrize("recipe", [
-    ["OPTIM.LAYER_DECAY", "0.5"],
-    ["OPTIM.LAYER_DECAY", "0.75", "OPTIM.HEAD_LR_MULT", "10", "OPTIM.OPTIMIZER", "adamw", "OPTIM.NESTEROV", "False"],
-    ["OPTIM.HEAD_LR_MULT", "0.1", "OPTIM.NO_DECAY_NORM_BIAS", "True"],
-    ["OPTIM.OPTIMIZER", "adamw", "OPTIM.NESTEROV", "False", "OPTIM.WEIGHT_DECAY", "0.05"],
-], ids=["decay", "decay-head-adamw", "head-nodecay-sgd", "adamw-auto"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        ["OPTIM.LAYER_DECAY", "0.5"],
+        [
+            "OPTIM.LAYER_DECAY",
+            "0.75",
+            "OPTIM.HEAD_LR_MULT",
+            "10",
+            "OPTIM.OPTIMIZER",
+            "adamw",
+            "OPTIM.NESTEROV",
+            "False",
+        ],
+        ["OPTIM.HEAD_LR_MULT", "0.1", "OPTIM.NO_DECAY_NORM_BIAS", "True"],
+        ["OPTIM.OPTIMIZER", "adamw", "OPTIM.NESTEROV", "False", "OPTIM.WEIGHT_DECAY", "0.05"],
+    ],
+    ids=["decay", "decay-head-adamw", "head-nodecay-sgd", "adamw-auto"],
+)
 def test_every_parameter_gets_the_documented_lr_and_weight_decay(model_opts, recipe):
     cfg = load_cfg(None, model_opts + ["OPTIM.BASE_LR", "0.2", "OPTIM.WEIGHT_DECAY", "1e-3"] + recipe)
     model = build_model(cfg)
@@ -88,8 +139,21 @@ def test_defaults_keep_one_group_and_custom_bn_decay_keeps_two():
     plain = load_cfg(None, TINY_MODEL)
     (group,) = build_optimizer(plain, build_model(plain)).param_groups
     assert group["lr_scale"] == 1.0 and group["weight_decay"] == plain.OPTIM.WEIGHT_DECAY
-    custom = load_cfg(None, TINY_MODEL + GEM + ["BN.USE_CUSTOM_WEIGHT_DECAY", "True", "BN.CUSTOM_WEIGHT_DECAY", "1e-5",
-                                                "OPTIM.OPTIMIZER", "adamw", "OPTIM.NESTEROV", "False"])
+    custom = load_cfg(
+        None,
+        TINY_MODEL
+        + GEM
+        + [
+            "BN.USE_CUSTOM_WEIGHT_DECAY",
+            "True",
+            "BN.CUSTOM_WEIGHT_DECAY",
+            "1e-5",
+            "OPTIM.OPTIMIZER",
+            "adamw",
+            "OPTIM.NESTEROV",
+            "False",
+        ],
+    )
     decayed, special = build_optimizer(custom, build_model(custom)).param_groups
     assert (decayed["weight_decay"], special["weight_decay"]) == (custom.OPTIM.WEIGHT_DECAY, 1e-5)  # custom wins
 
@@ -101,7 +165,12 @@ def test_vit_class_token_and_positional_embedding_are_not_decayed():
     b = model.backbone
     for p in (b.class_embedding, b.positional_embedding, b.ln_pre.weight, b.transformer.resblocks[0].attn.in_proj_bias):
         assert groups[id(p)]["weight_decay"] == 0.0
-    for p in (b.conv1.weight, b.proj, b.transformer.resblocks[0].attn.in_proj_weight, model.head.embedding_layer.weight):
+    for p in (
+        b.conv1.weight,
+        b.proj,
+        b.transformer.resblocks[0].attn.in_proj_weight,
+        model.head.embedding_layer.weight,
+    ):
         assert groups[id(p)]["weight_decay"] == cfg.OPTIM.WEIGHT_DECAY
 
 
@@ -120,6 +189,7 @@ def test_layer_decay_on_a_backbone_without_depths_is_one_line():
 
 
 # --- config: aliases, tri-state, conflicts ---------------------------------------------------------
+
 
 def _yaml(tmp_path, text):
     path = tmp_path / "cfg.yaml"
@@ -146,12 +216,15 @@ def test_no_decay_switch_takes_yaml_booleans_and_refuses_conflicts(tmp_path):
         load_cfg(None, ["OPTIM.NO_DECAY_NORM_BIAS", "True", "BN.USE_CUSTOM_WEIGHT_DECAY", "True"])
 
 
-@pytest.mark.parametrize("opts, words", [
-    (["OPTIM.LAYER_DECAY", "0"], ["OPTIM.LAYER_DECAY", "> 0 and <= 1"]),
-    (["OPTIM.HEAD_LR_MULT", "-1"], ["OPTIM.HEAD_LR_MULT", "> 0"]),
-    (["TRAIN.FREEZE_BACKBONE_EPOCHS", "-2"], ["TRAIN.FREEZE_BACKBONE_EPOCHS", ">= 0"]),
-    (["OPTIM.CLIP_GRAD_NORM", "-1"], ["-1", ">= 0"]),
-])
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        (["OPTIM.LAYER_DECAY", "0"], ["OPTIM.LAYER_DECAY", "> 0 and <= 1"]),
+        (["OPTIM.HEAD_LR_MULT", "-1"], ["OPTIM.HEAD_LR_MULT", "> 0"]),
+        (["TRAIN.FREEZE_BACKBONE_EPOCHS", "-2"], ["TRAIN.FREEZE_BACKBONE_EPOCHS", ">= 0"]),
+        (["OPTIM.CLIP_GRAD_NORM", "-1"], ["-1", ">= 0"]),
+    ],
+)
 def test_bad_values_are_one_line_exit_2(opts, words, capsys):
     status, _, err = call_tool("model_info", TINY_MODEL + opts, capsys)
     lines = err.strip().splitlines()
@@ -160,6 +233,7 @@ def test_bad_values_are_one_line_exit_2(opts, words, capsys):
 
 
 # --- the trainer: per-group learning rates, clipping, freezing, resume --------------------------------
+
 
 @pytest.fixture
 def trainer_of():
@@ -171,10 +245,20 @@ def trainer_of():
         yield lambda opts: Trainer(load_cfg(None, opts), DistInfo())
 
 
-RECIPE = {"OPTIM.OPTIMIZER": "adamw", "OPTIM.NESTEROV": False, "OPTIM.BASE_LR": 0.002, "OPTIM.WEIGHT_DECAY": 0.05,
-          "OPTIM.LAYER_DECAY": 0.6, "OPTIM.HEAD_LR_MULT": 5.0, "OPTIM.CLIP_GRAD_NORM": 0.5,
-          "OPTIM.WARMUP_EPOCHS": 0.5, "TRAIN.FREEZE_BACKBONE_EPOCHS": 1, "TEST.DATASET": "", "LOG_PERIOD": 1,
-          "MODEL.HEADS.DROPOUT": 0.1}
+RECIPE = {
+    "OPTIM.OPTIMIZER": "adamw",
+    "OPTIM.NESTEROV": False,
+    "OPTIM.BASE_LR": 0.002,
+    "OPTIM.WEIGHT_DECAY": 0.05,
+    "OPTIM.LAYER_DECAY": 0.6,
+    "OPTIM.HEAD_LR_MULT": 5.0,
+    "OPTIM.CLIP_GRAD_NORM": 0.5,
+    "OPTIM.WARMUP_EPOCHS": 0.5,
+    "TRAIN.FREEZE_BACKBONE_EPOCHS": 1,
+    "TEST.DATASET": "",
+    "LOG_PERIOD": 1,
+    "MODEL.HEADS.DROPOUT": 0.1,
+}
 
 
 def test_set_lr_applies_each_groups_factor(tiny_data, tmp_path, trainer_of):
@@ -190,10 +274,14 @@ def test_set_lr_applies_each_groups_factor(tiny_data, tmp_path, trainer_of):
 def test_gradients_are_clipped_to_the_configured_norm(tiny_data, tmp_path, trainer_of, monkeypatch):
     seen = []
     real = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, **kw: seen.append(max_norm)
-                        or real(params, max_norm, **kw))
-    trainer = trainer_of(tiny_opts(tiny_data, str(tmp_path / "run"), **{"OPTIM.CLIP_GRAD_NORM": 0.25,
-                                                                        "TEST.DATASET": ""}))
+    monkeypatch.setattr(
+        torch.nn.utils,
+        "clip_grad_norm_",
+        lambda params, max_norm, **kw: seen.append(max_norm) or real(params, max_norm, **kw),
+    )
+    trainer = trainer_of(
+        tiny_opts(tiny_data, str(tmp_path / "run"), **{"OPTIM.CLIP_GRAD_NORM": 0.25, "TEST.DATASET": ""})
+    )
     trainer.train_epoch(0)
     assert seen and set(seen) == {0.25}
 
@@ -214,9 +302,20 @@ def test_frozen_backbone_does_not_change_then_trains(tiny_data, tmp_path, traine
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_opts", [{}, {"MODEL.TYPE": "resnet50x1", "MODEL.DEPTH": 50, "RESNET.STEM_WIDTH": 4,
-                                             "RESNET.WIDTH_PER_GROUP": 4, "MODEL.HEADS.ATTENTION": "spatial"}],
-                         ids=["resnet18", "wide-spatial"])
+@pytest.mark.parametrize(
+    "model_opts",
+    [
+        {},
+        {
+            "MODEL.TYPE": "resnet50x1",
+            "MODEL.DEPTH": 50,
+            "RESNET.STEM_WIDTH": 4,
+            "RESNET.WIDTH_PER_GROUP": 4,
+            "MODEL.HEADS.ATTENTION": "spatial",
+        },
+    ],
+    ids=["resnet18", "wide-spatial"],
+)
 def test_resume_restores_the_groups_and_ends_with_the_same_weights(tiny_data, tmp_path, trainer_of, model_opts):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     opts = {**RECIPE, **model_opts}
@@ -228,15 +327,17 @@ def test_resume_restores_the_groups_and_ends_with_the_same_weights(tiny_data, tm
     assert trainer.start_epoch == 1
     with torch.random.fork_rng():  # the resumed trainer's RNG state stays as restored
         fresh = build_optimizer(trainer.cfg, build_model(trainer.cfg))
-    assert [(g["name"], g["lr_scale"], g["weight_decay"], len(g["params"])) for g in trainer.optimizer.param_groups] \
-        == [(g["name"], g["lr_scale"], g["weight_decay"], len(g["params"])) for g in fresh.param_groups]
+    assert [
+        (g["name"], g["lr_scale"], g["weight_decay"], len(g["params"])) for g in trainer.optimizer.param_groups
+    ] == [(g["name"], g["lr_scale"], g["weight_decay"], len(g["params"])) for g in fresh.param_groups]
     trainer.fit()
     a, b = (read_checkpoint(list_checkpoints(d)[-1]) for d in (straight, resumed))
     for key, value in a["model_state"].items():
         assert torch.equal(value, b["model_state"][key]), key
     sa, sb = a["optimizer_state"], b["optimizer_state"]
-    assert [{k: v for k, v in g.items() if k != "params"} for g in sa["param_groups"]] == \
-        [{k: v for k, v in g.items() if k != "params"} for g in sb["param_groups"]]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in sa["param_groups"]] == [
+        {k: v for k, v in g.items() if k != "params"} for g in sb["param_groups"]
+    ]
     for i, state in sa["state"].items():
         assert all(torch.equal(v, sb["state"][i][k]) for k, v in state.items())
 
@@ -261,11 +362,12 @@ def test_an_older_adamw_checkpoint_with_one_group_is_refused_in_one_line(tiny_da
 def test_two_processes_freeze_then_train_the_backbone_and_stay_identical(tiny_data, tmp_path):
     """Under DDP the model is wrapped again when the backbone starts training; ranks agree."""
     from metric.utils.logger import read_stats
-    from tests.conftest import free_port, run_py
+    from tests.helpers import free_port, run_py
 
     out = str(tmp_path / "ddp")
-    opts = tiny_opts(tiny_data, out, **{**RECIPE, "TRAIN.BATCH_SIZE": 8, "NUM_GPUS": 2, "HOST": "127.0.0.1",
-                                        "PORT": free_port()})
+    opts = tiny_opts(
+        tiny_data, out, **{**RECIPE, "TRAIN.BATCH_SIZE": 8, "NUM_GPUS": 2, "HOST": "127.0.0.1", "PORT": free_port()}
+    )
     run_py(["tools/train_metric.py", *opts], check=True)
     final = read_stats(os.path.join(out, "stats.jsonl"), "final")[-1]
     assert len(set(final["weights_digests"])) == 1 and len(final["weights_digests"]) == 2
@@ -275,6 +377,8 @@ def test_two_processes_freeze_then_train_the_backbone_and_stay_identical(tiny_da
     first = read_checkpoint(list_checkpoints(out)[0])["model_state"]
     last = read_checkpoint(list_checkpoints(out)[-1])["model_state"]
     # the frozen epoch left the backbone's BN statistics as initialized; the next one moved them
-    assert int(first["backbone.stem.bn.num_batches_tracked"]) == 0 and torch.all(first["backbone.stem.bn.running_var"] == 1)
+    assert int(first["backbone.stem.bn.num_batches_tracked"]) == 0 and torch.all(
+        first["backbone.stem.bn.running_var"] == 1
+    )
     assert int(last["backbone.stem.bn.num_batches_tracked"]) > 0
     assert not torch.equal(first["backbone.stem.conv.weight"], last["backbone.stem.conv.weight"])

@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from metric.utils.errors import MetricError
 from metric.retrieval.gallery import ImageFinder, build_gallery
-from tests.conftest import call_tool
+from metric.utils.errors import MetricError
+from tests.helpers import call_tool
 
 
 def image(path, h=60, w=90, value=100):
@@ -60,8 +60,9 @@ def test_gallery_rows_and_embedding(gallery_data):
     assert len(re.findall(r'class="cell wrong"', text)) == 5
     assert "#1 &middot; 0.9000" in text
     # thumbnails are resized to at most 128 px
-    decoded = [cv2.imdecode(np.frombuffer(base64.b64decode(s.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
-               for s in srcs]
+    decoded = [
+        cv2.imdecode(np.frombuffer(base64.b64decode(s.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR) for s in srcs
+    ]
     assert all(d is not None for d in decoded)
     assert max(max(d.shape[:2]) for d in decoded) == 128
 
@@ -97,8 +98,22 @@ def test_gallery_errors(gallery_data):
 def test_visualize_tool(gallery_data, capsys):
     tmp_path, q, x, results, scores, gt = gallery_data
     out = tmp_path / "tool.html"
-    argv = ["--results", results, "--query-root", q, "--index-root", x, "--gt", gt, "--scores", scores,
-            "--topk", "2", "--output", str(out)]
+    argv = [
+        "--results",
+        results,
+        "--query-root",
+        q,
+        "--index-root",
+        x,
+        "--gt",
+        gt,
+        "--scores",
+        scores,
+        "--topk",
+        "2",
+        "--output",
+        str(out),
+    ]
     assert call_tool("visualize", argv, capsys)[0] == 0
     assert out.read_text(encoding="utf-8").count('<div class="row"') == 3
     status, _, err = call_tool("visualize", argv[:-1] + [str(tmp_path / "missing" / "x.html")], capsys)
@@ -109,10 +124,18 @@ def test_visualize_tool(gallery_data, capsys):
 
 def test_gallery_header_figures_and_per_query_ap(gallery_data):
     tmp_path, q, x, results, scores, gt = gallery_data
-    out = build_gallery(results, q, x, str(tmp_path / "h.html"), gt_path=gt, scores_path=scores, topk=2,
-                        figures={"recall@1": 0.75, "checkpoint": "model_epoch_0030.pyth"})
+    out = build_gallery(
+        results,
+        q,
+        x,
+        str(tmp_path / "h.html"),
+        gt_path=gt,
+        scores_path=scores,
+        topk=2,
+        figures={"recall@1": 0.75, "checkpoint": "model_epoch_0030.pyth"},
+    )
     text = open(out, encoding="utf-8").read()
-    header = text[text.index('<table class="figures">'):text.index("</table>")]
+    header = text[text.index('<table class="figures">') : text.index("</table>")]
     assert "<th>recall@1</th><td>0.7500</td>" in header and "model_epoch_0030.pyth" in header
     # q1: relevant a (rank 1) and c (rank 3, beyond the shown top 2): AP@100 = (1/1 + 2/3) / 2;
     # q2: its relevant b is not retrieved: 0; q<3>& is Ignored: no AP, not in the mean

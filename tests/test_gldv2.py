@@ -2,10 +2,10 @@ import os
 
 import pytest
 
-from metric.utils.errors import DataError
 from metric.datasets.gldv2 import convert_gldv2
 from metric.datasets.listfile import read_list
-from tests.conftest import run_py
+from metric.utils.errors import DataError
+from tests.helpers import run_py
 
 
 def test_train_csv_and_clean_csv(tmp_path):

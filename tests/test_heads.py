@@ -15,8 +15,9 @@ from metric.modeling.heads.linear_head import LinearHead
 from metric.modeling.layers.margin_policy import dynamic_margins
 from metric.modeling.layers.margins import ArcFace
 from metric.modeling.layers.pooling import IdentityPool
-from metric.modeling.registries import MARGIN_LAYERS, POOL_LAYERS
-from tests.conftest import REPO, TINY_MODEL
+from metric.modeling.registry import MARGIN_LAYERS, POOL_LAYERS
+from tests.helpers import REPO, TINY_MODEL
+
 
 def _train_step(model, num_classes=5):
     model.train()
@@ -32,8 +33,11 @@ def _train_step(model, num_classes=5):
 @pytest.mark.parametrize("cls_layer", MARGIN_LAYERS.names())
 @pytest.mark.parametrize("pool", ["avgmaxpool", "gempool"])
 def test_every_margin_layer_trains_from_config(cls_layer, pool):
-    cfg = load_cfg(None, TINY_MODEL + ["MODEL.HEADS.CLS_LAYER", cls_layer, "MODEL.HEADS.POOL_LAYER", pool,
-                                       "MODEL.HEADS.SUBCENTERS", "2"])
+    cfg = load_cfg(
+        None,
+        TINY_MODEL
+        + ["MODEL.HEADS.CLS_LAYER", cls_layer, "MODEL.HEADS.POOL_LAYER", pool, "MODEL.HEADS.SUBCENTERS", "2"],
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     _train_step(model)
@@ -60,9 +64,21 @@ def test_identity_pooling_from_config_with_a_vector_backbone():
     """The original ViT config uses identity pooling on a backbone that outputs [N, C]."""
     from metric.modeling.model import MetricModel
 
-    cfg = load_cfg(None, ["MODEL.HEADS.POOL_LAYER", "identity", "MODEL.HEADS.IN_FEAT", "12",
-                          "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5",
-                          "MODEL.HEADS.CLS_LAYER", "cosface"])
+    cfg = load_cfg(
+        None,
+        [
+            "MODEL.HEADS.POOL_LAYER",
+            "identity",
+            "MODEL.HEADS.IN_FEAT",
+            "12",
+            "MODEL.HEADS.REDUCTION_DIM",
+            "8",
+            "MODEL.HEADS.NUM_CLASSES",
+            "5",
+            "MODEL.HEADS.CLS_LAYER",
+            "cosface",
+        ],
+    )
     backbone = nn.Sequential(nn.Conv2d(3, 12, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     _train_step(MetricModel(backbone, build_head(cfg, 12)))
 
@@ -70,9 +86,20 @@ def test_identity_pooling_from_config_with_a_vector_backbone():
 def test_head_state_dict_keys_match_the_original_project():
     with open(os.path.join(REPO, "tests", "data", "pymetric_state_dict_keys.json"), encoding="utf-8") as f:
         compat = json.load(f)
-    for name, opts in [("head_gempool_arcface", ["MODEL.HEADS.POOL_LAYER", "gempool", "MODEL.HEADS.CLS_LAYER",
-                                                 "curricularface", "MODEL.HEADS.DYNAMIC_MARGIN", "True"]),
-                       ("head_avgpool_circle", ["MODEL.HEADS.POOL_LAYER", "avgpool", "MODEL.HEADS.CLS_LAYER", "circle"])]:
+    for name, opts in [
+        (
+            "head_gempool_arcface",
+            [
+                "MODEL.HEADS.POOL_LAYER",
+                "gempool",
+                "MODEL.HEADS.CLS_LAYER",
+                "curricularface",
+                "MODEL.HEADS.DYNAMIC_MARGIN",
+                "True",
+            ],
+        ),
+        ("head_avgpool_circle", ["MODEL.HEADS.POOL_LAYER", "avgpool", "MODEL.HEADS.CLS_LAYER", "circle"]),
+    ]:
         want = {k: tuple(s) for k, s in compat[name]}
         cfg = load_cfg(None, opts + ["MODEL.HEADS.NUM_CLASSES", "81313"])
         head = build_head(cfg, 2048)
@@ -82,12 +109,31 @@ def test_head_state_dict_keys_match_the_original_project():
 
 
 def test_dynamic_margins_and_schedule_through_the_builders():
-    cfg = load_cfg(None, ["MODEL.HEADS.NUM_CLASSES", "4", "MODEL.HEADS.REDUCTION_DIM", "8",
-                          "MODEL.HEADS.CLS_LAYER", "arcface", "MODEL.HEADS.MARGIN", "0.2",
-                          "MODEL.HEADS.DYNAMIC_MARGIN", "True", "MODEL.HEADS.DYNAMIC_MARGIN_A", "0.3",
-                          "MODEL.HEADS.DYNAMIC_MARGIN_B", "0.1", "MODEL.HEADS.DYNAMIC_MARGIN_LAMBDA", "0.5",
-                          "MODEL.HEADS.MARGIN_SCHEDULE", "[[0, 0.1], [2, 0.4]]",
-                          "MODEL.HEADS.MARGIN_SCHEDULE_MODE", "linear"])
+    cfg = load_cfg(
+        None,
+        [
+            "MODEL.HEADS.NUM_CLASSES",
+            "4",
+            "MODEL.HEADS.REDUCTION_DIM",
+            "8",
+            "MODEL.HEADS.CLS_LAYER",
+            "arcface",
+            "MODEL.HEADS.MARGIN",
+            "0.2",
+            "MODEL.HEADS.DYNAMIC_MARGIN",
+            "True",
+            "MODEL.HEADS.DYNAMIC_MARGIN_A",
+            "0.3",
+            "MODEL.HEADS.DYNAMIC_MARGIN_B",
+            "0.1",
+            "MODEL.HEADS.DYNAMIC_MARGIN_LAMBDA",
+            "0.5",
+            "MODEL.HEADS.MARGIN_SCHEDULE",
+            "[[0, 0.1], [2, 0.4]]",
+            "MODEL.HEADS.MARGIN_SCHEDULE_MODE",
+            "linear",
+        ],
+    )
     head = build_head(cfg, 16)
     labels = [0] * 9 + [1] * 4 + [2] + [3] * 4
     margins = apply_dynamic_margins(cfg, head, labels)
@@ -106,11 +152,12 @@ def test_dynamic_margins_and_schedule_through_the_builders():
 
 def test_adacos_options_from_config():
     for mode, adaptive in [("adaptive", True), ("fixed", False)]:
-        cfg = load_cfg(None, ["MODEL.HEADS.CLS_LAYER", "adacos", "MODEL.HEADS.ADACOS_MODE", mode,
-                              "MODEL.HEADS.NUM_CLASSES", "11"])
+        cfg = load_cfg(
+            None, ["MODEL.HEADS.CLS_LAYER", "adacos", "MODEL.HEADS.ADACOS_MODE", mode, "MODEL.HEADS.NUM_CLASSES", "11"]
+        )
         layer = build_head(cfg, 16).classifier
         assert layer.adaptive is adaptive
-        assert float(layer.scale) == pytest.approx(2 ** 0.5 * torch.log(torch.tensor(10.0)).item())
+        assert float(layer.scale) == pytest.approx(2**0.5 * torch.log(torch.tensor(10.0)).item())
 
 
 @pytest.mark.parametrize("cls_layer", MARGIN_LAYERS.names())

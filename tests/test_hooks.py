@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import metric.checkpoint as cp
-from tests.helpers import REPO, logging_restored, tiny_opts
 from metric.checkpoint.checkpointer import Checkpointer
 from metric.config import load_cfg
 from metric.engine.hooks import HOOKS, HookBase
 from metric.utils.distributed import DistInfo
 from metric.utils.errors import TrainingError
+from tests.helpers import REPO, logging_restored, tiny_opts
 
 
 class Recorder(HookBase):
@@ -74,23 +74,32 @@ def trainer_with(monkeypatch):
 
     threads = torch.get_num_threads()
     with logging_restored():
-        yield lambda opts, hooks=HOOKS: Trainer(load_cfg(None, list(opts) + ["NUM_THREADS", "1"]), DistInfo(),
-                                                hooks=hooks)
+        yield lambda opts, hooks=HOOKS: Trainer(
+            load_cfg(None, list(opts) + ["NUM_THREADS", "1"]), DistInfo(), hooks=hooks
+        )
     torch.set_num_threads(threads)
 
 
 def _epoch_calls(epoch, ipe, log_period):
     calls = [("before_epoch", epoch)]
     for it in range(ipe):
-        calls += [("before_step", epoch * ipe + it, 1), ("optimizer_step",), ("optimizer_step_done",),
-                  ("after_step", epoch * ipe + it)]
+        calls += [
+            ("before_step", epoch * ipe + it, 1),
+            ("optimizer_step",),
+            ("optimizer_step_done",),
+            ("after_step", epoch * ipe + it),
+        ]
         if (it + 1) % log_period == 0 or it + 1 == ipe:
             calls += [("before_record", "train_iter"), ("after_record", "train_iter")]
     calls += [("before_record", "train_epoch"), ("after_record", "train_epoch")]
     # The Evaluation hook comes before the Recorder in the list: its after_epoch evaluates, which
     # calls after_eval and makes the test_epoch record, before the Recorder's after_epoch.
-    calls += [("after_eval", epoch, ["bad_images"]), ("before_record", "test_epoch"),
-              ("after_record", "test_epoch"), ("after_epoch", epoch)]
+    calls += [
+        ("after_eval", epoch, ["bad_images"]),
+        ("before_record", "test_epoch"),
+        ("after_record", "test_epoch"),
+        ("after_epoch", epoch),
+    ]
     return calls
 
 
@@ -113,8 +122,10 @@ def test_a_hook_is_called_in_order_and_its_state_resumes(tiny_data, tmp_path, tr
     assert torch.equal(first["recorder_weights"], torch.full((3,), float(ipe)))
     from metric.utils.logger import read_stats
 
-    assert [r["recorder_steps"] for r in read_stats(os.path.join(straight, "stats.jsonl"), "train_epoch")] \
-        == [ipe, 2 * ipe]
+    assert [r["recorder_steps"] for r in read_stats(os.path.join(straight, "stats.jsonl"), "train_epoch")] == [
+        ipe,
+        2 * ipe,
+    ]
 
     # A kill after the first checkpoint: the hook gets that checkpoint back and the run ends as
     # the uninterrupted one (weights and the hook's state).
@@ -150,16 +161,33 @@ def test_default_hooks_follow_the_config(tiny_data, tmp_path, trainer_with):
     plain = trainer_with(tiny_opts(tiny_data, str(tmp_path / "plain"), **{"TEST.DATASET": ""}))
     assert names(plain) == ["PeriodicCheckpoint", "TensorBoard"]
     assert plain.ema is None and plain.tb is plain.hooks[-1].board
-    every = trainer_with(tiny_opts(tiny_data, str(tmp_path / "every"), **{
-        "MODEL.HEADS.MARGIN_SCHEDULE": "[[0, 0.1], [1, 0.2]]", "TRAIN.FREEZE_BACKBONE_EPOCHS": 1,
-        "TRAIN.EMA.ENABLED": True, "TRAIN.BEST_METRIC": "mAP@R"}))
-    assert names(every) == ["MarginSchedule", "FreezeBackbone", "EmaHook", "PeriodicCheckpoint", "Evaluation",
-                            "BestCheckpointHook", "TensorBoard"]
+    every = trainer_with(
+        tiny_opts(
+            tiny_data,
+            str(tmp_path / "every"),
+            **{
+                "MODEL.HEADS.MARGIN_SCHEDULE": "[[0, 0.1], [1, 0.2]]",
+                "TRAIN.FREEZE_BACKBONE_EPOCHS": 1,
+                "TRAIN.EMA.ENABLED": True,
+                "TRAIN.BEST_METRIC": "mAP@R",
+            },
+        )
+    )
+    assert names(every) == [
+        "MarginSchedule",
+        "FreezeBackbone",
+        "EmaHook",
+        "PeriodicCheckpoint",
+        "Evaluation",
+        "BestCheckpointHook",
+        "TensorBoard",
+    ]
     assert every.ema is every.hooks[2].ema and every.ema is not None
     assert [cls.__name__ for cls in HOOKS][2] == "PartialFCSampling"  # built for a Partial FC head only
 
 
 # --- the Checkpointer alone ------------------------------------------------------------------------
+
 
 class Counter:
     """A hook as the Checkpointer sees it: any object with state_dict / load_state_dict."""
@@ -189,8 +217,16 @@ def test_checkpointer_round_trip_restores_model_optimizer_rng_and_hooks(tmp_path
     saver = Checkpointer(model, optimizer, scaler)
     saver.hooks = [Counter(7.0)]
     state = saver.state(3, cfg="CFG", bad_images=[])
-    assert list(state) == ["epoch", "model_state", "optimizer_state", "scaler_state", "rng_states", "cfg",
-                           "bad_images", "counter"]
+    assert list(state) == [
+        "epoch",
+        "model_state",
+        "optimizer_state",
+        "scaler_state",
+        "rng_states",
+        "cfg",
+        "bad_images",
+        "counter",
+    ]
     path = cp.save_checkpoint(str(tmp_path / "c.pyth"), state)
     after = torch.rand(5)  # the RNG stream after the checkpoint
 
@@ -203,8 +239,9 @@ def test_checkpointer_round_trip_restores_model_optimizer_rng_and_hooks(tmp_path
     assert torch.equal(torch.rand(5), after)
     for key, value in model.state_dict().items():
         assert torch.equal(other.state_dict()[key], value)
-    assert torch.equal(other_opt.state_dict()["state"][0]["momentum_buffer"],
-                       optimizer.state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(
+        other_opt.state_dict()["state"][0]["momentum_buffer"], optimizer.state_dict()["state"][0]["momentum_buffer"]
+    )
     assert loader.hooks[0].value == 7.0 and loader.hooks[0].seen == path
 
 

@@ -89,7 +89,7 @@ def find_cycle(graph):
         stack.append(node)
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state:
                 found = visit(dep, stack)
                 if found:
@@ -121,3 +121,50 @@ def test_checker_catches_violations():
     assert upward_imports(graph) == ["metric.utils.a imports metric.engine.b"]
     assert find_cycle(graph) == ["metric.engine.b", "metric.utils.a", "metric.engine.b"]
 
+
+def private_uses(source, filename="<source>"):
+    """``"file:line name"`` of every private name (``_x``, not ``__x__``) that ``source`` takes from
+    another metric module: ``from metric.a import _x`` or ``metric_module._x`` after an import of it."""
+    tree = ast.parse(source)
+    modules, found = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "metric" and not node.level:
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append((node.lineno, f"{filename}:{node.lineno} {node.module}.{alias.name}"))
+                else:
+                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "metric":
+                    modules[alias.asname or alias.name] = alias.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            value = node.value
+            while isinstance(value, ast.Attribute):
+                value = value.value
+            if isinstance(value, ast.Name) and value.id in modules:
+                found.append((node.lineno, f"{filename}:{node.lineno} {ast.unparse(node)}"))
+    return [text for _, text in sorted(found)]
+
+
+def test_no_private_names_across_modules():
+    """A name another module needs is public and documented: no module of metric/ or tools/
+    imports or reaches into another module's private (underscore) names. (Tests may.)"""
+    repo = os.path.dirname(ROOT)
+    bad = []
+    for folder in ("metric", "tools"):
+        for dirpath, _, files in os.walk(os.path.join(repo, folder)):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    with open(path, encoding="utf-8") as fh:
+                        bad += private_uses(fh.read(), os.path.relpath(path, repo))
+    assert bad == []
+
+
+def test_private_use_checker_catches_violations():
+    source = (
+        "from metric.a import _x, y\nimport metric.b as b\nfrom metric import c\nb._z()\nc._w\nself._ok\nc.__doc__\n"
+    )
+    assert private_uses(source) == ["<source>:1 metric.a._x", "<source>:4 b._z", "<source>:5 c._w"]

@@ -14,7 +14,7 @@ import simplejson
 
 from metric.utils import io
 from metric.utils.errors import OutputError
-from tests.conftest import tiny_opts
+from tests.helpers import tiny_opts
 
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -39,7 +39,7 @@ class TmpfsHandler(io.PathHandler):
     def local(self, path):
         assert path.startswith(self.PREFIX), path
         self.served.append(path)
-        return os.path.join(self.root, path[len(self.PREFIX):])
+        return os.path.join(self.root, path[len(self.PREFIX) :])
 
     def _get_supported_prefixes(self):
         return [self.PREFIX]
@@ -402,15 +402,14 @@ def test_stores_and_results_through_a_registered_backend(tmpfs):
 
 
 @pytest.mark.slow
-def test_training_resume_stats_and_extraction_through_a_registered_backend(tmpfs, tiny_data, tmp_path,
-                                                                           monkeypatch):
+def test_training_resume_stats_and_extraction_through_a_registered_backend(tmpfs, tiny_data, tmp_path, monkeypatch):
     """OUT_DIR on ``tmpfs://``: config, log, stats and checkpoints go through the handler; a second
     run with a larger OPTIM.MAX_EPOCH resumes from the checkpoint there; the weights are then
     read back from the backend to extract a feature store into it. Nothing lands in the cwd."""
+    from metric.checkpoint import list_checkpoints
     from metric.config import load_cfg
     from metric.engine.extract import extract_features
     from metric.engine.trainer import train_model
-    from metric.checkpoint import list_checkpoints
     from metric.retrieval.store import load_features
     from metric.utils.logger import read_stats, setup_logging
 
@@ -435,9 +434,18 @@ def test_training_resume_stats_and_extraction_through_a_registered_backend(tmpfs
     assert any(p.endswith("stats.jsonl") for p in handler.served)
 
     weights = f"{out}/checkpoints/model_epoch_0002.pyth"
-    cfg = load_cfg(None, tiny_opts(tiny_data, out, **{"TEST.WEIGHTS": weights,
-                                                      "INFER.INPUT": os.path.join(tiny_data, "test.txt"),
-                                                      "INFER.OUTPUT": "tmpfs://feats/test"}))
+    cfg = load_cfg(
+        None,
+        tiny_opts(
+            tiny_data,
+            out,
+            **{
+                "TEST.WEIGHTS": weights,
+                "INFER.INPUT": os.path.join(tiny_data, "test.txt"),
+                "INFER.OUTPUT": "tmpfs://feats/test",
+            },
+        ),
+    )
     assert extract_features(cfg, progress=False) == "tmpfs://feats/test"
     store = load_features("tmpfs://feats/test")
     assert len(store) == 32 and store.dim == 16 and store.meta["weights"] == weights

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from metric.utils.errors import DataError
 from metric.datasets.dataset import ListDataset, check_readable_classes
 from metric.datasets.items import ItemList, parse_simple_list
 from metric.datasets.listfile import _read_lines, read_list
 from metric.datasets.samplers import PKSampler, max_pk_batches
 from metric.datasets.transforms import TrainTransform
 from metric.modeling.builders import class_counts
+from metric.utils.errors import DataError
 
 
 def _naive_read(text, root, with_labels=True):
@@ -60,7 +60,10 @@ def test_item_list_root_is_joined_and_lookups_work():
     items = ItemList.from_pairs([("img/a.jpg", 1), ("/abs/b.jpg", 2), ("img/a.jpgx", 3)], root="/data/set")
     assert list(items) == [("/data/set/img/a.jpg", 1), ("/abs/b.jpg", 2), ("/data/set/img/a.jpgx", 3)]
     assert items.index_of(["/data/set/img/a.jpg", "/abs/b.jpg", "/data/set/img/a.jpgx"]) == {
-        "/data/set/img/a.jpg": 0, "/abs/b.jpg": 1, "/data/set/img/a.jpgx": 2}
+        "/data/set/img/a.jpg": 0,
+        "/abs/b.jpg": 1,
+        "/data/set/img/a.jpgx": 2,
+    }
     other = ItemList.from_pairs([("z.jpg", 0)], root="/elsewhere")
     assert list(items + other) == list(items) + [("/elsewhere/z.jpg", 0)]
 
@@ -88,8 +91,10 @@ def test_fast_parse_without_labels(tmp_path):
     path = tmp_path / "l.txt"
     path.write_text("a.jpg x1\nb.jpg -3\n")
     assert parse_simple_list(path.read_bytes(), "/r", with_labels=False) is None
-    assert list(read_list(str(path), "/r", with_labels=False, check_files=False)) == [("/r/a.jpg", None),
-                                                                                        ("/r/b.jpg", -3)]
+    assert list(read_list(str(path), "/r", with_labels=False, check_files=False)) == [
+        ("/r/a.jpg", None),
+        ("/r/b.jpg", -3),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -163,8 +168,11 @@ def test_check_readable_classes_on_item_list(tiny_data, tmp_path):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"junk")
     bad = items + [(str(junk), 9), (str(junk), 7), (str(junk), 9)]
-    with pytest.raises(DataError, match=r"class 9 of train.txt has no readable image: none of its 2 image\(s\) .*"
-                                        r"junk.jpg\); 1 more class\(es\) have none either: 7;"):
+    with pytest.raises(
+        DataError,
+        match=r"class 9 of train.txt has no readable image: none of its 2 image\(s\) .*"
+        r"junk.jpg\); 1 more class\(es\) have none either: 7;",
+    ):
         check_readable_classes(bad, "train.txt")
 
 

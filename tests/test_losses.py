@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from metric.config import load_cfg
-from metric.utils.errors import ConfigError
 from metric.modeling import build_loss
 from metric.modeling.losses.circle import CircleLoss
 from metric.modeling.losses.triplet import TripletLoss
-from tests.conftest import run_py, tiny_opts
+from metric.utils.errors import ConfigError
+from tests.helpers import tiny_opts, tool_in_process
 
 
 def naive_triplet(x, labels, margin, soft, hard, normalize=True):
@@ -87,7 +87,8 @@ def test_circle_matches_naive(gamma):
 
 @pytest.mark.parametrize("labels", [torch.zeros(6, dtype=torch.long), torch.arange(6)], ids=["same", "distinct"])
 @pytest.mark.parametrize(
-    "loss", [TripletLoss(), TripletLoss(hard_mining=False, soft_margin=True), CircleLoss(gamma=256.0)],
+    "loss",
+    [TripletLoss(), TripletLoss(hard_mining=False, soft_margin=True), CircleLoss(gamma=256.0)],
     ids=["triplet_hard", "triplet_weighted_soft", "circle"],
 )
 def test_pairwise_losses_without_pairs_are_zero_not_nan(loss, labels):
@@ -117,10 +118,24 @@ def _cfg(*opts):
 
 
 def test_combined_loss_is_the_scaled_sum():
-    cfg = _cfg("MODEL.LOSSES.NAME", "[cross_entropy, triplet, circle]", "MODEL.LOSSES.CE.SCALE", 0.5,
-               "MODEL.LOSSES.TRIPLET.SCALE", 2.0, "MODEL.LOSSES.CIRCLE.SCALE", 0.1,
-               "MODEL.LOSSES.LABEL_SMOOTHING", 0.1, "MODEL.LOSSES.TRIPLET.MARGIN", 0.4,
-               "MODEL.LOSSES.CIRCLE.GAMMA", 16, "MODEL.LOSSES.CIRCLE.MARGIN", 0.3)
+    cfg = _cfg(
+        "MODEL.LOSSES.NAME",
+        "[cross_entropy, triplet, circle]",
+        "MODEL.LOSSES.CE.SCALE",
+        0.5,
+        "MODEL.LOSSES.TRIPLET.SCALE",
+        2.0,
+        "MODEL.LOSSES.CIRCLE.SCALE",
+        0.1,
+        "MODEL.LOSSES.LABEL_SMOOTHING",
+        0.1,
+        "MODEL.LOSSES.TRIPLET.MARGIN",
+        0.4,
+        "MODEL.LOSSES.CIRCLE.GAMMA",
+        16,
+        "MODEL.LOSSES.CIRCLE.MARGIN",
+        0.3,
+    )
     combined = build_loss(cfg)
     torch.manual_seed(2)
     logits, emb = torch.randn(8, 4), torch.randn(8, 6)
@@ -157,24 +172,39 @@ def test_loss_name_accepts_a_string_and_a_list(tmp_path):
 @pytest.mark.parametrize(
     "opts, words",
     [
-        (["MODEL.LOSSES.NAME", "[cross_entropy, tripplet]"], ["MODEL.LOSSES.NAME='tripplet'", "did you mean 'triplet'"]),
+        (
+            ["MODEL.LOSSES.NAME", "[cross_entropy, tripplet]"],
+            ["MODEL.LOSSES.NAME='tripplet'", "did you mean 'triplet'"],
+        ),
         (["MODEL.LOSSES.NAME", "[]"], ["MODEL.LOSSES.NAME", "non-empty"]),
         (["MODEL.LOSSES.NAME", "[triplet, triplet]"], ["MODEL.LOSSES.NAME", "different"]),
         (["MODEL.LOSSES.CIRCLE.GAMMA", "0"], ["MODEL.LOSSES.CIRCLE.GAMMA", "> 0"]),
         (["MODEL.LOSSES.TRIPLET.SCALE", "-1"], ["MODEL.LOSSES.TRIPLET.SCALE", ">= 0"]),
-        (["MODEL.HEADS.CLS_LAYER", "linear", "MODEL.HEADS.DYNAMIC_MARGIN", "True"],
-         ["MODEL.HEADS.DYNAMIC_MARGIN", "linear"]),
-        (["MODEL.HEADS.CLS_LAYER", "arcface", "MODEL.HEADS.MARGIN_SCHEDULE", "[[1, 0.1]]"],
-         ["MODEL.HEADS.MARGIN_SCHEDULE", "from 0"]),
-        (["MODEL.HEADS.CLS_LAYER", "arcface", "MODEL.HEADS.MARGIN_SCHEDULE", "[[0, 0.1], [0, 0.2]]"],
-         ["MODEL.HEADS.MARGIN_SCHEDULE", "strictly ascending"]),
-        (["MODEL.HEADS.CLS_LAYER", "arcface", "MODEL.HEADS.MARGIN_SCHEDULE", "[[0, 0.1, 3]]"],
-         ["MODEL.HEADS.MARGIN_SCHEDULE", "pair"]),
-        (["MODEL.HEADS.CLS_LAYER", "adacos", "MODEL.HEADS.MARGIN_SCHEDULE", "[[0, 0.1]]"],
-         ["MODEL.HEADS.MARGIN_SCHEDULE", "adacos"]),
+        (
+            ["MODEL.HEADS.CLS_LAYER", "linear", "MODEL.HEADS.DYNAMIC_MARGIN", "True"],
+            ["MODEL.HEADS.DYNAMIC_MARGIN", "linear"],
+        ),
+        (
+            ["MODEL.HEADS.CLS_LAYER", "arcface", "MODEL.HEADS.MARGIN_SCHEDULE", "[[1, 0.1]]"],
+            ["MODEL.HEADS.MARGIN_SCHEDULE", "from 0"],
+        ),
+        (
+            ["MODEL.HEADS.CLS_LAYER", "arcface", "MODEL.HEADS.MARGIN_SCHEDULE", "[[0, 0.1], [0, 0.2]]"],
+            ["MODEL.HEADS.MARGIN_SCHEDULE", "strictly ascending"],
+        ),
+        (
+            ["MODEL.HEADS.CLS_LAYER", "arcface", "MODEL.HEADS.MARGIN_SCHEDULE", "[[0, 0.1, 3]]"],
+            ["MODEL.HEADS.MARGIN_SCHEDULE", "pair"],
+        ),
+        (
+            ["MODEL.HEADS.CLS_LAYER", "adacos", "MODEL.HEADS.MARGIN_SCHEDULE", "[[0, 0.1]]"],
+            ["MODEL.HEADS.MARGIN_SCHEDULE", "adacos"],
+        ),
         (["MODEL.HEADS.MARGIN_SCHEDULE_MODE", "cosine"], ["MODEL.HEADS.MARGIN_SCHEDULE_MODE", "step | linear"]),
-        (["TRAIN.SAMPLER", "pk", "TRAIN.BATCH_SIZE", "10", "TRAIN.NUM_INSTANCES", "4"],
-         ["TRAIN.BATCH_SIZE=10", "TRAIN.NUM_INSTANCES=4"]),
+        (
+            ["TRAIN.SAMPLER", "pk", "TRAIN.BATCH_SIZE", "10", "TRAIN.NUM_INSTANCES", "4"],
+            ["TRAIN.BATCH_SIZE=10", "TRAIN.NUM_INSTANCES=4"],
+        ),
         (["TRAIN.SAMPLER", "balanced"], ["TRAIN.SAMPLER", "random | pk"]),
     ],
 )
@@ -190,13 +220,22 @@ def test_training_with_pk_sampler_two_losses_and_margin_schedule(tiny_data, tmp_
     from metric.utils.logger import read_stats
 
     out = str(tmp_path / "run")
-    opts = tiny_opts(tiny_data, out, **{
-        "TEST.DATASET": "", "OPTIM.MAX_EPOCH": 3, "TRAIN.SAMPLER": "pk", "TRAIN.NUM_INSTANCES": 2,
-        "MODEL.LOSSES.NAME": "[cross_entropy,triplet]", "MODEL.LOSSES.TRIPLET.SCALE": 0.5,
-        "MODEL.HEADS.DYNAMIC_MARGIN": True,
-        "MODEL.HEADS.MARGIN_SCHEDULE": "[[0,0.1],[1,0.2],[2,0.3]]",
-    })
-    proc = run_py(["tools/train_metric.py", *opts], check=True)
+    opts = tiny_opts(
+        tiny_data,
+        out,
+        **{
+            "TEST.DATASET": "",
+            "OPTIM.MAX_EPOCH": 3,
+            "TRAIN.SAMPLER": "pk",
+            "TRAIN.NUM_INSTANCES": 2,
+            "MODEL.LOSSES.NAME": "[cross_entropy,triplet]",
+            "MODEL.LOSSES.TRIPLET.SCALE": 0.5,
+            "MODEL.HEADS.DYNAMIC_MARGIN": True,
+            "MODEL.HEADS.MARGIN_SCHEDULE": "[[0,0.1],[1,0.2],[2,0.3]]",
+        },
+    )
+    proc = tool_in_process("train_metric", opts)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dynamic margins from the class counts" in proc.stdout
     epochs = read_stats(os.path.join(out, "stats.jsonl"), "train_epoch")
     assert [e["margin"] for e in epochs] == pytest.approx([0.1, 0.2, 0.3])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from metric.modeling.layers.margins import ArcFace, CircleClassifier, CosFace, LinearClassifier
-from metric.modeling.layers.pooling import GeM, AvgPool, MaxPool
+from metric.modeling.layers.pooling import AvgPool, GeM, MaxPool
 
 
 def _cos(a, b):
@@ -148,6 +148,7 @@ def test_curricularface_matches_naive_and_updates_t():
 
 # --- sub-center ArcFace, AdaCos, per-class margins, margin schedule ------------------------
 
+
 def _naive_arc(c, m, easy=False):
     theta = torch.acos(c.clamp(-1 + 1e-7, 1 - 1e-7))
     if easy:
@@ -172,7 +173,9 @@ def test_subcenter_arcface_matches_naive():
     for i in range(n):
         row = []
         for j in range(c):
-            best = torch.stack([F.cosine_similarity(x2[i : i + 1], w[j * k + q : j * k + q + 1])[0] for q in range(k)]).max()
+            best = torch.stack(
+                [F.cosine_similarity(x2[i : i + 1], w[j * k + q : j * k + q + 1])[0] for q in range(k)]
+            ).max()
             row.append(s * (_naive_arc(best, m) if j == int(labels[i]) else best))
         rows.append(torch.stack(row))
     ref = torch.stack(rows)
@@ -215,8 +218,9 @@ def test_adacos_matches_naive(adaptive):
     assert float(layer.scale) == pytest.approx(s)
     x2 = x.detach().clone().requires_grad_(True)
     w = layer.weight.detach().clone().requires_grad_(True)
-    ref = s * torch.stack([torch.stack([F.cosine_similarity(x2[i : i + 1], w[j : j + 1])[0] for j in range(c)])
-                           for i in range(n)])
+    ref = s * torch.stack(
+        [torch.stack([F.cosine_similarity(x2[i : i + 1], w[j : j + 1])[0] for j in range(c)]) for i in range(n)]
+    )
     assert torch.allclose(out, ref, atol=1e-9)
     F.cross_entropy(out, labels).backward()
     F.cross_entropy(ref, labels).backward()
@@ -234,8 +238,8 @@ def test_dynamic_margins_follow_the_formula():
     a, b, lam = 0.45, 0.05, 0.25
     raw = dynamic_margins(counts, a, b, lam, normalize=False)
     for c, n in enumerate(counts[:4]):
-        assert float(raw[c]) == pytest.approx(a * n ** -lam + b, rel=1e-6)
-    x = [n ** -lam for n in counts[:4]]
+        assert float(raw[c]) == pytest.approx(a * n**-lam + b, rel=1e-6)
+    x = [n**-lam for n in counts[:4]]
     norm = dynamic_margins(counts, a, b, lam, normalize=True)
     for c in range(4):
         assert float(norm[c]) == pytest.approx(a * (x[c] - min(x)) / (max(x) - min(x)) + b, rel=1e-6)
@@ -248,7 +252,7 @@ def test_dynamic_margins_follow_the_formula():
 def test_per_class_margin_is_margin_of_the_label(kind):
     """With per-class margins every sample's logits equal those of a layer whose scalar margin is
     the margin of that sample's label."""
-    from metric.modeling.registries import MARGIN_LAYERS
+    from metric.modeling.registry import MARGIN_LAYERS
 
     torch.manual_seed(6)
     cls = MARGIN_LAYERS.get(kind)
@@ -294,8 +298,8 @@ def test_scheduled_margin_step_and_linear():
 
 
 def test_avgmaxpool_and_identity_pooling():
-    from metric.utils.errors import ConfigError
     from metric.modeling.layers.pooling import AvgMaxPool, IdentityPool
+    from metric.utils.errors import ConfigError
 
     x = torch.rand(2, 3, 4, 5)
     assert torch.allclose(AvgMaxPool()(x), x.mean(dim=(2, 3)) + x.amax(dim=(2, 3)))

@@ -6,10 +6,10 @@ import zlib
 
 import pytest
 
-from metric.utils.errors import MetricError
 from metric.retrieval import metrics_glr
 from metric.retrieval.groundtruth import read_glr_solution
 from metric.retrieval.metrics import glr_map_at_k, make_synthetic_glr
+from metric.utils.errors import MetricError
 
 
 def naive_glr(predictions, solution, k=100, precision_ks=(1, 5, 10, 100)):
@@ -40,8 +40,11 @@ def naive_glr(predictions, solution, k=100, precision_ks=(1, 5, 10, 100)):
     every = ap_by_split["Public"] + ap_by_split["Private"]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {
-        f"mAP@{k}": {"Public": mean(ap_by_split["Public"]), "Private": mean(ap_by_split["Private"]),
-                     "All": mean(every)},
+        f"mAP@{k}": {
+            "Public": mean(ap_by_split["Public"]),
+            "Private": mean(ap_by_split["Private"]),
+            "All": mean(every),
+        },
         "mP@k": {f"mP@{p}": mean(precisions[p]) for p in precision_ks},
     }
 
@@ -84,8 +87,10 @@ def test_matches_naive_reference(seed):
 def test_small_k(k):
     predictions, solution = random_case(random.Random(100 + k), max_pred=20)
     ks = tuple(p for p in (1, 2, 3, 5, 10) if p <= k)
-    assert_same(glr_map_at_k(predictions, solution, k=k, precision_ks=ks),
-                naive_glr(predictions, solution, k=k, precision_ks=ks))
+    assert_same(
+        glr_map_at_k(predictions, solution, k=k, precision_ks=ks),
+        naive_glr(predictions, solution, k=k, precision_ks=ks),
+    )
 
 
 def test_hand_computed_example():
@@ -129,8 +134,10 @@ def test_split_without_queries_is_none():
 
 def test_hash_collision_falls_back_to_exact_path(monkeypatch, caplog):
     """Ids whose hashes collide in the first bit field must not change the score."""
+
     def colliding_hash(s):
         return (zlib.crc32(str(s).encode()) & 0x7FFFFF) << 40  # low 40 bits always zero
+
     monkeypatch.setattr(metrics_glr, "hash", colliding_hash, raising=False)
     predictions, solution = random_case(random.Random(7))
     with caplog.at_level(logging.WARNING):

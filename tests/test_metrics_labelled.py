@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from metric.utils.errors import MetricError
 from metric.retrieval.metrics import labelled_metrics
-from tests.conftest import unit_vectors
+from metric.utils.errors import MetricError
+from tests.helpers import unit_vectors
 
 
 def naive_labelled(q, q_lab, x=None, x_lab=None, ks=(1, 5, 10)):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from metric.utils.errors import MetricError
 from metric.retrieval.groundtruth import read_revisited_gnd
 from metric.retrieval.metrics import rank_index, revisited_map
+from metric.utils.errors import MetricError
 
 
 def naive_revisited(ranks, gnd, ks=(1, 5, 10)):
@@ -55,8 +55,8 @@ def random_gnd(rng, num_queries, num_index):
         if rng.random() < 0.2:
             n_hard = 0  # skipped in H
         easy = perm[:n_easy]
-        hard = perm[n_easy:n_easy + n_hard]
-        junk = perm[n_easy + n_hard:n_easy + n_hard + n_junk]
+        hard = perm[n_easy : n_easy + n_hard]
+        junk = perm[n_easy + n_hard : n_easy + n_hard + n_junk]
         gnd.append({"easy": easy.tolist(), "hard": np.asarray(hard), "junk": junk.tolist()})
     return gnd
 
@@ -129,8 +129,12 @@ def gnd_dict():
         "imlist": ["all_souls_000000", "all_souls_000001", "radcliffe_000002", "x"],
         "qimlist": ["q0", "q1"],
         "gnd": [
-            {"easy": np.array([0, 1]), "hard": [2], "junk": np.array([3], dtype=np.int32),
-             "bbx": [np.float64(1.5), 2.0, 30.0, 40.0]},
+            {
+                "easy": np.array([0, 1]),
+                "hard": [2],
+                "junk": np.array([3], dtype=np.int32),
+                "bbx": [np.float64(1.5), 2.0, 30.0, 40.0],
+            },
             {"easy": [], "hard": np.array([], dtype=np.int64), "junk": [0], "bbx": None},
         ],
     }
@@ -186,8 +190,10 @@ def test_refuses_other_classes(tmp_path, payload):
         (pickle.dumps(gnd_dict())[:40], "not a readable"),
         (b"hello world", "not a readable"),
         (pickle.dumps([1, 2, 3]), "expected a dict"),
-        (pickle.dumps({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"easy": [3], "hard": [], "junk": []}]}),
-         "outside imlist"),
+        (
+            pickle.dumps({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"easy": [3], "hard": [], "junk": []}]}),
+            "outside imlist",
+        ),
         (pickle.dumps({"imlist": ["a"], "qimlist": ["q", "r"], "gnd": []}), "2"),
     ],
 )

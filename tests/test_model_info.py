@@ -9,10 +9,18 @@ import torch.nn as nn
 
 from metric import build_model, load_cfg
 from metric.modeling.complexity import format_complexity, model_complexity
-from tests.conftest import TINY_MODEL, call_tool
+from tests.helpers import TINY_MODEL, call_tool
 
-TINY = TINY_MODEL + ["MODEL.HEADS.BN_NECK", "True", "MODEL.HEADS.DROPOUT", "0.2", "MODEL.HEADS.POOL_LAYER", "gempool",
-                     "TRAIN.IM_SIZE", "40"]
+TINY = TINY_MODEL + [
+    "MODEL.HEADS.BN_NECK",
+    "True",
+    "MODEL.HEADS.DROPOUT",
+    "0.2",
+    "MODEL.HEADS.POOL_LAYER",
+    "gempool",
+    "TRAIN.IM_SIZE",
+    "40",
+]
 
 
 def _naive_counts(model, im_size):
@@ -35,8 +43,9 @@ def _naive_counts(model, im_size):
     return macs[0], acts[0]
 
 
-@pytest.mark.parametrize("opts", [TINY, ["MODEL.TYPE", "resnest50", "MODEL.HEADS.NUM_CLASSES", "3"]],
-                         ids=["tiny-resnet", "resnest50"])
+@pytest.mark.parametrize(
+    "opts", [TINY, ["MODEL.TYPE", "resnest50", "MODEL.HEADS.NUM_CLASSES", "3"]], ids=["tiny-resnet", "resnest50"]
+)
 def test_counts_agree_with_naive_reference(opts):
     model = build_model(load_cfg(None, opts))
     c = model_complexity(model, 40)

@@ -11,7 +11,7 @@ from metric import build_model, load_cfg
 from metric.modeling.backbones.resnet import ResNet
 from metric.modeling.heads.linear_head import margin_layer_from_config
 from metric.modeling.layers.margins import ArcFace
-from tests.conftest import REPO
+from tests.helpers import REPO, tiny_model
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 COMPAT = os.path.join(REPO, "tests", "data", "pymetric_state_dict_keys.json")
@@ -57,11 +57,20 @@ def test_config_builds_and_trains(path):
 @pytest.mark.parametrize("pool", ["avgpool", "maxpool", "gempool"])
 @pytest.mark.parametrize("cls_layer", ["linear", "cosface", "arcface", "circle"])
 def test_tiny_head_variants(pool, cls_layer):
-    cfg = load_cfg(None, [
-        "MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "4", "MODEL.HEADS.IN_FEAT", "0",
-        "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "3", "MODEL.HEADS.POOL_LAYER", pool,
-        "MODEL.HEADS.CLS_LAYER", cls_layer, "MODEL.HEADS.BN_NECK", "True", "MODEL.HEADS.DROPOUT", "0.1",
-    ])
+    cfg = load_cfg(
+        None,
+        tiny_model(width=4, dim=8, num_classes=3)
+        + [
+            "MODEL.HEADS.POOL_LAYER",
+            pool,
+            "MODEL.HEADS.CLS_LAYER",
+            cls_layer,
+            "MODEL.HEADS.BN_NECK",
+            "True",
+            "MODEL.HEADS.DROPOUT",
+            "0.1",
+        ],
+    )
     torch.manual_seed(0)
     _forward_backward(build_model(cfg), 3, size=32)
 
@@ -75,9 +84,7 @@ def test_resnext_and_depths_build():
 
 
 def test_eval_model_needs_no_labels_and_returns_unnormalized_embedding():
-    cfg = load_cfg(None, ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "4",
-                          "MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.NUM_CLASSES", "3",
-                          "MODEL.HEADS.CLS_LAYER", "arcface"])
+    cfg = load_cfg(None, tiny_model(width=4, dim=None, num_classes=3) + ["MODEL.HEADS.CLS_LAYER", "arcface"])
     model = build_model(cfg).eval()
     x = torch.randn(2, 3, 32, 32)
     emb = model(x)

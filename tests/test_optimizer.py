@@ -12,8 +12,18 @@ def _cfg(*opts):
 
 
 def test_steps_policy_original_semantics():
-    c = _cfg("OPTIM.LR_POLICY", "steps", "OPTIM.STEPS", "[0, 30, 60, 90]", "OPTIM.LR_MULT", "0.1",
-             "OPTIM.BASE_LR", "0.1", "OPTIM.MAX_EPOCH", "100")
+    c = _cfg(
+        "OPTIM.LR_POLICY",
+        "steps",
+        "OPTIM.STEPS",
+        "[0, 30, 60, 90]",
+        "OPTIM.LR_MULT",
+        "0.1",
+        "OPTIM.BASE_LR",
+        "0.1",
+        "OPTIM.MAX_EPOCH",
+        "100",
+    )
     assert get_epoch_lr(c, 0) == pytest.approx(0.1)
     assert get_epoch_lr(c, 29.9) == pytest.approx(0.1)
     assert get_epoch_lr(c, 30) == pytest.approx(0.01)
@@ -21,8 +31,18 @@ def test_steps_policy_original_semantics():
 
 
 def test_cos_exp_and_warmup():
-    c = _cfg("OPTIM.LR_POLICY", "cos", "OPTIM.BASE_LR", "0.2", "OPTIM.MAX_EPOCH", "10",
-             "OPTIM.WARMUP_EPOCHS", "2", "OPTIM.WARMUP_FACTOR", "0.1")
+    c = _cfg(
+        "OPTIM.LR_POLICY",
+        "cos",
+        "OPTIM.BASE_LR",
+        "0.2",
+        "OPTIM.MAX_EPOCH",
+        "10",
+        "OPTIM.WARMUP_EPOCHS",
+        "2",
+        "OPTIM.WARMUP_FACTOR",
+        "0.1",
+    )
     assert get_epoch_lr(c, 0) == pytest.approx(0.02)
     assert get_epoch_lr(c, 1) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 0.1)) * 0.55)
     assert get_epoch_lr(c, 5) == pytest.approx(0.1)
@@ -38,13 +58,45 @@ def test_lr_at_steps_per_iteration():
 
 
 SCHEDULES = {
-    "cos_warmup": ("OPTIM.LR_POLICY", "cos", "OPTIM.BASE_LR", "0.2", "OPTIM.MAX_EPOCH", "6",
-                   "OPTIM.WARMUP_EPOCHS", "2", "OPTIM.WARMUP_FACTOR", "0.1"),
-    "steps": ("OPTIM.LR_POLICY", "steps", "OPTIM.STEPS", "[0, 2, 4]", "OPTIM.LR_MULT", "0.1",
-              "OPTIM.BASE_LR", "0.1", "OPTIM.MAX_EPOCH", "6", "OPTIM.WARMUP_EPOCHS", "1"),
+    "cos_warmup": (
+        "OPTIM.LR_POLICY",
+        "cos",
+        "OPTIM.BASE_LR",
+        "0.2",
+        "OPTIM.MAX_EPOCH",
+        "6",
+        "OPTIM.WARMUP_EPOCHS",
+        "2",
+        "OPTIM.WARMUP_FACTOR",
+        "0.1",
+    ),
+    "steps": (
+        "OPTIM.LR_POLICY",
+        "steps",
+        "OPTIM.STEPS",
+        "[0, 2, 4]",
+        "OPTIM.LR_MULT",
+        "0.1",
+        "OPTIM.BASE_LR",
+        "0.1",
+        "OPTIM.MAX_EPOCH",
+        "6",
+        "OPTIM.WARMUP_EPOCHS",
+        "1",
+    ),
     "exp": ("OPTIM.LR_POLICY", "exp", "OPTIM.GAMMA", "0.7", "OPTIM.BASE_LR", "0.05", "OPTIM.MAX_EPOCH", "6"),
-    "cos_per_epoch": ("OPTIM.LR_POLICY", "cos", "OPTIM.BASE_LR", "0.3", "OPTIM.MAX_EPOCH", "6",
-                      "OPTIM.WARMUP_EPOCHS", "1.5", "OPTIM.LR_UPDATE", "epoch"),
+    "cos_per_epoch": (
+        "OPTIM.LR_POLICY",
+        "cos",
+        "OPTIM.BASE_LR",
+        "0.3",
+        "OPTIM.MAX_EPOCH",
+        "6",
+        "OPTIM.WARMUP_EPOCHS",
+        "1.5",
+        "OPTIM.LR_UPDATE",
+        "epoch",
+    ),
 }
 
 
@@ -81,9 +133,7 @@ def test_lr_at_is_bit_identical_to_the_former_lambdalr(name):
     for start in (0, 3 * ipe):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=c.OPTIM.BASE_LR)
         opt.param_groups[0]["initial_lr"] = c.OPTIM.BASE_LR
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_factor(c, step / ipe), last_epoch=start - 1
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(c, step / ipe), last_epoch=start - 1)
         for i in range(start, c.OPTIM.MAX_EPOCH * ipe):
             assert opt.param_groups[0]["lr"] == lr_at(c, i, ipe), i
             opt.step()
@@ -91,9 +141,24 @@ def test_lr_at_is_bit_identical_to_the_former_lambdalr(name):
 
 
 def test_custom_weight_decay_groups():
-    c = _cfg("MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "4", "MODEL.HEADS.IN_FEAT", "0",
-             "MODEL.HEADS.POOL_LAYER", "gempool", "BN.USE_CUSTOM_WEIGHT_DECAY", "True",
-             "BN.CUSTOM_WEIGHT_DECAY", "0.0", "OPTIM.WEIGHT_DECAY", "1e-4")
+    c = _cfg(
+        "MODEL.DEPTH",
+        "18",
+        "RESNET.WIDTH_PER_GROUP",
+        "4",
+        "RESNET.STEM_WIDTH",
+        "4",
+        "MODEL.HEADS.IN_FEAT",
+        "0",
+        "MODEL.HEADS.POOL_LAYER",
+        "gempool",
+        "BN.USE_CUSTOM_WEIGHT_DECAY",
+        "True",
+        "BN.CUSTOM_WEIGHT_DECAY",
+        "0.0",
+        "OPTIM.WEIGHT_DECAY",
+        "1e-4",
+    )
     model = build_model(c)
     opt = build_optimizer(c, model)
     decayed, special = opt.param_groups
@@ -106,7 +171,17 @@ def test_custom_weight_decay_groups():
 
 
 def test_adamw():
-    c = _cfg("OPTIM.OPTIMIZER", "adamw", "OPTIM.BETAS", "[0.8, 0.9]", "OPTIM.NESTEROV", "False",
-             "MODEL.DEPTH", "18", "MODEL.HEADS.IN_FEAT", "0")
+    c = _cfg(
+        "OPTIM.OPTIMIZER",
+        "adamw",
+        "OPTIM.BETAS",
+        "[0.8, 0.9]",
+        "OPTIM.NESTEROV",
+        "False",
+        "MODEL.DEPTH",
+        "18",
+        "MODEL.HEADS.IN_FEAT",
+        "0",
+    )
     opt = build_optimizer(c, build_model(c))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.8, 0.9)

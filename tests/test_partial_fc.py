@@ -17,10 +17,15 @@ import torch.nn.functional as F
 
 from metric.modeling.layers import adacos  # noqa: F401  (registers adacos)
 from metric.modeling.layers.margins import INIT_BLOCK_ROWS, _seeded_rows
-from metric.modeling.layers.partial_fc import (PartialFC, sample_classes, sampling_generator, shard_of,
-                                               sharded_cross_entropy)
-from metric.modeling.registries import MARGIN_LAYERS
-from tests.conftest import free_port
+from metric.modeling.layers.partial_fc import (
+    PartialFC,
+    sample_classes,
+    sampling_generator,
+    shard_of,
+    sharded_cross_entropy,
+)
+from metric.modeling.registry import MARGIN_LAYERS
+from tests.helpers import free_port
 
 # (margin layer, its options, label smoothing, dynamic margins)
 CASES = [
@@ -124,8 +129,10 @@ def _sgd(model):
 
 def _batches(steps=2):
     g = torch.Generator().manual_seed(5)
-    return [(torch.randn(N, 5, generator=g, dtype=torch.float64), torch.randint(0, C, (N,), generator=g))
-            for _ in range(steps)]
+    return [
+        (torch.randn(N, 5, generator=g, dtype=torch.float64), torch.randint(0, C, (N,), generator=g))
+        for _ in range(steps)
+    ]
 
 
 def _train_steps(world, rank):
@@ -133,7 +140,7 @@ def _train_steps(world, rank):
     full head on one process; then the checkpoint gathered on rank 0 and cut back."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from metric.engine import partial_fc as engine_pfc
+    from metric.engine import classifier_shards as engine_pfc
 
     name, opts = "arcface", {"scale": 16.0, "margin": 0.4}
     torch.manual_seed(0)
@@ -146,7 +153,7 @@ def _train_steps(world, rank):
     ddp = DistributedDataParallel(net)
     opt = _sgd(net)
     n = N // world
-    for step, (inputs, labels) in enumerate(_batches()):
+    for inputs, labels in _batches():
         ref_opt.zero_grad()
         ref(inputs, labels).backward()
         ref_opt.step()
@@ -163,8 +170,9 @@ def _train_steps(world, rank):
     if rank == 0:
         out["ckpt_weight"] = _diff(model_state["head.classifier.weight"], ref_layer.weight)
         index = len(list(net.body.parameters()))
-        out["ckpt_momentum"] = _diff(optim_state["state"][index]["momentum_buffer"],
-                                     ref_state["state"][index]["momentum_buffer"])
+        out["ckpt_momentum"] = _diff(
+            optim_state["state"][index]["momentum_buffer"], ref_state["state"][index]["momentum_buffer"]
+        )
     # resuming cuts the full optimizer state back to this shard
     cut = engine_pfc.shard_optimizer_state(ref_state, net, opt)
     index = len(list(net.body.parameters()))
@@ -216,7 +224,7 @@ def _optimizer_matrix(world, rank):
     step count), next to the same differences of the rounding-only baseline."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from metric.engine import partial_fc as engine_pfc
+    from metric.engine import classifier_shards as engine_pfc
 
     batches = _batches(MATRIX_STEPS)
     out = {}
@@ -266,7 +274,7 @@ def _optimizer_matrix(world, rank):
 def _sampled_steps(world, rank):
     """SAMPLE_RATE 0.3 on 40 classes: every positive sampled, the same set for the same seed and
     step, and the rows not sampled keep their weights and momentum through a step."""
-    from metric.engine import partial_fc as engine_pfc
+    from metric.engine import classifier_shards as engine_pfc
 
     classes = 40
     start, stop = shard_of(classes, world, rank)
@@ -288,8 +296,9 @@ def _sampled_steps(world, rank):
         rows, _ = net.head.partial_fc.sampled
         mine = [int(c) - start for c in labels.unique() if start <= c < stop]
         out["missing_positives"] += len(set(mine) - set(rows.tolist()))
-        again = sample_classes(stop - start, torch.tensor(mine, dtype=torch.long), 0.3,
-                               sampling_generator(11, step, start))
+        again = sample_classes(
+            stop - start, torch.tensor(mine, dtype=torch.long), 0.3, sampling_generator(11, step, start)
+        )
         out["deterministic"] &= torch.equal(again, rows)
         out["sampled_sizes"].append(rows.numel())
         with engine_pfc.sampled_rows(opt, net):
@@ -309,9 +318,12 @@ def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = {"cases": [_compare_case(case, world, rank) for case in CASES],
-                  "train": _train_steps(world, rank), "sampled": _sampled_steps(world, rank),
-                  "matrix": _optimizer_matrix(world, rank)}
+        result = {
+            "cases": [_compare_case(case, world, rank) for case in CASES],
+            "train": _train_steps(world, rank),
+            "sampled": _sampled_steps(world, rank),
+            "matrix": _optimizer_matrix(world, rank),
+        }
     except BaseException:  # not a barrier: the other process may be waiting in another collective
         traceback.print_exc()
         sys.stderr.flush()
@@ -345,6 +357,7 @@ def test_two_gloo_processes_equal_the_full_classifier(tmp_path):
 
 
 # --- one process ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}{'-ls' if c[2] else ''}{'-dyn' if c[3] else ''}" for c in CASES])
 def test_one_process_partial_fc_equals_the_margin_layer(case):
@@ -395,18 +408,24 @@ def test_seeded_init_does_not_depend_on_the_shards():
 
 # --- configuration and the trainer ------------------------------------------------------------
 
-@pytest.mark.parametrize("extra, words", [
-    (["MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "0"], ["MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "> 0 and <= 1"]),
-    (["MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "1.5"], ["MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "> 0 and <= 1"]),
-    (["MODEL.LOSSES.NAME", "[triplet]"], ["MODEL.LOSSES.NAME", "cross_entropy", "PARTIAL_FC"]),
-    (["TRAIN.GRAD_CLIP", "1.0"], ["TRAIN.GRAD_CLIP", "PARTIAL_FC"]),
-    (["TRAIN.MIXED_PRECISION", "fp16"], ["TRAIN.MIXED_PRECISION", "bf16 or none", "drift apart"]),
-    (["MODEL.HEADS.CLS_LAYER", "adacos", "MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "0.5"],
-     ["MODEL.HEADS.ADACOS_MODE", "SAMPLE_RATE 1.0"]),
-    (["TRAIN.EMA.ENABLED", "True"], ["TRAIN.EMA.ENABLED", "PARTIAL_FC"]),
-])
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "0"], ["MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "> 0 and <= 1"]),
+        (["MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "1.5"], ["MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "> 0 and <= 1"]),
+        (["MODEL.LOSSES.NAME", "[triplet]"], ["MODEL.LOSSES.NAME", "cross_entropy", "PARTIAL_FC"]),
+        (["TRAIN.GRAD_CLIP", "1.0"], ["TRAIN.GRAD_CLIP", "PARTIAL_FC"]),
+        (["TRAIN.MIXED_PRECISION", "fp16"], ["TRAIN.MIXED_PRECISION", "bf16 or none", "drift apart"]),
+        (
+            ["MODEL.HEADS.CLS_LAYER", "adacos", "MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE", "0.5"],
+            ["MODEL.HEADS.ADACOS_MODE", "SAMPLE_RATE 1.0"],
+        ),
+        (["TRAIN.EMA.ENABLED", "True"], ["TRAIN.EMA.ENABLED", "PARTIAL_FC"]),
+    ],
+)
 def test_bad_partial_fc_settings_are_one_line_exit_2(tiny_data, tmp_path, capsys, extra, words):
-    from tests.conftest import call_tool, tiny_opts
+    from tests.helpers import call_tool, tiny_opts
 
     opts = tiny_opts(tiny_data, str(tmp_path / "run")) + ["MODEL.HEADS.PARTIAL_FC.ENABLED", "True"] + extra
     status, _, err = call_tool("train_metric", opts, capsys)
@@ -427,24 +446,56 @@ def test_partial_fc_demo_learns_resumes_elsewhere_and_refuses_another_class_coun
     from metric.engine.demo import DEMO_CONFIG
     from metric.engine.evaluator import evaluate_model
     from metric.utils.logger import read_stats
-    from tests.conftest import call_tool, run_py
+    from tests.helpers import call_tool, run_py
 
-    make_demo_dataset(str(tmp_path / "data" / "demo"), num_train_classes=24, train_per_class=16,
-                      num_heldout_classes=4, queries_per_class=1, index_per_class=2, num_distractor_classes=1,
-                      image_size=56)
+    make_demo_dataset(
+        str(tmp_path / "data" / "demo"),
+        num_train_classes=24,
+        train_per_class=16,
+        num_heldout_classes=4,
+        queries_per_class=1,
+        index_per_class=2,
+        num_distractor_classes=1,
+        image_size=56,
+    )
     out = str(tmp_path / "run")
 
     def opts(**extra):
-        keys = {"DATA_DIR": str(tmp_path / "data"), "OUT_DIR": out, "MODEL.HEADS.NUM_CLASSES": 24,
-                "OPTIM.MAX_EPOCH": 10, "TRAIN.EVAL_PERIOD": 0, "TRAIN.CHECKPOINT_PERIOD": 100,
-                "DATA_LOADER.NUM_WORKERS": 0, "TRAIN.IM_SIZE": 48, "TEST.IM_SIZE": 56, "TRAIN.BATCH_SIZE": 16,
-                "TEST.BATCH_SIZE": 32, "TEST.SPLIT": "train_list.txt", "MODEL.HEADS.PARTIAL_FC.ENABLED": True,
-                "MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE": 0.3, **extra}
+        keys = {
+            "DATA_DIR": str(tmp_path / "data"),
+            "OUT_DIR": out,
+            "MODEL.HEADS.NUM_CLASSES": 24,
+            "OPTIM.MAX_EPOCH": 10,
+            "TRAIN.EVAL_PERIOD": 0,
+            "TRAIN.CHECKPOINT_PERIOD": 100,
+            "DATA_LOADER.NUM_WORKERS": 0,
+            "TRAIN.IM_SIZE": 48,
+            "TEST.IM_SIZE": 56,
+            "TRAIN.BATCH_SIZE": 16,
+            "TEST.BATCH_SIZE": 32,
+            "TEST.SPLIT": "train_list.txt",
+            "MODEL.HEADS.PARTIAL_FC.ENABLED": True,
+            "MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE": 0.3,
+            **extra,
+        }
         return [str(a) for kv in keys.items() for a in kv]
 
     untrained = evaluate_model(load_cfg(DEMO_CONFIG, opts()))["recall@1"]
-    run_py(["tools/train_metric.py", "--cfg", DEMO_CONFIG, *opts(), "NUM_GPUS", "2", "HOST", "127.0.0.1", "PORT",
-            str(free_port())], check=True)
+    run_py(
+        [
+            "tools/train_metric.py",
+            "--cfg",
+            DEMO_CONFIG,
+            *opts(),
+            "NUM_GPUS",
+            "2",
+            "HOST",
+            "127.0.0.1",
+            "PORT",
+            str(free_port()),
+        ],
+        check=True,
+    )
     stats = os.path.join(out, "stats.jsonl")
     final = read_stats(stats, "final")[-1]
     assert len(final["weights_digests"]) == 2 and len(set(final["weights_digests"])) == 1
@@ -459,17 +510,21 @@ def test_partial_fc_demo_learns_resumes_elsewhere_and_refuses_another_class_coun
     status, stdout, err = call_tool("train_metric", ["--cfg", DEMO_CONFIG, *more], capsys)
     assert status == 0 and "resumed from" in stdout + err and "epoch 11/11" in stdout + err, err
     # Another class count: one line, exit 2 (in-process: the subprocess path is tested above).
-    status, _, err = call_tool("train_metric", ["--cfg", DEMO_CONFIG, *opts(**{"MODEL.HEADS.NUM_CLASSES": 30,
-                                                                              "OPTIM.MAX_EPOCH": 12})], capsys)
+    status, _, err = call_tool(
+        "train_metric", ["--cfg", DEMO_CONFIG, *opts(**{"MODEL.HEADS.NUM_CLASSES": 30, "OPTIM.MAX_EPOCH": 12})], capsys
+    )
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and "trained with another MODEL.HEADS.NUM_CLASSES" in lines[0], err
 
 
-@pytest.mark.parametrize("name, opts, dynamic", [
-    ("subcenter_arcface", {"scale": 16.0, "margin": 0.4, "subcenters": 3}, False),
-    ("curricularface", {"scale": 16.0, "margin": 0.4}, True),
-    ("cosface", {"scale": 16.0, "margin": 0.3}, True),
-])
+@pytest.mark.parametrize(
+    "name, opts, dynamic",
+    [
+        ("subcenter_arcface", {"scale": 16.0, "margin": 0.4, "subcenters": 3}, False),
+        ("curricularface", {"scale": 16.0, "margin": 0.4}, True),
+        ("cosface", {"scale": 16.0, "margin": 0.3}, True),
+    ],
+)
 def test_sampled_classes_are_the_full_layer_on_those_columns(name, opts, dynamic):
     """One process, SAMPLE_RATE 0.4 on 20 classes: the loss is the full layer's cross-entropy over
     the kept classes only, and only the kept rows get a gradient."""
@@ -510,17 +565,26 @@ def test_partial_fc_resume_after_a_checkpoint_equals_the_uninterrupted_run(tmp_p
     import shutil
 
     from metric.checkpoint import list_checkpoints, read_checkpoint
-    from tests.conftest import run_py, tiny_opts, write_tiny_dataset
+    from tests.helpers import run_py, tiny_opts, write_tiny_dataset
 
     data = write_tiny_dataset(str(tmp_path / "data12"), num_classes=12, per_class=4)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
 
     def train(out):
-        opts = tiny_opts(data, out, **{"MODEL.HEADS.NUM_CLASSES": 12, "TEST.DATASET": "", "MODEL.HEADS.DROPOUT": 0.2,
-                                       "MODEL.HEADS.PARTIAL_FC.ENABLED": True,
-                                       "MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE": 0.3})
-        return run_py(["tools/train_metric.py", *opts, "NUM_GPUS", "2", "HOST", "127.0.0.1", "PORT",
-                       str(free_port())], check=True)
+        opts = tiny_opts(
+            data,
+            out,
+            **{
+                "MODEL.HEADS.NUM_CLASSES": 12,
+                "TEST.DATASET": "",
+                "MODEL.HEADS.DROPOUT": 0.2,
+                "MODEL.HEADS.PARTIAL_FC.ENABLED": True,
+                "MODEL.HEADS.PARTIAL_FC.SAMPLE_RATE": 0.3,
+            },
+        )
+        return run_py(
+            ["tools/train_metric.py", *opts, "NUM_GPUS", "2", "HOST", "127.0.0.1", "PORT", str(free_port())], check=True
+        )
 
     train(straight)
     shutil.copytree(straight, resumed)

@@ -10,7 +10,7 @@ import pytest
 
 from metric.utils.errors import DataError, OutputError
 from metric.utils.stats_plot import RunCurves, plot_runs, run_labels
-from tests.conftest import call_tool
+from tests.helpers import call_tool
 
 
 def write_stats(folder, epochs=3, iters=4, parts=("cross_entropy",), evals=True, lr0=0.1):
@@ -20,8 +20,16 @@ def write_stats(folder, epochs=3, iters=4, parts=("cross_entropy",), evals=True,
     for e in range(1, epochs + 1):
         for it in range(2, iters + 1, 2):
             step = (e - 1) * iters + it
-            rec = {"_type": "train_iter", "epoch": e, "iter": it, "iters": iters, "loss": 5.0 / step,
-                   "lr": lr0 * (1 - step / (epochs * iters)), "im_per_s": 50.0, "eta": "00:00:01"}
+            rec = {
+                "_type": "train_iter",
+                "epoch": e,
+                "iter": it,
+                "iters": iters,
+                "loss": 5.0 / step,
+                "lr": lr0 * (1 - step / (epochs * iters)),
+                "im_per_s": 50.0,
+                "eta": "00:00:01",
+            }
             rec.update({f"loss_{p}": k / step for k, p in enumerate(parts, 1)})
             lines.append(rec)
         lines.append({"_type": "train_epoch", "epoch": e, "loss": 1.0 / e})

@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, tiny_opts
 from metric.config import load_cfg
 from metric.datasets.transforms import decode_image
 from metric.engine.predictor import Predictor, Preprocess, build_inference_model
 from metric.utils.cli import run_tool
 from metric.utils.errors import ConfigError
+from tests.helpers import REPO, tiny_model, tiny_opts
 
-
-TINY = ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "8", "RESNET.STEM_WIDTH", "8", "MODEL.HEADS.IN_FEAT", "0"]
+TINY = tiny_model(width=8, dim=None, num_classes=None)
 
 
 def _tool(name):
@@ -35,8 +34,11 @@ def heldout_figures_agree(cfg_file, opts, out_dir, list_path):
 
     cfg = load_cfg(cfg_file, opts)
     train_model(cfg)
-    tests = [json.loads(line) for line in open(os.path.join(out_dir, "stats.jsonl"), encoding="utf-8")
-             if '"test_epoch"' in line]
+    tests = [
+        json.loads(line)
+        for line in open(os.path.join(out_dir, "stats.jsonl"), encoding="utf-8")
+        if '"test_epoch"' in line
+    ]
     during = tests[-1]
     weights = list_checkpoints(out_dir)[-1]
     store, metrics_json = os.path.join(out_dir, "heldout_store"), os.path.join(out_dir, "heldout.json")
@@ -46,8 +48,13 @@ def heldout_figures_agree(cfg_file, opts, out_dir, list_path):
     with open(metrics_json, encoding="utf-8") as f:
         extracted = json.load(f)
     tested_json = os.path.join(out_dir, "tested.json")
-    assert run_tool(_tool("test_metric"), (["--cfg", cfg_file] if cfg_file else []) + opts
-                    + ["TEST.WEIGHTS", weights, "--json", tested_json]) == 0
+    assert (
+        run_tool(
+            _tool("test_metric"),
+            (["--cfg", cfg_file] if cfg_file else []) + opts + ["TEST.WEIGHTS", weights, "--json", tested_json],
+        )
+        == 0
+    )
     with open(tested_json, encoding="utf-8") as f:
         tested = json.load(f)
     return during, tested, extracted
@@ -89,8 +96,22 @@ def test_missing_weights_policy():
 def test_describe_equals_loader_run_and_manual_forward(tiny_data):
     """describe() (export checks), run() over a loader (extraction, evaluation) and a manual
     forward of the preprocessed views agree."""
-    cfg = load_cfg(None, TINY + ["MODEL.HEADS.REDUCTION_DIM", "16", "TEST.IM_SIZE", "40",
-                          "INFER.SCALES", "[0.5, 1.0]", "INFER.FLIP", "True", "INFER.MULTISCALE_POOL", "mean"])
+    cfg = load_cfg(
+        None,
+        TINY
+        + [
+            "MODEL.HEADS.REDUCTION_DIM",
+            "16",
+            "TEST.IM_SIZE",
+            "40",
+            "INFER.SCALES",
+            "[0.5, 1.0]",
+            "INFER.FLIP",
+            "True",
+            "INFER.MULTISCALE_POOL",
+            "mean",
+        ],
+    )
     predictor = Predictor.from_cfg(cfg, device="cpu", missing_weights="ok")
     paths = sorted(os.path.join(tiny_data, "img", f) for f in os.listdir(os.path.join(tiny_data, "img")))[:5]
     images = [decode_image(p) for p in paths]

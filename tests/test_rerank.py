@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from metric.utils.errors import MetricError
 from metric.retrieval.rerank import database_augmentation, expand, query_expansion
 from metric.retrieval.search import search
-from tests.conftest import unit_vectors
+from metric.utils.errors import MetricError
+from tests.helpers import unit_vectors
 
 
 def _naive_expand(v, neighbours, sims, alpha):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from metric.utils.errors import MetricError
 from metric.retrieval.knn_graph import build_index_graph
 from metric.retrieval.kreciprocal import k_reciprocal_rerank
 from metric.retrieval.search import search
 from metric.retrieval.superglobal import superglobal_rerank
-from tests.conftest import unit_vectors
+from metric.utils.errors import MetricError
+from tests.helpers import tiny_model, unit_vectors
 
 
 def clustered(rng, n, d, centres=6, spread=0.35):
@@ -117,7 +117,7 @@ def naive_k_reciprocal(q, x, k1, k2, lam):
     y = np.concatenate([q, x]).astype(np.float32)
     qn, an = len(q), len(y)
     s = y @ y.T
-    dist = (2.0 - 2.0 * s.astype(np.float64))
+    dist = 2.0 - 2.0 * s.astype(np.float64)
     dist = dist / dist.max(axis=1, keepdims=True)
     rank = np.argsort(-s, axis=1, kind="stable")  # nearest first; same order as dist
 
@@ -152,8 +152,10 @@ def _ranked(final, topk):
     return order, np.take_along_axis(final, order, 1)
 
 
-@pytest.mark.parametrize("k1,k2,lam,topk", [(20, 6, 0.3, 25), (5, 3, 0.3, 90), (8, 1, 0.5, 10), (4, 5, 1.0, 30),
-                                            (6, 2, 0.0, 20), (12, 6, 0.9, 7)])
+@pytest.mark.parametrize(
+    "k1,k2,lam,topk",
+    [(20, 6, 0.3, 25), (5, 3, 0.3, 90), (8, 1, 0.5, 10), (4, 5, 1.0, 30), (6, 2, 0.0, 20), (12, 6, 0.9, 7)],
+)
 def test_k_reciprocal_matches_naive(k1, k2, lam, topk):
     rng = np.random.default_rng(4)
     q, x = clustered(rng, 9, 12), clustered(rng, 90, 12)
@@ -166,8 +168,8 @@ def test_k_reciprocal_matches_naive(k1, k2, lam, topk):
 def test_k_reciprocal_chunks_graph_and_sums(monkeypatch):
     """Tiny chunks (one query per distance block, 9 index rows per product) and a given graph
     (wider than needed) give the same result, and so do the sums of the CUDA path."""
-    import metric.retrieval.kreciprocal as kr
     import metric.retrieval.knn_graph as kg
+    import metric.retrieval.kreciprocal as kr
 
     rng = np.random.default_rng(5)
     q, x = clustered(rng, 7, 10, centres=2), clustered(rng, 70, 10, centres=2)
@@ -195,8 +197,8 @@ def test_k_reciprocal_is_deterministic_and_needs_no_dense_matrix(monkeypatch):
     b = k_reciprocal_rerank(q, x, 10)
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[0], b[0])
-    import metric.retrieval.kreciprocal as kr
     import metric.retrieval.knn_graph as kg
+    import metric.retrieval.kreciprocal as kr
 
     monkeypatch.setattr(kr, "GATHER_ELEMENTS", 2048)
     for mod in (kr, kg):
@@ -210,6 +212,7 @@ def test_k_reciprocal_is_deterministic_and_needs_no_dense_matrix(monkeypatch):
             t = real(size, *args, **kw)
             biggest.append(t.numel())
             return t
+
         return make
 
     monkeypatch.setattr(torch, "zeros", spy(real_zeros))
@@ -256,22 +259,26 @@ def _results(path):
 def test_search_tool_rerank_matches_api(rstores, capsys):
     from metric.retrieval.rerank import database_augmentation, query_expansion
     from metric.retrieval.store import load_features
-    from tests.conftest import call_tool
+    from tests.helpers import call_tool
 
     tmp, qry, idx = rstores
     q, x = load_features(qry), load_features(idx)
     ids = np.array(x.ids)
     base = ["--query", qry, "--index", idx, "--topk", 20, "--no-progress"]
 
-    status, out, _ = call_tool("search", [*base, "--rerank", "superglobal", "--sg-m", 50, "--sg-k", 4,
-                                          "--output", tmp / "sg.csv"], capsys)
+    status, out, _ = call_tool(
+        "search", [*base, "--rerank", "superglobal", "--sg-m", 50, "--sg-k", 4, "--output", tmp / "sg.csv"], capsys
+    )
     assert status == 0 and "re-ranked with superglobal" in out
     s, i = search(q.embeddings, x.embeddings, 50)
     _, ref = superglobal_rerank(q.embeddings, x.embeddings, s, i, m=50, k=4)
     assert _results(tmp / "sg.csv")["q3"] == list(ids[ref[3, :20]])
 
-    status, out, _ = call_tool("search", [*base, "--rerank", "dba", "qe", "kreciprocal", "--kr-k1", 8, "--kr-k2", 3,
-                                          "--output", tmp / "kr.csv"], capsys)
+    status, out, _ = call_tool(
+        "search",
+        [*base, "--rerank", "dba", "qe", "kreciprocal", "--kr-k1", 8, "--kr-k2", 3, "--output", tmp / "kr.csv"],
+        capsys,
+    )
     assert status == 0 and "dba + qe + kreciprocal" in out
     xa = database_augmentation(x.embeddings, 2)
     s, i = search(q.embeddings, xa, 2)
@@ -282,22 +289,29 @@ def test_search_tool_rerank_matches_api(rstores, capsys):
     # the saved graph gives the same results as the computed one
     status, out, _ = call_tool("build_index", ["--index", idx, "--type", "knn", "--knn", 10, "--no-progress"], capsys)
     assert status == 0 and "11 neighbours each" in out
-    status, _, _ = call_tool("search", [*base, "--rerank", "kreciprocal", "--kr-k1", 8, "--kr-graph", "compute",
-                                        "--output", tmp / "a.csv"], capsys)
+    status, _, _ = call_tool(
+        "search",
+        [*base, "--rerank", "kreciprocal", "--kr-k1", 8, "--kr-graph", "compute", "--output", tmp / "a.csv"],
+        capsys,
+    )
     assert status == 0
-    status, _, _ = call_tool("search", [*base, "--rerank", "kreciprocal", "--kr-k1", 8, "--kr-graph", "saved",
-                                        "--output", tmp / "b.csv"], capsys)
+    status, _, _ = call_tool(
+        "search",
+        [*base, "--rerank", "kreciprocal", "--kr-k1", 8, "--kr-graph", "saved", "--output", tmp / "b.csv"],
+        capsys,
+    )
     assert status == 0 and _results(tmp / "a.csv") == _results(tmp / "b.csv")
 
 
 def test_search_tool_rerank_bad_inputs_exit_2(rstores, capsys):
     from metric.retrieval.store import save_features
-    from tests.conftest import call_tool
+    from tests.helpers import call_tool
 
     tmp, qry, idx = rstores
     small = save_features(tmp / "small", clustered(np.random.default_rng(9), 6, 8), [f"s{i}" for i in range(6)])
-    raw = save_features(tmp / "raw", 3 * clustered(np.random.default_rng(9), 40, 8), [f"r{i}" for i in range(40)],
-                        normalize=False)
+    raw = save_features(
+        tmp / "raw", 3 * clustered(np.random.default_rng(9), 40, 8), [f"r{i}" for i in range(40)], normalize=False
+    )
     out = ["--output", tmp / "r.csv", "--no-progress"]
     calls = [
         (["--index", small, "--rerank", "superglobal"], "SuperGlobal K=9 needs K+1=10 candidates"),
@@ -320,12 +334,18 @@ def test_search_tool_rerank_bad_inputs_exit_2(rstores, capsys):
     # a graph of an older version of the store, or too narrow, is refused
     status, _, _ = call_tool("build_index", ["--index", idx, "--type", "knn", "--knn", 5, "--no-progress"], capsys)
     assert status == 0
-    status, _, err = call_tool("search", ["--query", qry, "--index", idx, "--rerank", "kreciprocal", "--kr-k1", 8,
-                                          "--kr-graph", "saved", *out], capsys)
+    status, _, err = call_tool(
+        "search",
+        ["--query", qry, "--index", idx, "--rerank", "kreciprocal", "--kr-k1", 8, "--kr-graph", "saved", *out],
+        capsys,
+    )
     assert status == 2 and "holds 5 neighbours per item but k-reciprocal re-ranking with k1=8 needs 8" in err
     other = save_features(tmp / "other", clustered(np.random.default_rng(10), 120, 8), [f"o{i}" for i in range(120)])
-    status, _, err = call_tool("search", ["--query", qry, "--index", other, "--rerank", "kreciprocal", "--kr-k1", 5,
-                                          "--graph-dir", idx, *out], capsys)
+    status, _, err = call_tool(
+        "search",
+        ["--query", qry, "--index", other, "--rerank", "kreciprocal", "--kr-k1", 5, "--graph-dir", idx, *out],
+        capsys,
+    )
     assert status == 2 and "was built for a different version of store" in err
     status, _, err = call_tool("build_index", ["--index", small, "--type", "knn", "--knn", 6], capsys)
     assert status == 2 and "--knn 6 needs more than 6 items" in err
@@ -333,19 +353,18 @@ def test_search_tool_rerank_bad_inputs_exit_2(rstores, capsys):
 
 # ----------------------------------------------------------------------------- SuperGlobal extraction
 
-TINY_MODEL = ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "8", "RESNET.STEM_WIDTH", "8", "MODEL.HEADS.IN_FEAT", "0",
-              "MODEL.HEADS.REDUCTION_DIM", "16", "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.HEADS.POOL_LAYER", "gempool"]
+TINY_MODEL = tiny_model(width=8, dim=16, num_classes=4) + ["MODEL.HEADS.POOL_LAYER", "gempool"]
 
 
 def test_regional_gem_and_gem_plus_match_the_published_modules():
     """Regional-GeM as the authors write it (LPPool2d of x / (s^2)^(1/p), reflection padding) and
     GeM+ (fixed-p GeM, eps 1e-8)."""
-    from metric.engine.superglobal import RegionalGeM, SuperGlobalPool
+    from metric.modeling.layers.superglobal_pooling import RegionalGeM, SuperGlobalPool
 
     torch.manual_seed(0)
     x = torch.relu(torch.randn(2, 3, 6, 7)).double()
     p, size = 2.5, 5
-    ref = 0.5 * torch.nn.LPPool2d(p, size, stride=1)(torch.nn.ReflectionPad2d(2)(x / (size ** 2) ** (1 / p))) + 0.5 * x
+    ref = 0.5 * torch.nn.LPPool2d(p, size, stride=1)(torch.nn.ReflectionPad2d(2)(x / (size**2) ** (1 / p))) + 0.5 * x
     torch.testing.assert_close(RegionalGeM(p, size)(x), ref)
     pool = SuperGlobalPool(base=None, p=4.6)
     ref = x.clamp(min=1e-8).pow(4.6).flatten(2).mean(-1).pow(1 / 4.6)
@@ -375,7 +394,7 @@ def test_superglobal_pooling_in_the_inference_model(tiny_data):
     from metric.datasets.transforms import decode_image
     from metric.engine.extract import settings_digest
     from metric.engine.predictor import Predictor
-    from metric.engine.superglobal import RegionalGeM
+    from metric.modeling.layers.superglobal_pooling import RegionalGeM
 
     plain = load_cfg(None, TINY_MODEL + ["TEST.IM_SIZE", "64"])
     cfg = load_cfg(None, TINY_MODEL + ["TEST.IM_SIZE", "64", "INFER.POOL_P", "4.6", "INFER.REGIONAL_GEM", "True"])

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from metric import load_cfg
-from metric.utils.errors import ConfigError
 from metric.modeling.backbones.resnest import ResNeSt
 from metric.modeling.builders import build_backbone
-from tests.conftest import REPO
+from metric.utils.errors import ConfigError
+from tests.helpers import REPO
 
 COMPAT = os.path.join(REPO, "tests", "data", "pymetric_state_dict_keys.json")
 

@@ -5,12 +5,12 @@ import os
 import numpy as np
 import pytest
 
-from metric.utils.errors import FeatureStoreError
 from metric.retrieval.ann import load_ann_index
 from metric.retrieval.results import read_results_csv, read_scores_csv
 from metric.retrieval.search import search
 from metric.retrieval.store import load_features, save_features
-from tests.conftest import call_tool, run_py
+from metric.utils.errors import FeatureStoreError
+from tests.helpers import call_tool, run_py
 
 
 @pytest.fixture()
@@ -25,8 +25,23 @@ def stores(tmp_path):
 
 def test_search_tool(stores, capsys):
     tmp, qry, idx = stores
-    status, out, _ = call_tool("search", ["--query", qry, "--index", idx, "--topk", 7, "--output", tmp / "r.csv",
-                                          "--scores", tmp / "s.csv", "--no-progress"], capsys)
+    status, out, _ = call_tool(
+        "search",
+        [
+            "--query",
+            qry,
+            "--index",
+            idx,
+            "--topk",
+            7,
+            "--output",
+            tmp / "r.csv",
+            "--scores",
+            tmp / "s.csv",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert status == 0 and "results:" in out
     q, x = load_features(qry), load_features(idx)
     scores, ref = search(q, x, 7)
@@ -34,8 +49,27 @@ def test_search_tool(stores, capsys):
     assert list(res) == q.ids
     assert res["q3"] == [x.ids[j] for j in ref[3]]
     np.testing.assert_allclose(read_scores_csv(tmp / "s.csv")["q3"], scores[3], atol=1e-5)
-    status, _, _ = call_tool("search", ["--query", qry, "--index", idx, "--topk", 7, "--output", tmp / "r2.csv",
-                                        "--qe", 3, "--dba", 2, "--backend", "faiss", "--no-progress"], capsys)
+    status, _, _ = call_tool(
+        "search",
+        [
+            "--query",
+            qry,
+            "--index",
+            idx,
+            "--topk",
+            7,
+            "--output",
+            tmp / "r2.csv",
+            "--qe",
+            3,
+            "--dba",
+            2,
+            "--backend",
+            "faiss",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert status == 0 and len(read_results_csv(tmp / "r2.csv")["q0"]) == 7
 
 
@@ -43,8 +77,11 @@ def test_import_and_merge_tools(tmp_path, capsys):
     rng = np.random.default_rng(1)
     np.save(tmp_path / "x.npy", rng.standard_normal((6, 4)))
     (tmp_path / "ids.txt").write_text("".join(f"a{i}\n" for i in range(6)))
-    status, out, _ = call_tool("import_features", ["--embeddings", tmp_path / "x.npy", "--ids", tmp_path / "ids.txt",
-                                                   "--output", tmp_path / "a"], capsys)
+    status, out, _ = call_tool(
+        "import_features",
+        ["--embeddings", tmp_path / "x.npy", "--ids", tmp_path / "ids.txt", "--output", tmp_path / "a"],
+        capsys,
+    )
     assert status == 0 and "imported 6 x 4" in out
     save_features(tmp_path / "b", rng.standard_normal((3, 4)), ["b0", "b1", "b2"])
     status, out, _ = call_tool("merge_features", [tmp_path / "a", tmp_path / "b", "--output", tmp_path / "m"], capsys)
@@ -53,26 +90,69 @@ def test_import_and_merge_tools(tmp_path, capsys):
 
 def test_build_index_tool_and_ann_search(stores, capsys):
     tmp, qry, idx = stores
-    status, out, _ = call_tool("build_index", ["--index", idx, "--type", "hnsw", "--sample", 20, "--no-progress"],
-                               capsys)
+    status, out, _ = call_tool(
+        "build_index", ["--index", idx, "--type", "hnsw", "--sample", 20, "--no-progress"], capsys
+    )
     assert status == 0 and "recall@100" in out
-    status, out, _ = call_tool("build_index", ["--index", idx, "--type", "ivfpq", "--nlist", 4, "--m", 2, "--nbits", 4,
-                                               "--nprobe", 4, "--query", qry, "--sample", 12, "--no-progress"], capsys)
+    status, out, _ = call_tool(
+        "build_index",
+        [
+            "--index",
+            idx,
+            "--type",
+            "ivfpq",
+            "--nlist",
+            4,
+            "--m",
+            2,
+            "--nbits",
+            4,
+            "--nprobe",
+            4,
+            "--query",
+            qry,
+            "--sample",
+            12,
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert status == 0, out
     recall = float(out.strip().split()[-1])
     assert 0.0 < recall <= 1.0
     status, _, err = call_tool("search", ["--query", qry, "--index", idx, "--output", tmp / "r.csv", "--ann"], capsys)
     assert status == 2 and "several approximate indexes" in err
-    status, _, _ = call_tool("search", ["--query", qry, "--index", idx, "--topk", 5, "--output", tmp / "r.csv",
-                                        "--ann", "--ann-type", "hnsw", "--qe", 2, "--no-progress"], capsys)
+    status, _, _ = call_tool(
+        "search",
+        [
+            "--query",
+            qry,
+            "--index",
+            idx,
+            "--topk",
+            5,
+            "--output",
+            tmp / "r.csv",
+            "--ann",
+            "--ann-type",
+            "hnsw",
+            "--qe",
+            2,
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert status == 0 and len(read_results_csv(tmp / "r.csv")) == 12
 
 
 def test_stale_ann_index_is_refused(stores, capsys):
     tmp, _, idx = stores
     (tmp / "ann").mkdir()
-    status, _, _ = call_tool("build_index", ["--index", idx, "--type", "hnsw", "--output-dir", tmp / "ann",
-                                             "--sample", 5, "--no-progress"], capsys)
+    status, _, _ = call_tool(
+        "build_index",
+        ["--index", idx, "--type", "hnsw", "--output-dir", tmp / "ann", "--sample", 5, "--no-progress"],
+        capsys,
+    )
     assert status == 0
     load_ann_index(idx, "hnsw", tmp / "ann")
     save_features(idx, np.ones((300, 8)) + np.arange(8), [f"img{i}" for i in range(300)])  # store changed
@@ -94,8 +174,11 @@ def _bad_calls(tmp, qry, idx):
         ("search", ["--query", qry, "--index", idx, "--qe", -2, *out], "K must be"),
         ("search", ["--query", qry, "--index", idx, "--ann", "--dba", 2, *out], "cannot use a saved approximate"),
         ("search", ["--query", qry, "--index", idx, "--ann", *out], "no approximate index"),
-        ("import_features", ["--embeddings", tmp / "no.npy", "--ids", tmp / "no.txt", "--output", tmp / "i"],
-         "does not exist"),
+        (
+            "import_features",
+            ["--embeddings", tmp / "no.npy", "--ids", tmp / "no.txt", "--output", tmp / "i"],
+            "does not exist",
+        ),
         ("merge_features", [idx, tmp / "half", "--output", tmp / "m"], "half (incomplete"),
         ("merge_features", [idx, other, "--output", tmp / "m"], "different dimensions"),
         ("build_index", ["--index", idx, "--type", "ivfpq", "--nbits", 9], "needs at least 512 training vectors"),
@@ -114,15 +197,18 @@ def test_bad_inputs_exit_2_with_one_line(stores, capsys):
 
 def test_bad_arguments_exit_2(stores, capsys):
     tmp, qry, idx = stores
-    status, _, err = call_tool("search", ["--query", qry, "--index", idx, "--output", tmp / "r.csv",
-                                          "--backend", "nope"], capsys)
+    status, _, err = call_tool(
+        "search", ["--query", qry, "--index", idx, "--output", tmp / "r.csv", "--backend", "nope"], capsys
+    )
     assert status == 2 and "error: argument --backend: invalid choice" in err
 
 
 @pytest.mark.slow
 def test_exit_status_in_subprocess(stores):
     tmp, qry, _ = stores
-    proc = run_py(["tools/search.py", "--query", str(qry), "--index", str(tmp / "missing"),
-                   "--output", str(tmp / "r.csv")], timeout=120)
+    proc = run_py(
+        ["tools/search.py", "--query", str(qry), "--index", str(tmp / "missing"), "--output", str(tmp / "r.csv")],
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: feature store {tmp / 'missing'} does not exist"]

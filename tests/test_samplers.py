@@ -11,9 +11,9 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metric.utils.errors import ConfigError
 from metric.datasets.samplers import PKSampler, max_pk_batches
-from tests.conftest import free_port, run_py, tiny_opts
+from metric.utils.errors import ConfigError
+from tests.helpers import free_port, run_py, tiny_opts
 
 
 def long_tail_labels(num_classes=30, seed=0):
@@ -105,6 +105,7 @@ def _spawned_rank(rank, world, init_file, out_dir, labels):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_two_gloo_processes_split_the_epoch(tmp_path):
     mp.spawn(_spawned_rank, args=(2, str(tmp_path / "init"), str(tmp_path), LABELS), nprocs=2, join=True)
     got = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
@@ -120,8 +121,9 @@ def test_loader_uses_pk_batches(tiny_data, tmp_path):
     from metric.config import load_cfg
     from metric.datasets.loader import build_train_loader
 
-    opts = tiny_opts(tiny_data, str(tmp_path), **{"TRAIN.SAMPLER": "pk", "TRAIN.NUM_INSTANCES": 2,
-                                                  "TRAIN.BATCH_SIZE": 8})
+    opts = tiny_opts(
+        tiny_data, str(tmp_path), **{"TRAIN.SAMPLER": "pk", "TRAIN.NUM_INSTANCES": 2, "TRAIN.BATCH_SIZE": 8}
+    )
     cfg = load_cfg(None, opts)
     loader = build_train_loader(cfg, rank=1, world_size=2)
     assert isinstance(loader.sampler, PKSampler) and len(loader) == 4  # 32 images in 8 batches, 2 ranks
@@ -129,7 +131,7 @@ def test_loader_uses_pk_batches(tiny_data, tmp_path):
     indices = list(loader.sampler)
     labels = [loader.dataset.items[i][1] for i in indices]
     for start in range(0, len(labels), 4):
-        assert sorted(Counter(labels[start:start + 4]).values()) == [2, 2]
+        assert sorted(Counter(labels[start : start + 4]).values()) == [2, 2]
     _, batch_labels, _, _ = next(iter(loader))
     assert batch_labels.tolist() == labels[:4]
     with pytest.raises(ConfigError, match="TRAIN.BATCH_SIZE=8 gives 2 images per process"):
@@ -137,16 +139,36 @@ def test_loader_uses_pk_batches(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_two_process_training_with_pk_sampler_and_triplet_only(tiny_data, tmp_path):
     """DDP with only a pairwise loss: the classifier gets a zero gradient, ranks stay identical."""
     from metric.utils.logger import read_stats
 
     port = free_port()
     out = str(tmp_path / "run")
-    opts = tiny_opts(tiny_data, out, **{"TEST.DATASET": "", "TRAIN.SAMPLER": "pk", "TRAIN.NUM_INSTANCES": 2,
-                                        "MODEL.LOSSES.NAME": "triplet", "OPTIM.MAX_EPOCH": 1})
-    run_py(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={port}", "tools/train_metric.py", *opts], check=True)
+    opts = tiny_opts(
+        tiny_data,
+        out,
+        **{
+            "TEST.DATASET": "",
+            "TRAIN.SAMPLER": "pk",
+            "TRAIN.NUM_INSTANCES": 2,
+            "MODEL.LOSSES.NAME": "triplet",
+            "OPTIM.MAX_EPOCH": 1,
+        },
+    )
+    run_py(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "tools/train_metric.py",
+            *opts,
+        ],
+        check=True,
+    )
     stats = os.path.join(out, "stats.jsonl")
     final = read_stats(stats, "final")[-1]
     assert len(final["weights_digests"]) == 2 and len(set(final["weights_digests"])) == 1

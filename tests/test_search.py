@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from metric.utils.errors import DataError, MetricError, OutputError
 from metric.retrieval.results import read_results_csv, read_scores_csv, write_results_csv
 from metric.retrieval.search import resolve_backend, search
 from metric.retrieval.store import load_features, save_features
-from tests.conftest import unit_vectors
+from metric.utils.errors import DataError, MetricError, OutputError
+from tests.helpers import unit_vectors
 
 
 def _brute(q, x, k):
@@ -28,8 +28,15 @@ def data():
 @pytest.mark.parametrize("topk", [1, 10, 500])
 def test_matches_brute_force(data, backend, chunk, qchunk, topk):
     q, x = data
-    scores, idx = search(q, x, topk, backend=backend, chunk_size=chunk, query_chunk_size=qchunk, device="cpu"
-                         if backend == "torch" else None)
+    scores, idx = search(
+        q,
+        x,
+        topk,
+        backend=backend,
+        chunk_size=chunk,
+        query_chunk_size=qchunk,
+        device="cpu" if backend == "torch" else None,
+    )
     ref_s, ref_i = _brute(q, x, min(topk, len(x)))
     assert scores.dtype == np.float32 and idx.dtype == np.int64
     assert idx.shape == (len(q), min(topk, len(x)))

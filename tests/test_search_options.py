@@ -10,14 +10,14 @@ import os
 import numpy as np
 import pytest
 
-from metric.utils.cli import add_dtype_option, add_verify_option
-from metric.utils.errors import FeatureStoreError, MetricError
 from metric.retrieval.ann import AnnOptions, AnnSearchOptions, build_ann_index, load_ann_index
 from metric.retrieval.pipeline import SearchOptions, search_stores
 from metric.retrieval.rerank_plan import DEFAULT_DBA_K, DEFAULT_QE_K, RerankOptions
 from metric.retrieval.results import read_results_csv
 from metric.retrieval.search import search
 from metric.retrieval.store import EMBEDDINGS_FILE, STORE_DTYPES, load_features, save_features
+from metric.utils.cli import add_dtype_option, add_verify_option
+from metric.utils.errors import FeatureStoreError, MetricError
 
 
 def _unit(rng, n, d):
@@ -49,18 +49,21 @@ def test_rerank_options_resolve_steps_and_k():
     assert RerankOptions(steps="qe").steps == ("qe",)  # one name given as a string
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(steps=("bogus",)), "unknown re-ranker 'bogus'"),
-    (dict(steps=("qe", "qe")), "names a re-ranker twice"),
-    (dict(steps=("superglobal", "kreciprocal")), "cannot be combined"),
-    (dict(steps=("qe", "dba")), "write --rerank dba qe"),
-    (dict(qe=-1), "query expansion K must be an integer >= 1"),
-    (dict(qe=2, qe_alpha=-1.0), "query expansion alpha must be a finite number >= 0"),
-    (dict(dba=1, dba_alpha=float("nan")), "database augmentation alpha"),
-    (dict(steps=("superglobal",), sg_m=1), "SuperGlobal M"),
-    (dict(steps=("kreciprocal",), kr_lambda=2.0), "lambda must be in [0, 1]"),
-    (dict(steps=("kreciprocal",), kr_graph="maybe"), "--kr-graph 'maybe'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(steps=("bogus",)), "unknown re-ranker 'bogus'"),
+        (dict(steps=("qe", "qe")), "names a re-ranker twice"),
+        (dict(steps=("superglobal", "kreciprocal")), "cannot be combined"),
+        (dict(steps=("qe", "dba")), "write --rerank dba qe"),
+        (dict(qe=-1), "query expansion K must be an integer >= 1"),
+        (dict(qe=2, qe_alpha=-1.0), "query expansion alpha must be a finite number >= 0"),
+        (dict(dba=1, dba_alpha=float("nan")), "database augmentation alpha"),
+        (dict(steps=("superglobal",), sg_m=1), "SuperGlobal M"),
+        (dict(steps=("kreciprocal",), kr_lambda=2.0), "lambda must be in [0, 1]"),
+        (dict(steps=("kreciprocal",), kr_graph="maybe"), "--kr-graph 'maybe'"),
+    ],
+)
 def test_rerank_options_refuse_bad_values(kwargs, words):
     with pytest.raises(MetricError, match=words.replace("[", r"\[").replace("]", r"\]")):
         RerankOptions(**kwargs)
@@ -84,7 +87,14 @@ def test_options_are_frozen():
 def test_search_options_defaults_and_validation():
     o = SearchOptions()
     assert (o.backend, o.device, o.chunk_size, o.query_chunk_size, o.ann, o.verify, o.progress) == (
-        "auto", None, None, None, None, True, False)
+        "auto",
+        None,
+        None,
+        None,
+        None,
+        True,
+        False,
+    )
     assert o.rerank == RerankOptions()
     assert SearchOptions(chunk_size=np.int64(7)).chunk_size == 7
     with pytest.raises(MetricError, match="unknown search backend 'gpu'"):
@@ -106,8 +116,9 @@ def test_search_stores_with_options_matches_the_api(stores):
     _, ref = search(q, x, 7)
     assert read_results_csv(tmp / "plain.csv")["q2"] == [f"x{i}" for i in ref[2]]
 
-    options = SearchOptions(backend="torch", device="cpu", chunk_size=11, query_chunk_size=2,
-                            rerank=RerankOptions(steps=("qe",)))
+    options = SearchOptions(
+        backend="torch", device="cpu", chunk_size=11, query_chunk_size=2, rerank=RerankOptions(steps=("qe",))
+    )
     summary = search_stores(qry, idx, tmp / "qe.csv", topk=7, scores_path=tmp / "s.csv", options=options)
     assert summary["rerank"] == ["qe"] and os.path.isfile(summary["scores"])
     with pytest.raises(MetricError, match="topk must be an integer >= 1"):
@@ -136,12 +147,14 @@ def test_ann_options_defaults_and_validation():
     assert AnnOptions(nlist=np.int64(4)).nlist == 4 and type(AnnOptions(nlist=np.int64(4)).nlist) is int
     assert AnnOptions("hnsw", nlist=0, nbits=99).index_type == "hnsw"  # IVF-PQ fields unused, unchecked
     assert AnnOptions("ivfpq", hnsw_m=1).hnsw_m == 1  # HNSW fields unused, unchecked
-    for kwargs, words in [(dict(index_type="lsh"), "unknown approximate index type 'lsh'"),
-                          (dict(nbits=17), "nbits must be at most 16"),
-                          (dict(nlist=0), "nlist must be an integer >= 1"),
-                          (dict(index_type="hnsw", hnsw_m=1), "hnsw_m must be an integer >= 2"),
-                          (dict(sample=0), "sample must be an integer >= 1"),
-                          (dict(seed=-1), "seed must be an integer >= 0")]:
+    for kwargs, words in [
+        (dict(index_type="lsh"), "unknown approximate index type 'lsh'"),
+        (dict(nbits=17), "nbits must be at most 16"),
+        (dict(nlist=0), "nlist must be an integer >= 1"),
+        (dict(index_type="hnsw", hnsw_m=1), "hnsw_m must be an integer >= 2"),
+        (dict(sample=0), "sample must be an integer >= 1"),
+        (dict(seed=-1), "seed must be an integer >= 0"),
+    ]:
         with pytest.raises(MetricError, match=words):
             AnnOptions(**kwargs)
     assert AnnSearchOptions().index_type is None
@@ -159,8 +172,9 @@ def test_build_and_search_with_ann_options(stores):
     with open(os.path.join(idx, "faiss_hnsw.json")) as f:
         assert json.load(f)["ef_search"] == 24
     assert load_ann_index(idx, "hnsw")[1]["ef_search"] == 24
-    summary = search_stores(qry, idx, tmp / "ann.csv", topk=5,
-                            options=SearchOptions(ann=AnnSearchOptions(ef_search=40)))
+    summary = search_stores(
+        qry, idx, tmp / "ann.csv", topk=5, options=SearchOptions(ann=AnnSearchOptions(ef_search=40))
+    )
     assert summary["ann"] == "hnsw" and len(read_results_csv(tmp / "ann.csv")) == 5
 
 

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import metric.checkpoint as cp
-from conftest import call_tool, logging_restored, run_py, tiny_opts
 from metric.config import load_cfg
 from metric.engine.ema import ModelEma, ema_decay
 from metric.utils import distributed as du
 from metric.utils.errors import CheckpointError
 from metric.utils.logger import read_stats
+from tests.helpers import call_tool, logging_restored, run_py, tiny_opts
 
 
 @pytest.fixture
@@ -32,6 +32,7 @@ def trainer(monkeypatch):
 
 
 # --- EMA ----------------------------------------------------------------------------------------
+
 
 def _naive_decay(n, decay, gamma, power):
     """timm ModelEmaV3.get_decay(step=n) with use_warmup, update_after_step 0, min_decay 0, by hand."""
@@ -89,6 +90,7 @@ def test_ema_weights_of_a_checkpoint_are_picked_by_kind(tmp_path):
 
 # --- NUM_THREADS -----------------------------------------------------------------------------------
 
+
 def test_num_threads_default_is_cores_per_local_process(monkeypatch):
     assert du.auto_num_threads(cores=16, processes=4) == 4
     assert du.auto_num_threads(cores=16, processes=3) == 5
@@ -119,14 +121,18 @@ def test_num_threads_default_is_cores_per_local_process(monkeypatch):
 
 # --- bad input ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key, value, words", [
-    ("TRAIN.ACCUM_STEPS", "0", ["TRAIN.ACCUM_STEPS=0", ">= 1"]),
-    ("TRAIN.EMA.DECAY", "1.0", ["TRAIN.EMA.DECAY=1.0", "> 0 and < 1"]),
-    ("TRAIN.EMA.DECAY", "0.0", ["TRAIN.EMA.DECAY=0.0", "> 0 and < 1"]),
-    ("TRAIN.BEST_METRIC", "map", ["TRAIN.BEST_METRIC='map'", "mAP@R"]),
-    ("NUM_THREADS", "-1", ["NUM_THREADS=-1", ">= 0"]),
-    ("TEST.WEIGHTS_KIND", "both", ["TEST.WEIGHTS_KIND='both'", "auto | ema | raw"]),
-])
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("TRAIN.ACCUM_STEPS", "0", ["TRAIN.ACCUM_STEPS=0", ">= 1"]),
+        ("TRAIN.EMA.DECAY", "1.0", ["TRAIN.EMA.DECAY=1.0", "> 0 and < 1"]),
+        ("TRAIN.EMA.DECAY", "0.0", ["TRAIN.EMA.DECAY=0.0", "> 0 and < 1"]),
+        ("TRAIN.BEST_METRIC", "map", ["TRAIN.BEST_METRIC='map'", "mAP@R"]),
+        ("NUM_THREADS", "-1", ["NUM_THREADS=-1", ">= 0"]),
+        ("TEST.WEIGHTS_KIND", "both", ["TEST.WEIGHTS_KIND='both'", "auto | ema | raw"]),
+    ],
+)
 def test_bad_steering_values_exit_2_with_one_line(tiny_data, tmp_path, capsys, key, value, words):
     status, _, err = call_tool("train_metric", tiny_opts(tiny_data, str(tmp_path / "run"), **{key: value}), capsys)
     lines = err.strip().splitlines()
@@ -137,18 +143,31 @@ def test_bad_steering_values_exit_2_with_one_line(tiny_data, tmp_path, capsys, k
 # --- gradient accumulation -----------------------------------------------------------------------------
 
 # A tiny ViT (LayerNorm only: no batch statistics) trained with plain SGD.
-_VIT = {"MODEL.TYPE": "vit", "MODEL.WIDTH": 64, "MODEL.LAYERS": 1, "MODEL.PATCH_SIZE": 8, "MODEL.EMB_DIM": 16,
-        "MODEL.HEADS.IN_FEAT": 16, "MODEL.HEADS.POOL_LAYER": "identity", "MODEL.HEADS.REDUCTION_DIM": 8,
-        "TEST.IM_SIZE": 40, "TEST.DATASET": "", "OPTIM.MAX_EPOCH": 1, "OPTIM.NESTEROV": False,
-        "TRAIN.FLIP": False, "LOG_PERIOD": 1}
+_VIT = {
+    "MODEL.TYPE": "vit",
+    "MODEL.WIDTH": 64,
+    "MODEL.LAYERS": 1,
+    "MODEL.PATCH_SIZE": 8,
+    "MODEL.EMB_DIM": 16,
+    "MODEL.HEADS.IN_FEAT": 16,
+    "MODEL.HEADS.POOL_LAYER": "identity",
+    "MODEL.HEADS.REDUCTION_DIM": 8,
+    "TEST.IM_SIZE": 40,
+    "TEST.DATASET": "",
+    "OPTIM.MAX_EPOCH": 1,
+    "OPTIM.NESTEROV": False,
+    "TRAIN.FLIP": False,
+    "LOG_PERIOD": 1,
+}
 
 
 @pytest.mark.slow
 def test_accumulated_micro_batches_equal_one_big_batch(tiny_data, tmp_path, trainer):
     runs = {}
     for k, batch in ((1, 16), (2, 8), (4, 4)):
-        t = trainer(tiny_opts(tiny_data, str(tmp_path / f"k{k}"),
-                              **_VIT, **{"TRAIN.BATCH_SIZE": batch, "TRAIN.ACCUM_STEPS": k}))
+        t = trainer(
+            tiny_opts(tiny_data, str(tmp_path / f"k{k}"), **_VIT, **{"TRAIN.BATCH_SIZE": batch, "TRAIN.ACCUM_STEPS": k})
+        )
         assert t.iters_per_epoch == 2  # optimizer steps: 32 images / 16 per step
         t.fit()
         runs[k] = cp.unwrap(t.model).state_dict()
@@ -167,10 +186,17 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny_data, tmp_path, trai
 
 # --- EMA and accumulation in training: exact resume, DDP ---------------------------------------------------
 
+
 @pytest.mark.slow
 def test_ema_with_accumulation_resumes_bit_exact(tiny_data, tmp_path, trainer):
-    extra = {"TEST.DATASET": "", "TRAIN.EMA.ENABLED": True, "TRAIN.EMA.DECAY": 0.9, "TRAIN.ACCUM_STEPS": 3,
-             "TRAIN.BATCH_SIZE": 4, "MODEL.HEADS.DROPOUT": 0.2}
+    extra = {
+        "TEST.DATASET": "",
+        "TRAIN.EMA.ENABLED": True,
+        "TRAIN.EMA.DECAY": 0.9,
+        "TRAIN.ACCUM_STEPS": 3,
+        "TRAIN.BATCH_SIZE": 4,
+        "MODEL.HEADS.DROPOUT": 0.2,
+    }
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     t = trainer(tiny_opts(tiny_data, straight, **extra))
     assert t.iters_per_epoch == 3  # 8 micro-batches: groups of 3, 3, 2
@@ -196,8 +222,17 @@ def test_ema_with_accumulation_resumes_bit_exact(tiny_data, tmp_path, trainer):
 @pytest.mark.slow
 def test_two_processes_keep_identical_ema(tiny_data, tmp_path):
     out = str(tmp_path / "ddp")
-    opts = tiny_opts(tiny_data, out, **{"TEST.DATASET": "", "OPTIM.MAX_EPOCH": 1, "TRAIN.EMA.ENABLED": True,
-                                        "TRAIN.EMA.DECAY": 0.5, "TRAIN.ACCUM_STEPS": 2})
+    opts = tiny_opts(
+        tiny_data,
+        out,
+        **{
+            "TEST.DATASET": "",
+            "OPTIM.MAX_EPOCH": 1,
+            "TRAIN.EMA.ENABLED": True,
+            "TRAIN.EMA.DECAY": 0.5,
+            "TRAIN.ACCUM_STEPS": 2,
+        },
+    )
     run_py(["tools/train_metric.py", *opts, "NUM_GPUS", "2", "HOST", "127.0.0.1", "PORT", str(_port())], check=True)
     final = read_stats(os.path.join(out, "stats.jsonl"), "final")[-1]
     assert len(final["ema_digests"]) == 2 and final["ema_digests"][0] == final["ema_digests"][1]
@@ -208,12 +243,13 @@ def test_two_processes_keep_identical_ema(tiny_data, tmp_path):
 
 
 def _port():
-    from conftest import free_port
+    from tests.helpers import free_port
 
     return free_port()
 
 
 # --- torch.compile --------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["compile", "first call"])
@@ -224,6 +260,7 @@ def test_compile_falls_back_with_one_warning(tiny_data, tmp_path, trainer, monke
 
         def fails(*args, **kw):
             raise RuntimeError("backend compiler failed: no C++ compiler")
+
         return fails
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -246,9 +283,11 @@ def test_compile_fallback_never_swallows_our_errors_or_memory(monkeypatch):
     calls = []
     module = torch.nn.Linear(2, 2)
     for err in (DistributedError("process 1 stopped answering"), torch.OutOfMemoryError("out of memory")):
+
         def compiled(*args, err=err):
             calls.append("compiled")
             raise err
+
         monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled)
         fwd = CompiledForward(module)
         with pytest.raises(type(err)):
@@ -280,11 +319,17 @@ def test_compiled_training_checkpoints_have_plain_keys(tiny_data, tmp_path, trai
 
 # --- best checkpoint ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_best_checkpoint_is_kept_and_used_by_the_tools(tiny_data, tmp_path, trainer, capsys):
     out = str(tmp_path / "run")
-    extra = {"OPTIM.MAX_EPOCH": 2, "TRAIN.BEST_METRIC": "mAP@R", "TRAIN.EMA.ENABLED": True,
-             "TRAIN.EMA.DECAY": 0.5, "TEST.BATCH_SIZE": 32}
+    extra = {
+        "OPTIM.MAX_EPOCH": 2,
+        "TRAIN.BEST_METRIC": "mAP@R",
+        "TRAIN.EMA.ENABLED": True,
+        "TRAIN.EMA.DECAY": 0.5,
+        "TEST.BATCH_SIZE": 32,
+    }
     trainer(tiny_opts(tiny_data, out, **extra)).fit()
     tests = read_stats(os.path.join(out, "stats.jsonl"), "test_epoch")
     best = max(tests, key=lambda r: r["mAP@R"])
@@ -296,8 +341,9 @@ def test_best_checkpoint_is_kept_and_used_by_the_tools(tiny_data, tmp_path, trai
     assert best_path not in cp.list_checkpoints(out)
 
     # The tool evaluates the best checkpoint's EMA weights: the figures logged while training.
-    status, stdout, err = call_tool("test_metric", tiny_opts(tiny_data, out, **extra, **{"TEST.WEIGHTS": "best"}),
-                                    capsys)
+    status, stdout, err = call_tool(
+        "test_metric", tiny_opts(tiny_data, out, **extra, **{"TEST.WEIGHTS": "best"}), capsys
+    )
     assert status == 0, err
     assert f"mAP@R {best['mAP@R']:.4f}" in stdout
     # Extraction takes it too; TEST.WEIGHTS_KIND raw gives the trained weights' descriptors instead.
@@ -306,19 +352,27 @@ def test_best_checkpoint_is_kept_and_used_by_the_tools(tiny_data, tmp_path, trai
     feats = {}
     for kind in ("auto", "ema", "raw"):
         store = str(tmp_path / f"feats_{kind}")
-        opts = tiny_opts(tiny_data, out, **extra, **{"TEST.WEIGHTS": "best", "TEST.WEIGHTS_KIND": kind,
-                                                     "INFER.INPUT": os.path.join(tiny_data, "test.txt"),
-                                                     "INFER.OUTPUT": store})
+        opts = tiny_opts(
+            tiny_data,
+            out,
+            **extra,
+            **{
+                "TEST.WEIGHTS": "best",
+                "TEST.WEIGHTS_KIND": kind,
+                "INFER.INPUT": os.path.join(tiny_data, "test.txt"),
+                "INFER.OUTPUT": store,
+            },
+        )
         status, _, err = call_tool("extract_features", opts + ["--no-progress"], capsys)
         assert status == 0, err
         feats[kind] = np.asarray(load_features(store).embeddings)
     assert np.array_equal(feats["auto"], feats["ema"]) and not np.allclose(feats["auto"], feats["raw"])
 
-    status, _, err = call_tool("test_metric", tiny_opts(tiny_data, str(tmp_path / "none"),
-                                                        **{"TEST.WEIGHTS": "best"}), capsys)
+    status, _, err = call_tool(
+        "test_metric", tiny_opts(tiny_data, str(tmp_path / "none"), **{"TEST.WEIGHTS": "best"}), capsys
+    )
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and "TEST.WEIGHTS best" in lines[0] and "best.pyth" in lines[0]
-
 
 
 def test_a_fresh_run_forgets_the_best_checkpoint_of_an_earlier_one(tmp_path):

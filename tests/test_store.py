@@ -6,9 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from metric.utils.errors import FeatureStoreError
 from metric.retrieval import store as store_mod
-from metric.utils import io as io_mod
 from metric.retrieval.store import (
     import_features,
     is_complete_store,
@@ -16,6 +14,8 @@ from metric.retrieval.store import (
     merge_stores,
     save_features,
 )
+from metric.utils import io as io_mod
+from metric.utils.errors import FeatureStoreError
 
 
 def _data(n=20, d=8, seed=0, prefix="x"):
@@ -30,8 +30,12 @@ def _unit(x):
 @pytest.mark.parametrize("mmap", [True, False])
 def test_round_trip(tmp_path, mmap):
     x, ids = _data()
-    path = save_features(tmp_path / "s", x, ids, meta={"model_digest": "abc", "scales": [1.0], "flip": False,
-                                                      "failed_images": ["bad.jpg"], "count": 999})
+    path = save_features(
+        tmp_path / "s",
+        x,
+        ids,
+        meta={"model_digest": "abc", "scales": [1.0], "flip": False, "failed_images": ["bad.jpg"], "count": 999},
+    )
     st = load_features(path, mmap=mmap)
     assert isinstance(st.embeddings, np.memmap) == mmap
     np.testing.assert_allclose(st.embeddings, _unit(x), rtol=1e-6)
@@ -158,8 +162,12 @@ def _shards(tmp_path, total=3, n=6, d=4, **meta):
     paths = []
     for k in range(total):
         sl = slice(k * n, (k + 1) * n)
-        m = {"shard": {"index": k + 1, "total": total}, "failed_images": [f"bad{k}.jpg", "common.jpg"],
-             "model_digest": "m1", **meta}
+        m = {
+            "shard": {"index": k + 1, "total": total},
+            "failed_images": [f"bad{k}.jpg", "common.jpg"],
+            "model_digest": "m1",
+            **meta,
+        }
         paths.append(save_features(tmp_path / f"shard{k + 1}", x[sl], ids[sl], meta=m))
     return x, ids, paths
 

@@ -6,12 +6,18 @@ import os
 import numpy as np
 import pytest
 
-from metric.utils.errors import FeatureStoreError
 from metric.retrieval.results import read_results_csv
 from metric.retrieval.search import search
-from metric.retrieval.store import (EMBEDDINGS_FILE, META_FILE, import_features, load_features, merge_stores,
-                                    save_features)
-from tests.conftest import call_tool, run_py
+from metric.retrieval.store import (
+    EMBEDDINGS_FILE,
+    META_FILE,
+    import_features,
+    load_features,
+    merge_stores,
+    save_features,
+)
+from metric.utils.errors import FeatureStoreError
+from tests.helpers import call_tool, run_py
 from tests.test_extract import TINY, _extract
 
 
@@ -80,7 +86,9 @@ def test_float16_errors_name_the_row(tmp_path):
     x[1, 0] = np.nan
     with pytest.raises(FeatureStoreError, match=r"id 'b' \(row 1\) has NaN"):
         save_features(tmp_path / "s", x, list("abcd"), dtype="float16")
-    with pytest.raises(FeatureStoreError, match="unknown feature store dtype 'float64'; choose one of float32, float16"):
+    with pytest.raises(
+        FeatureStoreError, match="unknown feature store dtype 'float64'; choose one of float32, float16"
+    ):
         save_features(tmp_path / "s", x, list("abcd"), dtype="float64")
 
 
@@ -94,7 +102,7 @@ def test_float16_search_ranks_like_float32(tmp_path):
         sc32, i32 = search(q, s32, 10, backend=backend, chunk_size=64)
         sc16, i16 = search(q, s16, 10, backend=backend, chunk_size=64)
         # A naive reference: float32 products of the float16 rows (accumulated in float32 or better).
-        ref = (q.astype(np.float64) @ s16.embeddings.astype(np.float64).T)
+        ref = q.astype(np.float64) @ s16.embeddings.astype(np.float64).T
         np.testing.assert_allclose(sc16, -np.sort(-ref, axis=1)[:, :10], atol=1e-5)
         assert np.array_equal(i16[:, 0], i32[:, 0])  # the near row is first either way
         assert np.abs(sc16 - sc32).max() < 2e-3
@@ -129,8 +137,11 @@ def test_tools_dtype_option(tmp_path, capsys):
     status, out, _ = call_tool("import_features", args + ["--output", tmp_path / "i16", "--dtype", "float16"], capsys)
     assert status == 0 and "(float16)" in out
     status, _, err = call_tool("import_features", args + ["--output", tmp_path / "bad", "--dtype", "half"], capsys)
-    assert status == 2 and err.strip() == ("error: unknown feature store dtype 'half'; choose one of float32, "
-                                           "float16") and not os.path.exists(tmp_path / "bad")
+    assert (
+        status == 2
+        and err.strip() == ("error: unknown feature store dtype 'half'; choose one of float32, float16")
+        and not os.path.exists(tmp_path / "bad")
+    )
     status, _, err = call_tool("merge_features", [tmp_path / "i16", "--output", tmp_path / "m", "--dtype", "x"], capsys)
     assert status == 2 and err.count("\n") == 1 and "unknown feature store dtype 'x'" in err
     status, out, _ = call_tool("merge_features", [tmp_path / "i16", "--output", tmp_path / "m"], capsys)
@@ -138,8 +149,23 @@ def test_tools_dtype_option(tmp_path, capsys):
     save_features(tmp_path / "q", q, [f"q{i}" for i in range(len(q))])
     save_features(tmp_path / "i32", x, [f"x{i}" for i in range(len(x))])
     for name in ("i16", "i32"):
-        status, _, _ = call_tool("search", ["--query", tmp_path / "q", "--index", tmp_path / name, "--topk", 1,
-                                            "--output", tmp_path / f"{name}.csv", "--qe", 2, "--no-progress"], capsys)
+        status, _, _ = call_tool(
+            "search",
+            [
+                "--query",
+                tmp_path / "q",
+                "--index",
+                tmp_path / name,
+                "--topk",
+                1,
+                "--output",
+                tmp_path / f"{name}.csv",
+                "--qe",
+                2,
+                "--no-progress",
+            ],
+            capsys,
+        )
         assert status == 0
     assert read_results_csv(tmp_path / "i16.csv") == read_results_csv(tmp_path / "i32.csv")
 

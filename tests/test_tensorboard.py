@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import logging_restored, tiny_opts
 from metric.checkpoint import list_checkpoints
 from metric.config import load_cfg
 from metric.datasets.transforms import MEAN, STD
 from metric.engine.tb_writer import TrainingBoard, adaptive_scale, group_lrs, image_grid
 from metric.utils.logger import read_stats
+from tests.helpers import logging_restored, tiny_opts
 
 # the warnings "No path found after ..." of the accumulator at the end of each file are noise
 logging.getLogger("tensorboard").setLevel(logging.ERROR)
@@ -40,13 +40,24 @@ def train():
 @pytest.mark.slow
 def test_training_writes_readable_events_and_resume_does_not_duplicate_steps(tiny_data, tmp_path, train):
     out = str(tmp_path / "run")
-    opts = tiny_opts(tiny_data, out, **{"LOG_PERIOD": 1, "TRAIN.CHECKPOINT_PERIOD": 1,
-                                        "MODEL.HEADS.CLS_LAYER": "adacos", "OPTIM.HEAD_LR_MULT": 10})
+    opts = tiny_opts(
+        tiny_data,
+        out,
+        **{"LOG_PERIOD": 1, "TRAIN.CHECKPOINT_PERIOD": 1, "MODEL.HEADS.CLS_LAYER": "adacos", "OPTIM.HEAD_LR_MULT": 10},
+    )
     train(opts)
     acc = _events(os.path.join(out, "tb"))
     scalars = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/loss_cross_entropy", "train/im_per_s", "train/data_time_s",
-            "train/scale", "test/recall@1", "test/mAP@R", "epoch/loss"} <= scalars
+    assert {
+        "train/loss",
+        "train/loss_cross_entropy",
+        "train/im_per_s",
+        "train/data_time_s",
+        "train/scale",
+        "test/recall@1",
+        "test/mAP@R",
+        "epoch/loss",
+    } <= scalars
     lr_tags = sorted(t for t in scalars if t.startswith("lr/"))
     assert len(lr_tags) >= 2  # every parameter group (here the head has its own learning rate)
     assert acc.Tags()["images"] == ["train/images"]
@@ -89,8 +100,19 @@ def test_tensorboard_off_or_unwritable_does_not_stop_training(tiny_data, tmp_pat
 
 def test_board_writes_the_iteration_record_and_group_rates(tmp_path):
     board = TrainingBoard(str(tmp_path / "tb"), start_step=0, num_images=3)
-    record = {"epoch": 1, "iter": 2, "loss": 1.5, "loss_triplet": 0.5, "loss_cross_entropy": 1.0, "lr": 0.1,
-              "im_per_s": 100.0, "data_time": 0.01, "eta": "00:00:01", "margin": 0.3, "mem_mb": 12}
+    record = {
+        "epoch": 1,
+        "iter": 2,
+        "loss": 1.5,
+        "loss_triplet": 0.5,
+        "loss_cross_entropy": 1.0,
+        "lr": 0.1,
+        "im_per_s": 100.0,
+        "data_time": 0.01,
+        "eta": "00:00:01",
+        "margin": 0.3,
+        "mem_mb": 12,
+    }
     groups = [{"lr": 0.1, "name": "depth 2"}, {"lr": 0.2, "name": "depth 2"}, {"lr": 0.5}]
     board.log_iter(2, record, groups)
     board.log_images(2, torch.zeros(5, 3, 8, 8), torch.arange(5))
@@ -99,8 +121,18 @@ def test_board_writes_the_iteration_record_and_group_rates(tmp_path):
     board.close()
     acc = _events(str(tmp_path / "tb"))
     assert set(acc.Tags()["scalars"]) == {
-        "train/loss", "train/loss_triplet", "train/loss_cross_entropy", "train/im_per_s", "train/data_time_s",
-        "train/margin", "train/gpu_mem_mb", "lr/depth_2", "lr/depth_2_1", "lr/group2", "test/recall@1"}
+        "train/loss",
+        "train/loss_triplet",
+        "train/loss_cross_entropy",
+        "train/im_per_s",
+        "train/data_time_s",
+        "train/margin",
+        "train/gpu_mem_mb",
+        "lr/depth_2",
+        "lr/depth_2_1",
+        "lr/group2",
+        "test/recall@1",
+    }
     assert acc.Scalars("lr/depth_2_1")[0].value == pytest.approx(0.2)
     assert [e.step for e in acc.Images("train/images")] == [2]
 
@@ -111,7 +143,7 @@ def test_image_grid_undoes_the_normalization():
     grid = image_grid(x, [7, 8], columns=2)
     assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
     assert tuple(grid[2, 2]) == (10, 200, 90) and tuple(grid[2, 2 + 4 + 2]) == (255, 0, 128)
-    assert grid[4 + 2:].max() > 128  # the label strip below the images holds (anti-aliased) white text
+    assert grid[4 + 2 :].max() > 128  # the label strip below the images holds (anti-aliased) white text
 
 
 def test_adaptive_scale_only_for_a_changing_scale():

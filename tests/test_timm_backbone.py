@@ -18,11 +18,14 @@ def _cfg(name, *extra):
     return load_cfg(None, ["MODEL.TYPE", "timm", "MODEL.TIMM.NAME", name, *HEAD, *extra])
 
 
-@pytest.mark.parametrize("name,channels,grid", [
-    ("test_resnet", 96, 5),       # NCHW CNN
-    ("test_mambaout", 256, 5),    # NHWC output, permuted; its head's MLP is part of the backbone
-    ("test_vit", 64, 10),         # tokens: class token dropped, patches on the grid
-])
+@pytest.mark.parametrize(
+    "name,channels,grid",
+    [
+        ("test_resnet", 96, 5),  # NCHW CNN
+        ("test_mambaout", 256, 5),  # NHWC output, permuted; its head's MLP is part of the backbone
+        ("test_vit", 64, 10),  # tokens: class token dropped, patches on the grid
+    ],
+)
 def test_feature_maps_and_training(name, channels, grid):
     torch.manual_seed(0)
     model = build_model(_cfg(name))

@@ -10,7 +10,7 @@ import torch
 from metric.checkpoint import list_checkpoints, read_checkpoint
 from metric.utils.cli import run_tool
 from metric.utils.logger import read_stats
-from tests.conftest import logging_restored, run_py, tiny_opts
+from tests.helpers import logging_restored, run_py, tiny_opts
 
 
 def _free_port():
@@ -79,8 +79,15 @@ def test_two_process_training_keeps_ranks_identical(tiny_data, tmp_path, launche
     port = _free_port()
     opts = tiny_opts(tiny_data, out, **{"TRAIN.BATCH_SIZE": 8, "TEST.BATCH_SIZE": 8})
     if launcher == "torchrun":
-        args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={port}", "tools/train_metric.py", *opts]
+        args = [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "tools/train_metric.py",
+            *opts,
+        ]
     else:
         args = ["tools/train_metric.py", *opts, "NUM_GPUS", "2", "HOST", "127.0.0.1", "PORT", str(port)]
     run_py(args, check=True)
@@ -138,8 +145,9 @@ def test_non_finite_loss_stops_with_epoch_and_iteration(tiny_data, tmp_path, mon
 @pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_data, tmp_path):
     out = str(tmp_path / "run")
-    run_py(["tools/train_metric.py", *tiny_opts(tiny_data, out, **{"OPTIM.MAX_EPOCH": 1, "TEST.DATASET": ""})],
-           check=True)
+    run_py(
+        ["tools/train_metric.py", *tiny_opts(tiny_data, out, **{"OPTIM.MAX_EPOCH": 1, "TEST.DATASET": ""})], check=True
+    )
     proc = run_py(["tools/train_metric.py", *tiny_opts(tiny_data, out, **{"MODEL.HEADS.NUM_CLASSES": 5})])
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
@@ -166,6 +174,7 @@ def test_user_errors_exit_2_with_one_line(tiny_data, tmp_path, extra, words):
 
 
 # --- resume: choosing the checkpoint, reading it once -------------------------------------------
+
 
 def _count_torch_loads(monkeypatch):
     calls = []
@@ -244,14 +253,24 @@ def test_stats_records_and_resume_reading_one_file(tiny_data, tmp_path, monkeypa
     iters, epochs = read_stats(stats, "train_iter"), read_stats(stats, "train_epoch")
     assert len(iters) == 2 * ipe and len(epochs) == 2
     fields = [{k for k in r if k != "kind" and not k.startswith("_")} for r in (iters[0], epochs[0])]
-    assert fields[0] == {"epoch", "iter", "iters", "loss", "lr", "im_per_s", "data_time",
-                                                "iter_time", "eta", "loss_cross_entropy"}
+    assert fields[0] == {
+        "epoch",
+        "iter",
+        "iters",
+        "loss",
+        "lr",
+        "im_per_s",
+        "data_time",
+        "iter_time",
+        "eta",
+        "loss_cross_entropy",
+    }
     assert fields[1] == {"epoch", "loss", "lr", "im_per_s", "time", "bad_images", "loss_cross_entropy"}
     assert [(r["epoch"], r["iter"]) for r in iters] == [(e, i) for e in (1, 2) for i in range(1, ipe + 1)]
     assert [r["lr"] for r in iters] == pytest.approx([trainer.lr_at(i) for i in range(2 * ipe)], rel=1e-12)
     assert [r["lr"] for r in epochs] == pytest.approx([trainer.lr_at(ipe), trainer.lr_at(2 * ipe)], rel=1e-12)
     for e, summary in enumerate(epochs):
-        window = iters[e * ipe:(e + 1) * ipe]
+        window = iters[e * ipe : (e + 1) * ipe]
         assert summary["loss"] == pytest.approx(sum(r["loss"] for r in window) / ipe)
         assert summary["loss_cross_entropy"] == pytest.approx(sum(r["loss_cross_entropy"] for r in window) / ipe)
         assert summary["bad_images"] == 0 and summary["im_per_s"] > 0 and summary["time"] > 0

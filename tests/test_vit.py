@@ -25,13 +25,33 @@ from metric.modeling.builders import build_backbone
 from metric.modeling.layers.resize import resize_2d
 from metric.modeling.layers.transformer import LayerNorm
 from metric.utils.errors import CheckpointError
-from tests.conftest import REPO, call_tool, remove_pymetric_handlers, tiny_opts
+from tests.helpers import REPO, call_tool, remove_pymetric_handlers, tiny_opts
 
 # WIDTH 128 (2 heads), 2 blocks, 8 px patches, 64-d image embedding, trained at 32 px (4 x 4 grid).
-TINY = ["MODEL.TYPE", "vit", "MODEL.WIDTH", "128", "MODEL.LAYERS", "2", "MODEL.PATCH_SIZE", "8",
-        "MODEL.EMB_DIM", "64", "MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.POOL_LAYER", "identity",
-        "MODEL.HEADS.REDUCTION_DIM", "16", "MODEL.HEADS.NUM_CLASSES", "5", "TRAIN.IM_SIZE", "32",
-        "TEST.IM_SIZE", "40"]
+TINY = [
+    "MODEL.TYPE",
+    "vit",
+    "MODEL.WIDTH",
+    "128",
+    "MODEL.LAYERS",
+    "2",
+    "MODEL.PATCH_SIZE",
+    "8",
+    "MODEL.EMB_DIM",
+    "64",
+    "MODEL.HEADS.IN_FEAT",
+    "0",
+    "MODEL.HEADS.POOL_LAYER",
+    "identity",
+    "MODEL.HEADS.REDUCTION_DIM",
+    "16",
+    "MODEL.HEADS.NUM_CLASSES",
+    "5",
+    "TRAIN.IM_SIZE",
+    "32",
+    "TEST.IM_SIZE",
+    "40",
+]
 TINY_CFG = os.path.join(REPO, "configs", "metric", "vit_tiny_cpu.yaml")
 B32_CFG = os.path.join(REPO, "configs", "metric", "ViT_dds_8gpu.yaml")
 
@@ -45,10 +65,19 @@ def _open_clip():
 
 
 def _reference_vit(image_size=32, patch=8, width=128, layers=2, emb=64):
-    from open_clip.transformer import QuickGELU, VisionTransformer as OpenClipViT
+    from open_clip.transformer import QuickGELU
+    from open_clip.transformer import VisionTransformer as OpenClipViT
 
-    return OpenClipViT(image_size=image_size, patch_size=patch, width=width, layers=layers, heads=width // 64,
-                       mlp_ratio=4.0, output_dim=emb, act_layer=QuickGELU)
+    return OpenClipViT(
+        image_size=image_size,
+        patch_size=patch,
+        width=width,
+        layers=layers,
+        heads=width // 64,
+        mlp_ratio=4.0,
+        output_dim=emb,
+        act_layer=QuickGELU,
+    )
 
 
 def _randomize(state, seed=1):
@@ -67,18 +96,31 @@ def _rel(a, b):
 
 # --- layout and numbers -------------------------------------------------------------------------
 
+
 def test_state_dict_is_clips_layout():
     keys = list(VisionTransformer(32, 8, 128, 2, 64).state_dict())
-    block = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
-             "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-             "mlp.c_proj.weight", "mlp.c_proj.bias"]
+    block = [
+        "ln_1.weight",
+        "ln_1.bias",
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "ln_2.weight",
+        "ln_2.bias",
+        "mlp.c_fc.weight",
+        "mlp.c_fc.bias",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
+    ]
     want = ["class_embedding", "positional_embedding", "proj", "conv1.weight", "ln_pre.weight", "ln_pre.bias"]
     want += [f"transformer.resblocks.{i}.{k}" for i in range(2) for k in block] + ["ln_post.weight", "ln_post.bias"]
     assert sorted(keys) == sorted(want)
 
 
-@pytest.mark.parametrize("size", [(32, 8, 128, 2, 64), (224, 32, 768, 12, 512), (224, 14, 1024, 24, 768)],
-                         ids=["tiny", "B-32", "L-14"])
+@pytest.mark.parametrize(
+    "size", [(32, 8, 128, 2, 64), (224, 32, 768, 12, 512), (224, 14, 1024, 24, 768)], ids=["tiny", "B-32", "L-14"]
+)
 def test_keys_and_shapes_equal_open_clip(size):
     _open_clip()
     with torch.device("meta"):
@@ -89,8 +131,13 @@ def test_keys_and_shapes_equal_open_clip(size):
 
 def test_vit_dds_config_builds_clip_b32():
     cfg = load_cfg(B32_CFG)  # the original project's file, shipped unchanged
-    assert (cfg.MODEL.TYPE, cfg.MODEL.WIDTH, cfg.MODEL.LAYERS, cfg.MODEL.PATCH_SIZE, cfg.MODEL.EMB_DIM) == \
-        ("vit", 768, 12, 32, 512)
+    assert (cfg.MODEL.TYPE, cfg.MODEL.WIDTH, cfg.MODEL.LAYERS, cfg.MODEL.PATCH_SIZE, cfg.MODEL.EMB_DIM) == (
+        "vit",
+        768,
+        12,
+        32,
+        512,
+    )
     assert cfg.MODEL.HEADS.CLS_LAYER == "curricularface"  # the original's "arcface"
     with torch.device("meta"):
         backbone = build_backbone(cfg)
@@ -121,6 +168,7 @@ def test_equals_open_clip_b32():
 
 
 # --- any input size ----------------------------------------------------------------------------
+
 
 def test_positional_embedding_is_resampled_bicubic_over_the_grid():
     torch.manual_seed(0)
@@ -220,11 +268,19 @@ def test_original_project_vit_checkpoint_loads_with_no_key_missing(tmp_path, cap
     cfg_path.write_text(ORIGINAL_YAML)
     gen = torch.Generator().manual_seed(3)
     state = {"backbone." + k: v for k, v in _randomize(_reference_vit().state_dict()).items()}
-    state.update({"head.embedding_layer.weight": torch.randn(16, 64, generator=gen),
-                  "head.classifier.weight": torch.randn(10, 16, generator=gen),
-                  "head.classifier.t": torch.full((1,), 0.3)})
-    ckpt = {"epoch": 4, "model_state": state, "optimizer_state": {"state": {}, "param_groups": []},
-            "cfg": ORIGINAL_YAML}
+    state.update(
+        {
+            "head.embedding_layer.weight": torch.randn(16, 64, generator=gen),
+            "head.classifier.weight": torch.randn(10, 16, generator=gen),
+            "head.classifier.t": torch.full((1,), 0.3),
+        }
+    )
+    ckpt = {
+        "epoch": 4,
+        "model_state": state,
+        "optimizer_state": {"state": {}, "param_groups": []},
+        "cfg": ORIGINAL_YAML,
+    }
     path = str(tmp_path / "model_epoch_0005.pyth")
     torch.save(ckpt, path)
     assert detect_format(ckpt, state) == "pymetric_original"
@@ -249,6 +305,7 @@ def _tiny_clip(image_size=32, layers=2, width=128):
 
 def _clip_input(pixels):
     """The same [0, 1] RGB batch normalized CLIP's way and ours (ImageNet)."""
+
     def norm(mean, std):
         return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
@@ -298,7 +355,7 @@ def test_clip_image_encoder_alone_at_another_size(tmp_path, caplog):
     big = _tiny_clip(image_size=48)
     state = {"visual." + k: v for k, v in clip.visual.state_dict().items()}
     oc.model.resize_pos_embed(state, big, antialias=False)
-    big.visual.load_state_dict({k[len("visual."):]: v for k, v in state.items()})
+    big.visual.load_state_dict({k[len("visual.") :]: v for k, v in state.items()})
     x_clip, x_ours = _clip_input(torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
         assert _rel(model.backbone(x_ours), big.encode_image(x_clip)) < 1e-5
@@ -338,8 +395,12 @@ def test_our_vit_checkpoint_of_another_width_names_the_key(tmp_path):
 def test_clip_weights_into_a_resnet_are_refused(tmp_path):
     path = str(tmp_path / "clip.pt")
     torch.save(_tiny_clip().state_dict(), path)
-    resnet = build_model(load_cfg(None, ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4",
-                                         "RESNET.STEM_WIDTH", "4", "MODEL.HEADS.IN_FEAT", "0"]))
+    resnet = build_model(
+        load_cfg(
+            None,
+            ["MODEL.DEPTH", "18", "RESNET.WIDTH_PER_GROUP", "4", "RESNET.STEM_WIDTH", "4", "MODEL.HEADS.IN_FEAT", "0"],
+        )
+    )
     with pytest.raises(CheckpointError, match="clip state dict loads into MODEL.TYPE vit, not MODEL.TYPE resnet"):
         load_weights(resnet, path)
 
@@ -361,8 +422,9 @@ def test_torchscript_archive_is_refused_with_how_to_convert(tmp_path):
 def test_torchscript_archive_exits_2_with_one_line(tmp_path, capsys):
     path = str(tmp_path / "ViT-B-32.pt")
     _torchscript_archive(path)
-    status, _, err = call_tool("torch2onnx", TINY + ["TEST.WEIGHTS", path, "--output", str(tmp_path / "m.onnx")],
-                               capsys)
+    status, _, err = call_tool(
+        "torch2onnx", TINY + ["TEST.WEIGHTS", path, "--output", str(tmp_path / "m.onnx")], capsys
+    )
     assert status == 2 and err.count("\n") == 1 and "TorchScript archive" in err
 
 
@@ -378,6 +440,7 @@ def test_safetensors_without_the_package_is_one_line(tmp_path, monkeypatch):
 
 
 # --- training helpers ----------------------------------------------------------------------------
+
 
 def test_layer_ids_for_layer_wise_lr_decay():
     model = build_model(_cfg())
@@ -461,14 +524,18 @@ def test_channels_last_is_logged_as_irrelevant(caplog):
 
 # --- one-line errors -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra, words", [
-    (["MODEL.WIDTH", "100"], "MODEL.WIDTH=100 is not allowed: expected a multiple of 64"),
-    (["TRAIN.IM_SIZE", "36"], "TRAIN.IM_SIZE=36 is not allowed: expected a multiple of MODEL.PATCH_SIZE=8"),
-    (["TEST.IM_SIZE", "44"], "TEST.IM_SIZE=44 is not allowed: expected a multiple of MODEL.PATCH_SIZE=8"),
-    (["MODEL.HEADS.POOL_LAYER", "avgpool"], "expected identity for MODEL.TYPE vit"),
-    (["MODEL.TYPE", "vit_b32"], "MODEL.TYPE='vit_b32' is not allowed"),
-    (["MODEL.HEADS.IN_FEAT", "512"], "MODEL.HEADS.IN_FEAT=512 but the vit backbone outputs 64"),
-])
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["MODEL.WIDTH", "100"], "MODEL.WIDTH=100 is not allowed: expected a multiple of 64"),
+        (["TRAIN.IM_SIZE", "36"], "TRAIN.IM_SIZE=36 is not allowed: expected a multiple of MODEL.PATCH_SIZE=8"),
+        (["TEST.IM_SIZE", "44"], "TEST.IM_SIZE=44 is not allowed: expected a multiple of MODEL.PATCH_SIZE=8"),
+        (["MODEL.HEADS.POOL_LAYER", "avgpool"], "expected identity for MODEL.TYPE vit"),
+        (["MODEL.TYPE", "vit_b32"], "MODEL.TYPE='vit_b32' is not allowed"),
+        (["MODEL.HEADS.IN_FEAT", "512"], "MODEL.HEADS.IN_FEAT=512 but the vit backbone outputs 64"),
+    ],
+)
 def test_bad_vit_config_exits_2_with_one_line(capsys, extra, words):
     status, _, err = call_tool("model_info", TINY + extra, capsys)
     assert status == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
@@ -476,7 +543,9 @@ def test_bad_vit_config_exits_2_with_one_line(capsys, extra, words):
 
 # --- export ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
+@pytest.mark.export
 @pytest.mark.parametrize("dynamic", [False, True], ids=["fixed", "dynamic"])
 def test_onnx_export_matches_torch(tmp_path, dynamic):
     from metric.export.onnx import diff_stats, export_onnx, run_onnxruntime, run_torch, verify_onnx
@@ -501,6 +570,7 @@ def test_kaggle_model_is_refused_for_vit(tmp_path):
 
 
 # --- end to end ----------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_tiny_vit_trains_resumes_extracts_and_is_scored(tiny_data, tmp_path, monkeypatch):
@@ -527,7 +597,7 @@ def _train_resume_extract_score(tiny_data, tmp_path, monkeypatch, opts):
     from metric.engine.trainer import train_model
     from metric.utils.cli import run_tool
     from metric.utils.logger import read_stats
-    from tests.conftest import load_tool
+    from tests.helpers import load_tool
 
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train_model(load_cfg(TINY_CFG, opts(straight)))
@@ -556,11 +626,13 @@ def _train_resume_extract_score(tiny_data, tmp_path, monkeypatch, opts):
     weights = list_checkpoints(straight)[-1]
     list_path = os.path.join(tiny_data, "test.txt")
     store, scores = str(tmp_path / "store"), str(tmp_path / "scores.json")
-    argv = ["--no-progress", "--cfg", TINY_CFG] + opts(straight) + ["TEST.WEIGHTS", weights, "INFER.INPUT",
-                                                                     list_path, "INFER.OUTPUT", store]
+    argv = (
+        ["--no-progress", "--cfg", TINY_CFG]
+        + opts(straight)
+        + ["TEST.WEIGHTS", weights, "INFER.INPUT", list_path, "INFER.OUTPUT", store]
+    )
     assert run_tool(load_tool("extract_features").main, argv) == 0
-    assert run_tool(load_tool("evaluate").main, ["--query", store, "--query-labels", list_path,
-                                                 "--json", scores]) == 0
+    assert run_tool(load_tool("evaluate").main, ["--query", store, "--query-labels", list_path, "--json", scores]) == 0
     extracted = json.load(open(scores, encoding="utf-8"))
     for key in ("recall@1", "mAP@R"):
         assert 0.0 <= extracted[key] <= 1.0 and extracted[key] == pytest.approx(during[key], abs=1e-6), key

@@ -10,11 +10,13 @@ import torch
 import torchvision
 
 from metric import build_model, load_cfg, load_weights
-from metric.utils.errors import CheckpointError
 from metric.checkpoint.convert import detect_format, torchvision_to_pycls
-from tests.conftest import REPO, TINY_MODEL
+from metric.utils.errors import CheckpointError
+from tests.helpers import REPO, TINY_MODEL
 
 COMPAT = os.path.join(REPO, "tests", "data", "pymetric_state_dict_keys.json")
+
+
 def _compat(name):
     with open(COMPAT, encoding="utf-8") as f:
         return [(k, tuple(s)) for k, s in json.load(f)[name]]
@@ -92,7 +94,7 @@ def _pycls_to_torchvision(state):
     with torch.device("meta"):
         tv_keys = torchvision.models.resnet50().state_dict()
     pycls_to_tv = torchvision_to_pycls({k: k for k in tv_keys})  # values: the torchvision names
-    return {pycls_to_tv[k[len("backbone."):]]: v for k, v in state.items() if k.startswith("backbone.")}
+    return {pycls_to_tv[k[len("backbone.") :]]: v for k, v in state.items() if k.startswith("backbone.")}
 
 
 def test_original_resnet50_gem_curricularface_checkpoint(tmp_path, caplog):
@@ -136,9 +138,21 @@ def test_original_checkpoint_into_a_different_head_is_logged(tmp_path, caplog):
     ckpt = _original_checkpoint("backbone_pycls_resnet50", "head_gempool_arcface", 10, ORIGINAL_YAML)
     path = str(tmp_path / "orig.pyth")
     torch.save(ckpt, path)
-    model = build_model(load_cfg(None, [
-        "RESNET.STRIDE_1X1", "False", "MODEL.HEADS.POOL_LAYER", "gempool", "MODEL.HEADS.CLS_LAYER", "arcface",
-        "MODEL.HEADS.NUM_CLASSES", "10"]))
+    model = build_model(
+        load_cfg(
+            None,
+            [
+                "RESNET.STRIDE_1X1",
+                "False",
+                "MODEL.HEADS.POOL_LAYER",
+                "gempool",
+                "MODEL.HEADS.CLS_LAYER",
+                "arcface",
+                "MODEL.HEADS.NUM_CLASSES",
+                "10",
+            ],
+        )
+    )
     with caplog.at_level(logging.INFO):
         _, unexpected = load_weights(model, path)
     assert unexpected == ["head.classifier.t"]  # our arcface has no t
@@ -146,8 +160,11 @@ def test_original_checkpoint_into_a_different_head_is_logged(tmp_path, caplog):
 
 
 def test_original_resnest50_avgpool_circle_keys_load_exactly(tmp_path):
-    text = ORIGINAL_YAML.replace("TYPE: resnet", "TYPE: resnest50").replace("gempool", "avgpool").replace(
-        "CLS_LAYER: arcface", "CLS_LAYER: circle")
+    text = (
+        ORIGINAL_YAML.replace("TYPE: resnet", "TYPE: resnest50")
+        .replace("gempool", "avgpool")
+        .replace("CLS_LAYER: arcface", "CLS_LAYER: circle")
+    )
     (tmp_path / "c.yaml").write_text(text)
     path = str(tmp_path / "orig.pyth")
     torch.save(_original_checkpoint("backbone_resnest50", "head_avgpool_circle", 10, text), path)
@@ -157,14 +174,16 @@ def test_original_resnest50_avgpool_circle_keys_load_exactly(tmp_path):
 
 # --- torchvision ResNets --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("depth", [18, 50])
 def test_torchvision_resnet_maps_to_identical_feature_maps(tmp_path, depth, caplog):
     torch.manual_seed(depth)
     tv = _bn_randomize(getattr(torchvision.models, f"resnet{depth}")(), seed=depth).eval()
     path = str(tmp_path / f"resnet{depth}-0123abcd.pth")
     torch.save(tv.state_dict(), path)
-    model = build_model(load_cfg(None, ["MODEL.DEPTH", str(depth), "RESNET.STRIDE_1X1", "False",
-                                        "MODEL.HEADS.IN_FEAT", "0"])).eval()
+    model = build_model(
+        load_cfg(None, ["MODEL.DEPTH", str(depth), "RESNET.STRIDE_1X1", "False", "MODEL.HEADS.IN_FEAT", "0"])
+    ).eval()
     with caplog.at_level(logging.INFO):
         missing, unexpected = load_weights(model, path)
     assert all(k.startswith("head.") for k in missing) and unexpected == []
@@ -207,6 +226,7 @@ def test_torchvision_into_resnest_is_a_clear_error(tmp_path):
 
 # --- released ResNeSt and pycls ImageNet weights --------------------------------------------
 
+
 def test_resnest_imagenet_state_dict_ignores_fc(tmp_path, caplog):
     cfg = load_cfg(None, ["MODEL.TYPE", "resnest50", "MODEL.HEADS.NUM_CLASSES", "3"])
     torch.manual_seed(0)
@@ -237,14 +257,16 @@ def test_pycls_resnet_checkpoint(tmp_path):
 
 # --- class-count changes and other mismatches -----------------------------------------------
 
+
 def test_other_class_count_fine_tunes_everything_else_is_loaded(tmp_path, caplog):
     torch.manual_seed(0)
     src = build_model(load_cfg(None, TINY_MODEL + ["MODEL.HEADS.CLS_LAYER", "curricularface"]))
     path = str(tmp_path / "ours.pyth")
     torch.save({"epoch": 0, "model_state": src.state_dict(), "version": 1}, path)
     torch.manual_seed(1)
-    dst = build_model(load_cfg(None, TINY_MODEL + ["MODEL.HEADS.CLS_LAYER", "curricularface",
-                                                   "MODEL.HEADS.NUM_CLASSES", "7"]))
+    dst = build_model(
+        load_cfg(None, TINY_MODEL + ["MODEL.HEADS.CLS_LAYER", "curricularface", "MODEL.HEADS.NUM_CLASSES", "7"])
+    )
     before = dst.head.classifier.weight.detach().clone()
     with caplog.at_level(logging.INFO):
         missing, unexpected = load_weights(dst, path)
@@ -281,6 +303,7 @@ def test_config_inside_an_original_checkpoint_is_read_safely(tmp_path, caplog):
 
 
 # --- the notebook API ---------------------------------------------------------------------
+
 
 def test_notebook_api(tmp_path):
     import metric

@@ -17,7 +17,7 @@ from metric.checkpoint import list_checkpoints, read_checkpoint
 from metric.modeling.backbones.resnet_wide import WIDE_RESNETS, WideResNet
 from metric.modeling.layers.attention import SecondOrderAttention, SpatialAttention2d
 from metric.utils.errors import CheckpointError, ConfigError
-from tests.conftest import REPO, call_tool, run_py, tiny_opts
+from tests.helpers import REPO, call_tool, run_py, tiny_opts
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -25,8 +25,18 @@ SEED = "/work/shared/seed/configs/metric"
 WIDE_CFG = os.path.join(REPO, "configs", "metric", "resnet152x1_8gpu.yaml")
 ATT_CFG = os.path.join(REPO, "configs", "metric", "resnst50x1_att_8gpu.yaml")
 # A wide ResNet of base width 4 instead of 64 (stem 4 k, last map 128 k channels), 5 classes.
-TINY_WIDE = ["RESNET.STEM_WIDTH", "4", "RESNET.WIDTH_PER_GROUP", "4", "MODEL.HEADS.IN_FEAT", "0",
-             "MODEL.HEADS.REDUCTION_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "5"]
+TINY_WIDE = [
+    "RESNET.STEM_WIDTH",
+    "4",
+    "RESNET.WIDTH_PER_GROUP",
+    "4",
+    "MODEL.HEADS.IN_FEAT",
+    "0",
+    "MODEL.HEADS.REDUCTION_DIM",
+    "8",
+    "MODEL.HEADS.NUM_CLASSES",
+    "5",
+]
 
 
 def _tiny(kind, *extra):
@@ -34,6 +44,7 @@ def _tiny(kind, *extra):
 
 
 # --- wide ResNets ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("depth", [50, pytest.param(152, marks=pytest.mark.slow)])
 def test_x1_is_torchvision_resnet_keys_shapes_and_numbers(depth):
@@ -92,13 +103,15 @@ def test_torchvision_weights_of_another_width_name_the_key_and_shapes(tmp_path):
     tv = torchvision.models.resnet50()
     path = str(tmp_path / "resnet50.pth")
     torch.save(tv.state_dict(), path)
-    model = build_model(load_cfg(None, ["MODEL.TYPE", "resnet50x2", "MODEL.HEADS.IN_FEAT", "0",
-                                        "MODEL.HEADS.NUM_CLASSES", "3"]))
+    model = build_model(
+        load_cfg(None, ["MODEL.TYPE", "resnet50x2", "MODEL.HEADS.IN_FEAT", "0", "MODEL.HEADS.NUM_CLASSES", "3"])
+    )
     with pytest.raises(CheckpointError, match=r"conv1.weight: file \(64, 3, 7, 7\) vs model \(128, 3, 7, 7\)"):
         load_weights(model, path)
 
 
 # --- attention blocks against naive loops --------------------------------------------------------
+
 
 def _randomize(module):
     """Random weights and BN statistics (float64), eval mode."""
@@ -119,8 +132,10 @@ def _conv(conv, v):
 
 
 def _bn(bn, v):
-    return [(v[c] - bn.running_mean[c]) / torch.sqrt(bn.running_var[c] + bn.eps) * bn.weight[c] + bn.bias[c]
-            for c in range(len(v))]
+    return [
+        (v[c] - bn.running_mean[c]) / torch.sqrt(bn.running_var[c] + bn.eps) * bn.weight[c] + bn.bias[c]
+        for c in range(len(v))
+    ]
 
 
 def test_spatial_attention_equals_naive_loop():
@@ -186,20 +201,24 @@ def test_head_pools_the_attention_output_and_every_parameter_learns(attention, w
 
 # --- the original files: upgrade and the two seed configs ---------------------------------------
 
+
 def _write(path, text):
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return str(path)
 
 
-@pytest.mark.parametrize("body, attention", [
-    ("MODEL:\n  TYPE: resnet50x1\n  HEADS:\n    IN_FEAT: 512\n", "spatial"),
-    ("MODEL:\n  TYPE: resnet50x2\n  HEADS:\n    IN_FEAT: 512\n", "spatial"),
-    ("MODEL:\n  TYPE: resnet\n  DEPTH: 101\n  HEADS:\n    IN_FEAT: 512\n", "spatial"),
-    ("MODEL:\n  TYPE: resnest50\n  HEADS:\n    IN_FEAT: 512\n", "spatial"),
-    ("MODEL:\n  TYPE: resnet\n  DEPTH: 18\n  HEADS:\n    IN_FEAT: 512\n", "none"),  # ResNet-18: 512 channels
-    ("MODEL:\n  TYPE: resnet50x1\n  HEADS:\n    IN_FEAT: 2048\n", "none"),
-])
+@pytest.mark.parametrize(
+    "body, attention",
+    [
+        ("MODEL:\n  TYPE: resnet50x1\n  HEADS:\n    IN_FEAT: 512\n", "spatial"),
+        ("MODEL:\n  TYPE: resnet50x2\n  HEADS:\n    IN_FEAT: 512\n", "spatial"),
+        ("MODEL:\n  TYPE: resnet\n  DEPTH: 101\n  HEADS:\n    IN_FEAT: 512\n", "spatial"),
+        ("MODEL:\n  TYPE: resnest50\n  HEADS:\n    IN_FEAT: 512\n", "spatial"),
+        ("MODEL:\n  TYPE: resnet\n  DEPTH: 18\n  HEADS:\n    IN_FEAT: 512\n", "none"),  # ResNet-18: 512 channels
+        ("MODEL:\n  TYPE: resnet50x1\n  HEADS:\n    IN_FEAT: 2048\n", "none"),
+    ],
+)
 def test_original_file_with_in_feat_512_gets_spatial_attention(tmp_path, caplog, body, attention):
     with caplog.at_level(logging.INFO, logger="metric.config.merge"):
         cfg = load_cfg(_write(tmp_path / "orig.yaml", body))
@@ -208,10 +227,13 @@ def test_original_file_with_in_feat_512_gets_spatial_attention(tmp_path, caplog,
 
 
 def test_our_files_keep_the_attention_key_explicit(tmp_path):
-    cfg = load_cfg(_write(tmp_path / "ours.yaml", "VERSION: 2\nMODEL:\n  TYPE: resnet50x1\n  HEADS:\n    IN_FEAT: 512\n"))
+    cfg = load_cfg(
+        _write(tmp_path / "ours.yaml", "VERSION: 2\nMODEL:\n  TYPE: resnet50x1\n  HEADS:\n    IN_FEAT: 512\n")
+    )
     assert cfg.MODEL.HEADS.ATTENTION == "none"
-    with pytest.raises(ConfigError, match="IN_FEAT=512 but the resnet50x1 backbone outputs 128 channels.*"
-                                          "MODEL.HEADS.ATTENTION spatial"):
+    with pytest.raises(
+        ConfigError, match="IN_FEAT=512 but the resnet50x1 backbone outputs 128 channels.*MODEL.HEADS.ATTENTION spatial"
+    ):
         build_model(_tiny("resnet50x1", "MODEL.HEADS.IN_FEAT", "512"))
 
 
@@ -220,8 +242,11 @@ def test_seed_configs_are_shipped_unchanged_and_merge():
         if os.path.isdir(SEED):
             assert filecmp.cmp(os.path.join(SEED, name), os.path.join(REPO, "configs", "metric", name), shallow=False)
     wide, att = load_cfg(WIDE_CFG), load_cfg(ATT_CFG)
-    assert (wide.MODEL.TYPE, wide.MODEL.HEADS.ATTENTION, wide.MODEL.HEADS.CLS_LAYER) == \
-        ("resnet152x1", "none", "curricularface")
+    assert (wide.MODEL.TYPE, wide.MODEL.HEADS.ATTENTION, wide.MODEL.HEADS.CLS_LAYER) == (
+        "resnet152x1",
+        "none",
+        "curricularface",
+    )
     assert (att.MODEL.TYPE, att.MODEL.HEADS.ATTENTION, att.MODEL.HEADS.IN_FEAT) == ("resnet50x1", "spatial", 512)
 
 
@@ -236,18 +261,24 @@ def test_model_info_prints_params_and_flops_of_the_seed_configs(path, params, ca
 
 # --- bad input: one line, exit 2 -------------------------------------------------------------------
 
-@pytest.mark.parametrize("opts, words", [
-    (["MODEL.TYPE", "resnet50x3"], ["MODEL.TYPE", "resnet50x3", "resnet50x4", "resnet152x2"]),
-    (["MODEL.TYPE", "resnet101x1"], ["MODEL.TYPE", "resnet101x1", "resnet50x1"]),
-    (["MODEL.TYPE", "resnet50x1", "MODEL.DEPTH", "101"], ["MODEL.DEPTH", "101", "50 (or left out)"]),
-    (["MODEL.TYPE", "resnet50x2", "RESNET.NUM_GROUPS", "32"], ["RESNET.NUM_GROUPS", "1 for MODEL.TYPE resnet50x2"]),
-    (["MODEL.TYPE", "resnet50x1", "RESNET.TRANS_FUN", "basic_transform"], ["RESNET.TRANS_FUN", "bottleneck"]),
-    (["MODEL.HEADS.ATTENTION", "nonlocal"], ["MODEL.HEADS.ATTENTION", "nonlocal", "soa", "spatial"]),
-    (["MODEL.HEADS.ATTENTION", "spatial", "MODEL.HEADS.POOL_LAYER", "identity"], ["ATTENTION", "feature map"]),
-    (["MODEL.HEADS.ATTENTION", "soa", "MODEL.HEADS.NAME", "DOLGHead"], ["ATTENTION soa", "DOLGHead", "LinearHead"]),
-    (["MODEL.HEADS.ATTENTION", "spatial", "MODEL.HEADS.IN_FEAT", "2048"],
-     ["IN_FEAT=2048", "ATTENTION spatial turns them into 512", "IN_FEAT 512"]),
-])
+
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        (["MODEL.TYPE", "resnet50x3"], ["MODEL.TYPE", "resnet50x3", "resnet50x4", "resnet152x2"]),
+        (["MODEL.TYPE", "resnet101x1"], ["MODEL.TYPE", "resnet101x1", "resnet50x1"]),
+        (["MODEL.TYPE", "resnet50x1", "MODEL.DEPTH", "101"], ["MODEL.DEPTH", "101", "50 (or left out)"]),
+        (["MODEL.TYPE", "resnet50x2", "RESNET.NUM_GROUPS", "32"], ["RESNET.NUM_GROUPS", "1 for MODEL.TYPE resnet50x2"]),
+        (["MODEL.TYPE", "resnet50x1", "RESNET.TRANS_FUN", "basic_transform"], ["RESNET.TRANS_FUN", "bottleneck"]),
+        (["MODEL.HEADS.ATTENTION", "nonlocal"], ["MODEL.HEADS.ATTENTION", "nonlocal", "soa", "spatial"]),
+        (["MODEL.HEADS.ATTENTION", "spatial", "MODEL.HEADS.POOL_LAYER", "identity"], ["ATTENTION", "feature map"]),
+        (["MODEL.HEADS.ATTENTION", "soa", "MODEL.HEADS.NAME", "DOLGHead"], ["ATTENTION soa", "DOLGHead", "LinearHead"]),
+        (
+            ["MODEL.HEADS.ATTENTION", "spatial", "MODEL.HEADS.IN_FEAT", "2048"],
+            ["IN_FEAT=2048", "ATTENTION spatial turns them into 512", "IN_FEAT 512"],
+        ),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(opts, words, capsys):
     base = ["MODEL.TYPE", "resnet50x1"] + TINY_WIDE + ["TRAIN.IM_SIZE", "32"]
     status, _, err = call_tool("model_info", base + opts, capsys)
@@ -259,14 +290,26 @@ def test_bad_input_is_one_line_exit_2(opts, words, capsys):
 
 # --- end to end: a tiny variant of each seed config trains, resumes exactly, extracts, is scored ----
 
+
 def _seed_tiny(path, data, out, kind):
     """The seed config with a base width of 4, 32 px crops and the tiny data's 4 classes, at the
     config's own learning rate (8 iterations leave the BN statistics far from the weights' at a
     higher one, and the eval-mode maps of a net this deep then blow up)."""
-    return ["--cfg", path] + tiny_opts(data, out, **{"OPTIM.BASE_LR": load_cfg(path).OPTIM.BASE_LR,
-        "MODEL.TYPE": kind, "MODEL.DEPTH": WIDE_RESNETS[kind][0], "RESNET.STEM_WIDTH": 4,
-        "RESNET.WIDTH_PER_GROUP": 4, "MODEL.HEADS.IN_FEAT": 512 if "att" in path else 0,
-        "MODEL.HEADS.CLS_LAYER": "curricularface", "NUM_GPUS": 1, "TRAIN.WEIGHTS": ""})
+    return ["--cfg", path] + tiny_opts(
+        data,
+        out,
+        **{
+            "OPTIM.BASE_LR": load_cfg(path).OPTIM.BASE_LR,
+            "MODEL.TYPE": kind,
+            "MODEL.DEPTH": WIDE_RESNETS[kind][0],
+            "RESNET.STEM_WIDTH": 4,
+            "RESNET.WIDTH_PER_GROUP": 4,
+            "MODEL.HEADS.IN_FEAT": 512 if "att" in path else 0,
+            "MODEL.HEADS.CLS_LAYER": "curricularface",
+            "NUM_GPUS": 1,
+            "TRAIN.WEIGHTS": "",
+        },
+    )
 
 
 @pytest.mark.slow
@@ -275,7 +318,9 @@ def test_tiny_seed_variant_trains_resumes_extracts_and_is_scored(tiny_data, tmp_
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     status, _, err = call_tool("train_metric", _seed_tiny(path, tiny_data, straight, kind), capsys)
     assert status == 0, err
-    status, _, err = call_tool("train_metric", _seed_tiny(path, tiny_data, resumed, kind) + ["OPTIM.MAX_EPOCH", "1"], capsys)
+    status, _, err = call_tool(
+        "train_metric", _seed_tiny(path, tiny_data, resumed, kind) + ["OPTIM.MAX_EPOCH", "1"], capsys
+    )
     assert status == 0, err
     status, _, err = call_tool("train_metric", _seed_tiny(path, tiny_data, resumed, kind), capsys)
     assert status == 0, err
@@ -288,8 +333,13 @@ def test_tiny_seed_variant_trains_resumes_extracts_and_is_scored(tiny_data, tmp_
         assert any(k.startswith("head.attention.conv1") for k in a)
     feats, scores = str(tmp_path / "feats"), str(tmp_path / "scores.json")
     listing = os.path.join(tiny_data, "test.txt")
-    status, _, err = call_tool("extract_features", ["--no-progress"] + _seed_tiny(path, tiny_data, straight, kind) + [
-        "TEST.WEIGHTS", list_checkpoints(straight)[-1], "INFER.INPUT", listing, "INFER.OUTPUT", feats], capsys)
+    status, _, err = call_tool(
+        "extract_features",
+        ["--no-progress"]
+        + _seed_tiny(path, tiny_data, straight, kind)
+        + ["TEST.WEIGHTS", list_checkpoints(straight)[-1], "INFER.INPUT", listing, "INFER.OUTPUT", feats],
+        capsys,
+    )
     assert status == 0, err
     status, _, err = call_tool("evaluate", ["--query", feats, "--query-labels", listing, "--json", scores], capsys)
     assert status == 0, err
@@ -305,6 +355,7 @@ def test_bad_type_subprocess_exit_code():
 
 
 @pytest.mark.slow
+@pytest.mark.export
 @pytest.mark.parametrize("attention", ["spatial", "soa"])
 def test_attention_models_export_to_onnx_with_dynamic_size(tmp_path, attention):
     pytest.importorskip("onnxruntime")
