@@ -28,6 +28,14 @@ setup(
         "timm": ["timm>=0.9"],
         "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
         # open-clip-torch: the reference CLIP ViT of tests/test_vit.py (architecture only, no download)
-        "test": ["pytest>=7", "ruff==0.17.6", "onnx>=1.14", "onnxruntime>=1.16", "timm>=0.9", "open-clip-torch>=2.20", "safetensors"],
+        "test": [
+            "pytest>=7",
+            "ruff==0.17.6",
+            "onnx>=1.14",
+            "onnxruntime>=1.16",
+            "timm>=0.9",
+            "open-clip-torch>=2.20",
+            "safetensors",
+        ],
     },
 )
