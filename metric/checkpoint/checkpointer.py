@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from metric.checkpoint.files import check_resumable, latest_checkpoint, read_checkpoint
+from metric.checkpoint.files import check_resumable, floating_tensors, latest_checkpoint, read_checkpoint
 from metric.checkpoint.load import load_for_resume, unwrap
 from metric.utils import distributed as du
 from metric.utils.errors import CheckpointError, TrainingError
@@ -41,19 +41,6 @@ def plain_states(model, optimizer):
 
 def _unchanged(optim_state, model, optimizer):
     return optim_state
-
-
-def _floating(obj, key):
-    """``(name, tensor)`` of every floating-point tensor in nested dicts / lists."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            yield key, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _floating(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _floating(v, f"{key}[{i}]")
 
 
 class Checkpointer:
@@ -110,7 +97,7 @@ class Checkpointer:
         # The gathered weights: every process's classifier shard, and the hooks' weights (the EMA).
         checked = [(k, v) for k, v in model_state.items() if torch.is_tensor(v) and v.is_floating_point()]
         for part in hook_states:
-            checked += list(_floating(part, ""))
+            checked += list(floating_tensors(part))
         bad = [k for k, v in checked if not torch.isfinite(v).all()]
         if bad:
             raise TrainingError(f"non-finite weights after epoch {epoch + 1} ({bad[0]}); checkpoint not written")

@@ -106,16 +106,17 @@ def state_checksum(state):
     return h.hexdigest()
 
 
-def _floating_tensors(obj, key=""):
+def floating_tensors(obj, key=""):
+    """``(name, tensor)`` of every floating-point tensor in nested dicts / lists / tuples."""
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point():
             yield key, obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            yield from _floating_tensors(v, f"{key}.{k}" if key else str(k))
+            yield from floating_tensors(v, f"{key}.{k}" if key else str(k))
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from _floating_tensors(v, f"{key}[{i}]")
+            yield from floating_tensors(v, f"{key}[{i}]")
 
 
 def verify_checkpoint(obj, path):
@@ -126,7 +127,7 @@ def verify_checkpoint(obj, path):
             raise CheckpointError(f"{path}: content does not match its checksum (the file is corrupted)")
     elif isinstance(obj, dict) and isinstance(obj.get("version"), int) and obj["version"] >= 2:
         raise CheckpointError(f"{path}: a version {obj['version']} checkpoint without its checksum (damaged)")
-    for key, t in _floating_tensors(obj):
+    for key, t in floating_tensors(obj):
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{path}: {key} holds non-finite values (NaN or inf); refusing to load it")
     return obj
