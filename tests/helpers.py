@@ -166,15 +166,10 @@ def tool_in_process(name, argv):
     handlers are removed afterwards."""
     import io
 
-    from metric.utils.cli import run_tool
-
     argv = [str(a) for a in argv]
     out, err = io.StringIO(), io.StringIO()
-    with logging_restored(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = run_tool(load_tool(name).main, argv)
-        except SystemExit as exc:
-            status = exc.code
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = _run_tool_here(name, argv)
     return subprocess.CompletedProcess([f"tools/{name}.py", *argv], status, out.getvalue(), err.getvalue())
 
 
@@ -183,12 +178,18 @@ def call_tool(name, argv, capsys):
     an argparse exit gives its status); returns ``(status, stdout, stderr)`` read from ``capsys``.
     The logging handlers the tool installs are removed afterwards. The exit status and stderr of
     the real command line are checked once per tool with :func:`run_py`."""
+    status = _run_tool_here(name, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _run_tool_here(name, argv):
+    """The exit status of ``tools/NAME.py`` run in this process (``run_tool(main, argv)``; an
+    argparse exit gives its status), its logging handlers removed afterwards."""
     from metric.utils.cli import run_tool
 
     with logging_restored():
         try:
-            status = run_tool(load_tool(name).main, [str(a) for a in argv])
+            return run_tool(load_tool(name).main, argv)
         except SystemExit as exc:
-            status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
+            return exc.code

@@ -1,7 +1,6 @@
 """One predictor, one preprocessing: evaluation during training, tools/test_metric.py,
 tools/extract_features.py + tools/evaluate.py, export and the notebook API describe images alike."""
 
-import importlib.util
 import json
 import os
 
@@ -14,16 +13,13 @@ from metric.datasets.transforms import decode_image
 from metric.engine.predictor import Predictor, Preprocess, build_inference_model
 from metric.utils.cli import run_tool
 from metric.utils.errors import ConfigError
-from tests.helpers import REPO, tiny_model, tiny_opts
+from tests.helpers import load_tool, tiny_model, tiny_opts
 
 TINY = tiny_model(width=8, dim=None, num_classes=None)
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_tool(name).main
 
 
 def heldout_figures_agree(cfg_file, opts, out_dir, list_path):
