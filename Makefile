@@ -11,7 +11,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.pymetric-installed
 
-.PHONY: install tf-env demo test test-fast lint format clean-demo
+.PHONY: install tf-env demo sweep-demo test test-fast lint format clean-demo
 
 $(STAMP): setup.py requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,18 @@ tf-env:
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
+
+# The demo sweep (docs/SWEEPS.md): ArcFace / CosFace / Circle x 2 margins x 2 seeds on the demo data.
+# Launching again resumes it; `rm -rf output/sweeps/demo_margins` starts over.
+# SWEEP_DEMO / SWEEP_DIR (its ROOT_DIR/NAME) may name another sweep config.
+SWEEP_DEMO ?= configs/sweeps/demo_margins.yaml
+SWEEP_DIR ?= output/sweeps/demo_margins
+sweep-demo: $(STAMP)
+	$(PY) tools/make_demo_data.py
+	test -f $(SWEEP_DIR)/setup.json || $(PY) tools/sweep_setup.py --sweep-cfg $(SWEEP_DEMO)
+	-$(PY) tools/sweep_launch.py --sweep-cfg $(SWEEP_DEMO)
+	$(PY) tools/sweep_collect.py --sweep-cfg $(SWEEP_DEMO)
+	$(PY) tools/sweep_analyze.py --sweep-cfg $(SWEEP_DEMO)
 
 # Everything, the 30 slowest tests listed at the end.
 test: $(STAMP) tf-env

@@ -17,6 +17,7 @@ ALLOWED = {
     "retrieval": {"utils"},
     "engine": {"utils", "config", "modeling", "datasets", "checkpoint", "retrieval"},
     "export": {"utils", "config", "modeling", "datasets", "checkpoint", "retrieval", "engine"},
+    "sweep": {"utils", "config", "modeling", "datasets", "checkpoint", "retrieval", "engine"},
 }
 
 

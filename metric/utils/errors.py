@@ -48,3 +48,8 @@ class OutputBusyError(OutputError):
 class DistributedError(MetricError):
     """A process group cannot be joined, or a collective failed because a peer process died, was
     stopped or is stuck (it timed out after ``DIST.TIMEOUT_S`` or lost its connection)."""
+
+
+class ExecutorError(MetricError):
+    """A job executor cannot be used: its commands are missing (SLURM's ``sbatch`` not on PATH)
+    or it refused a submission (``sbatch`` said why)."""

@@ -1,0 +1,50 @@
+"""Drawing values from the samplers of ``SETUP.SAMPLERS`` (checked by :mod:`metric.sweep.config`):
+the grid points (:func:`grid_points`) and random draws (:func:`draw`)."""
+
+import itertools
+import math
+
+from metric.sweep.config import LIST_TYPES
+
+
+def grid_points(samplers):
+    """Every combination of the ``grid`` samplers' values, as ``{key: value}`` dicts (one empty
+    dict when there is no grid sampler), in the order of the keys and of their values."""
+    keys = [k for k, s in samplers.items() if s["TYPE"] == "grid"]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(samplers[k]["VALUES"] for k in keys))]
+
+
+def random_keys(samplers):
+    return [k for k, s in samplers.items() if s["TYPE"] != "grid"]
+
+
+def quantize(value, step):
+    """``value`` rounded to a multiple of ``step`` (0: unchanged), without float noise."""
+    if not step:
+        return value
+    q = round(value / step) * step
+    digits = max(0, -math.floor(math.log10(step)) + 6) if step < 1 else 6
+    return round(q, digits)
+
+
+def draw(spec, rng):
+    """One value of sampler ``spec`` (``{TYPE, VALUES, RANGE, QUANTIZE}``) from numpy Generator ``rng``."""
+    kind, step = spec["TYPE"], spec["QUANTIZE"]
+    if kind in LIST_TYPES:
+        return spec["VALUES"][int(rng.integers(len(spec["VALUES"])))]
+    lo, hi = spec["RANGE"]
+    if kind == "uniform":
+        value = float(rng.uniform(lo, hi))
+    elif kind == "log_uniform":
+        value = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    elif kind == "int_uniform":
+        return int(rng.integers(lo, hi + 1))
+    else:  # power2
+        return 2 ** int(rng.integers(int(math.log2(lo)), int(math.log2(hi)) + 1))
+    value = quantize(value, step)
+    return int(round(value)) if step and float(step).is_integer() else value
+
+
+def draw_all(samplers, rng):
+    """``{key: value}`` for every non-grid sampler."""
+    return {k: draw(samplers[k], rng) for k in random_keys(samplers)}
