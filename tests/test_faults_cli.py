@@ -203,7 +203,7 @@ def test_abbreviation_on_the_real_command_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "script", ["dolg_throughput", "train_throughput", "scale_bench", "search_bench", "rerank_demo"]
+    "script", ["dolg_throughput", "train_throughput", "scale_bench", "search_bench", "rerank_demo", "dist_search_bench"]
 )
 def test_benchmarks_refuse_abbreviated_options(script, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location(f"bench_{script}", os.path.join(REPO, "benchmarks", f"{script}.py"))

@@ -6,13 +6,21 @@ Modes (chosen by the arguments):
     ROxford/RParis:  --query QDIR --index IDIR --gt gnd_roxford5k.pkl
     labelled sets:   --query QDIR --query-labels FILE [--index IDIR --index-labels FILE]
 
+Labelled sets under torchrun (or with --shard, or an index folder of shard stores) are ranked by
+the sharded exact search of tools/search.py (docs/RETRIEVAL.md "Sharded search"): galleries that
+do not fit one process are scored, with the metrics of a single process.
+
 Prints a table; ``--json FILE`` also writes the metrics (fractions in [0, 1]).
 """
 
+import os
 import sys
 
 from metric.retrieval.metrics import check_json_path, evaluate, format_table, write_json
+from metric.retrieval.sharded import wants_sharding
+from metric.retrieval.sharded_pipeline import DEFAULT_TIMEOUT_S, evaluate_labelled_sharded
 from metric.utils.cli import add_verify_option, make_parser, run_tool
+from metric.utils.errors import MetricError
 from metric.utils.io import check_distinct_paths
 
 
@@ -25,8 +33,23 @@ def main(argv=None):
     parser.add_argument("--query-labels", help="labels of the query store: lines 'NAME LABEL'")
     parser.add_argument("--index-labels", help="labels of the index store: lines 'NAME LABEL'")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
+    parser.add_argument(
+        "--shard",
+        default=None,
+        choices=("index", "queries"),
+        help="labelled sets: rank with the sharded search, cutting the index or the queries over the processes "
+        "(default under torchrun: index)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"sharded: seconds a process waits for the others before it stops (default {DEFAULT_TIMEOUT_S})",
+    )
     add_verify_option(parser)
     args = parser.parse_args(argv)
+    sharded = args.shard is not None or wants_sharding(args.index)
     if args.json:
         check_distinct_paths(
             [("--json", args.json)],
@@ -35,6 +58,35 @@ def main(argv=None):
         )
         check_json_path(args.json)
 
+    if sharded:
+        problem = None
+        if args.query is None or args.query_labels is None or args.results or args.gt:
+            problem = (
+                "sharded evaluation (torchrun, --shard or an index of shard stores) scores labelled sets only: "
+                "give --query and --query-labels [--index and --index-labels]"
+            )
+        elif (args.index is None) != (args.index_labels is None):
+            problem = "give --index and --index-labels together, or neither (leave-one-out)"
+        if problem:
+            err = MetricError(problem)
+            err.every_rank = True  # every process finds it: printed once per machine
+            raise err
+        mode = "labelled"
+        metrics = evaluate_labelled_sharded(
+            args.query,
+            args.query_labels,
+            args.index,
+            args.index_labels,
+            verify=not args.no_verify,
+            shard=args.shard or "index",
+            timeout_s=args.timeout,
+        )
+        if os.environ.get("RANK", "0") != "0":  # rank 0 prints and writes
+            return
+        print(format_table(mode, metrics))
+        if args.json:
+            print(f"wrote {write_json(args.json, metrics)}")
+        return
     mode, metrics = evaluate(
         results=args.results,
         gt=args.gt,

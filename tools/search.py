@@ -9,6 +9,11 @@
 
 Re-rankers run in the order DBA, search, alpha-QE, then SuperGlobal or k-reciprocal
 (docs/RETRIEVAL.md lists their parameters and costs).
+
+Under torchrun the search is sharded over the processes (docs/RETRIEVAL.md "Sharded search"):
+
+    torchrun --nproc_per_node 4 tools/search.py --query QDIR --index IDIR[.shards] --output results.csv \
+        [--shard auto|index|queries] [--timeout SECONDS]
 """
 
 import re
@@ -16,9 +21,12 @@ import shlex
 import sys
 
 from metric.retrieval.ann import ANN_TYPES, AnnSearchOptions
+from metric.retrieval.ann_sharded import ann_shard_mode, ivf_local_search
 from metric.retrieval.pipeline import SearchOptions, search_stores
 from metric.retrieval.rerank_plan import GRAPH_MODES, RERANKERS, RerankOptions
 from metric.retrieval.search import BACKENDS
+from metric.retrieval.sharded import SHARD_MODES, wants_sharding
+from metric.retrieval.sharded_pipeline import DEFAULT_TIMEOUT_S, search_stores_sharded
 from metric.utils.cli import add_verify_option, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
 
@@ -54,7 +62,9 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=int, default=None, help="index rows per chunk (default: 512 MB of scores)")
     parser.add_argument("--batch", type=int, default=None, help="queries per matrix product (torch backend)")
     parser.add_argument("--ann", action="store_true", help="use the approximate index built by tools/build_index.py")
-    parser.add_argument("--ann-type", default=None, choices=ANN_TYPES, help="which saved index (if several)")
+    parser.add_argument(
+        "--ann-type", default=None, choices=ANN_TYPES + ("ivfflat",), help="which saved index (if several)"
+    )
     parser.add_argument("--ann-dir", default=None, help="folder of the approximate index (default: the index store)")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (default: as built)")
     parser.add_argument("--ef-search", type=int, default=None, help="HNSW search depth (default: as built)")
@@ -87,6 +97,27 @@ def main(argv=None):
         "compute it (default auto)",
     )
     parser.add_argument("--graph-dir", default=None, help="folder of the saved k-NN graph (default: the index store)")
+    parser.add_argument(
+        "--shard",
+        default=None,
+        choices=SHARD_MODES,
+        help="sharded search (default under torchrun, or for a folder of shard stores): cut the index or the "
+        "queries over the processes, or pick by the memory each needs (auto)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"sharded search: seconds a process waits for the others before it stops (default {DEFAULT_TIMEOUT_S})",
+    )
+    parser.add_argument(
+        "--devices",
+        default=None,
+        metavar="DEV,DEV",
+        help="sharded search: cut each process's rows over these devices (e.g. cuda:0,cuda:1), searched in "
+        "parallel with the torch path and merged, no replica per device",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_verify_option(parser)
     args = parser.parse_args(argv)
@@ -125,13 +156,31 @@ def main(argv=None):
         verify=not args.no_verify,
         progress=not args.no_progress,
     )
-    summary = search_stores(
-        args.query, args.index, args.output, topk=args.topk, scores_path=args.scores, options=options
-    )
+    if args.shard is not None or args.devices is not None or wants_sharding(args.index):
+        summary = search_stores_sharded(
+            args.query,
+            args.index,
+            args.output,
+            topk=args.topk,
+            scores_path=args.scores,
+            options=options,
+            shard=ann_shard_mode(args.shard) if ann is not None else args.shard or "auto",
+            timeout_s=args.timeout,
+            local_search=ivf_local_search(ann) if ann is not None else None,
+            devices=[d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None,
+        )
+        if summary["rank"] != 0:
+            return
+    else:
+        summary = search_stores(
+            args.query, args.index, args.output, topk=args.topk, scores_path=args.scores, options=options
+        )
     print(
         f"searched {summary['queries']} queries in {summary['index']} index items, top-{summary['topk']}"
         + (f", re-ranked with {' + '.join(summary['rerank'])}" if summary["rerank"] else "")
     )
+    if "shard" in summary:
+        print(f"sharded over {summary['world']} process(es) by {summary['shard']}")
     print(f"results: {summary['output']}")
     if "scores" in summary:
         print(f"scores: {summary['scores']}")

@@ -11,6 +11,7 @@ The Python API::
     scores, indices = k_reciprocal_rerank(query, store.embeddings, topk=100)
     search_stores("feats/query", "feats/index", "results.csv", topk=100,   # the tools/search.py pipeline
                   options=SearchOptions(rerank=RerankOptions(steps=("dba", "qe"))))
+    search_stores_sharded("feats/query", "feats/index.shards", "results.csv")  # the same under torchrun
 """
 
 from metric.retrieval.knn_graph import build_index_graph
@@ -21,8 +22,10 @@ from metric.retrieval.rerank import database_augmentation, query_expansion
 from metric.retrieval.rerank_plan import RerankOptions
 from metric.retrieval.results import read_results_csv, write_results_csv
 from metric.retrieval.search import search
+from metric.retrieval.sharded_pipeline import evaluate_labelled_sharded, search_stores_sharded
 from metric.retrieval.store import FeatureStore, import_features, load_features, merge_stores, save_features
 from metric.retrieval.superglobal import superglobal_rerank
+from metric.retrieval.topk_merge import merge_topk, shard_rows
 
 __all__ = [
     "FeatureStore",
@@ -37,6 +40,10 @@ __all__ = [
     "k_reciprocal_rerank",
     "build_index_graph",
     "search_stores",
+    "search_stores_sharded",
+    "evaluate_labelled_sharded",
+    "merge_topk",
+    "shard_rows",
     "SearchOptions",
     "RerankOptions",
     "write_results_csv",

@@ -106,13 +106,13 @@ class AnnSearchOptions:
     """Which saved approximate index a search uses, and its query-time settings
     (``tools/search.py --ann``); checked at construction (one-line :class:`MetricError`)."""
 
-    index_type: Optional[str] = None  # one of ANN_TYPES; None: the only index saved in index_dir
+    index_type: Optional[str] = None  # one of ANN_TYPES (or "ivfflat", sharded); None: the only one in index_dir
     index_dir: Optional[str] = None  # folder of the index; None: the index store's own folder
     nprobe: Optional[int] = None  # IVF lists visited per query; None: as saved at build time
     ef_search: Optional[int] = None  # HNSW search depth; None: as saved at build time
 
     def __post_init__(self):
-        if self.index_type is not None:
+        if self.index_type is not None and self.index_type != "ivfflat":  # ivfflat: sharded indexes only
             _check_type(self.index_type)
         for name in ("nprobe", "ef_search"):
             if getattr(self, name) is not None:
@@ -123,7 +123,7 @@ def set_search_params(index, params, nprobe=None, ef_search=None):
     """Apply query-time parameters (``nprobe`` for IVF, ``efSearch`` for HNSW)."""
     import faiss
 
-    if params["type"] == "ivfpq":
+    if params["type"] != "hnsw":  # an IVF index: "ivfpq", or a shard of metric.retrieval.ann_sharded
         nprobe = _positive("nprobe", params["nprobe"] if nprobe is None else nprobe)
         faiss.extract_index_ivf(index).nprobe = min(nprobe, params["nlist"])
     else:
@@ -260,16 +260,18 @@ def build_ann_index(store_path, options=None, out_dir=None, query_path=None, ver
     params["recall"] = recall_at_k(approx, exact, recall_k)
 
     index_path, json_path = ann_paths(out_dir, index_type)
-    params["index_sha256"] = _write_index(faiss, index, index_path)
+    params["index_sha256"] = write_faiss_index(index, index_path)
     io.write_json_atomic(json_path, params, what="index description", indent=1, sort_keys=True)
     params["index_path"] = index_path
     logger.info("saved %s with recall@%d = %.4f", index_path, recall_k, params["recall"])
     return params
 
 
-def _write_index(faiss, index, path):
+def write_faiss_index(index, path):
     """Write a faiss index atomically through the path manager (streamed, no second copy in
     memory); returns the SHA-256 of the bytes written."""
+    import faiss
+
     digest = hashlib.sha256()
     with io.atomic_write(path, "wb", what="index") as f:
 

@@ -8,10 +8,18 @@ excluded). With R the number of relevant items and the index ranked by inner pro
   "recall@k", i.e. hit rate);
 - AP@R = 1/R * sum_{i=1..R} P(i) * rel(i), P(i) = relevant items among the first i, divided by i.
 
-Both are averaged over the queries that have at least one relevant item; the others are counted
-in ``skipped``. Similarities are computed in torch, a chunk of queries at a time, so memory stays
-bounded; the work runs on the device of ``query_emb`` (CPU or CUDA). Ties in similarity are
-broken by ``torch.topk`` (arbitrarily but deterministically for a given device).
+Both are averaged over the queries that have at least one relevant item; the others (a class
+with one image in leave-one-out mode, a query label absent from the index) are counted in
+``skipped`` and left out of every average, as pytorch-metric-learning's ``AccuracyCalculator``
+leaves out its "lone" queries. Similarities are computed in torch, a chunk of queries at a time, so
+memory stays bounded; the work runs on the device of ``query_emb`` (CPU or CUDA).
+
+Ties in similarity rank the item that comes first in the index first (stable sorts, on any
+device): the order of faiss's exact L2 search (``IndexFlatL2``, what ``AccuracyCalculator`` ranks
+with by default), so on the same embeddings the two agree exactly, ties included
+(tests/test_benchmark_dml.py).
+recall@1 is then ``AccuracyCalculator``'s ``precision_at_1`` and mAP@R its
+``mean_average_precision_at_r``; recall@k for k > 1 ("any of the first k") has no counterpart there.
 """
 
 import logging
@@ -51,6 +59,31 @@ def _label_codes(query_labels, index_labels):
     return codes[: len(q)], codes[len(q) :]
 
 
+def _top_in_order(sims, depth):
+    """Column indices of the ``depth`` most similar items of each row, most similar first, ties in
+    the order of the columns (the lower index first). ``torch.topk`` orders ties arbitrarily, so
+    rows with ties are put in order afterwards: those whose ``depth``-th value is tied with the
+    next one (topk chose which of the tied items to keep) are sorted whole, stably; those with
+    ties inside the first ``depth`` are reordered there. Rows without ties (nearly all, with
+    float embeddings) cost one extra topk column."""
+    extra = 1 if depth < sims.shape[1] else 0
+    vals, top = torch.topk(sims, depth + extra, dim=1)
+    if extra:
+        crossing = vals[:, depth] == vals[:, depth - 1]
+        vals, top = vals[:, :depth], top[:, :depth]
+        if bool(crossing.any()):
+            rows = crossing.nonzero().squeeze(1)
+            row_vals, row_top = torch.sort(sims[rows], dim=1, descending=True, stable=True)
+            vals[rows], top[rows] = row_vals[:, :depth], row_top[:, :depth]
+    tied = (vals[:, 1:] == vals[:, :-1]).any(dim=1)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        by_index = torch.argsort(top[rows], dim=1)
+        row_top, row_vals = top[rows].gather(1, by_index), vals[rows].gather(1, by_index)
+        top[rows] = row_top.gather(1, torch.sort(row_vals, dim=1, descending=True, stable=True).indices)
+    return top
+
+
 def labelled_metrics(query_emb, query_labels, index_emb=None, index_labels=None, ks=(1, 5, 10), chunk_size=1024):
     """recall@k and mAP@R of a labelled query set against a labelled index.
 
@@ -87,7 +120,34 @@ def labelled_metrics(query_emb, query_labels, index_emb=None, index_labels=None,
             f"{len(x_codes)} index labels for {index.shape[0]} index embeddings; counts must match"
         )
 
-    num_q, num_x = query.shape[0], index.shape[0]
+    for name, emb in (("query", query), ("index", index)):
+        if not bool(torch.isfinite(emb).all()):
+            raise MetricError(f"the {name} embeddings hold NaN or infinite values; re-extract them")
+    num_x = index.shape[0]
+
+    def rank(start, stop, depth):
+        sims = query[start:stop] @ index.T
+        if leave_one_out:
+            own = torch.arange(start, stop, device=device)
+            sims[own - start, own] = float("-inf")
+        return _top_in_order(sims, depth)
+
+    rows = max(1, min(int(chunk_size), _MAX_CHUNK_ELEMENTS // max(num_x, 1)))
+    return score_rankings(rank, query_labels, index_labels, num_x, ks, rows, device)
+
+
+def score_rankings(rank, query_labels, index_labels, num_x, ks=(1, 5, 10), rows=1024, device=None):
+    """recall@k and mAP@R (the dict :func:`labelled_metrics` returns) from rankings of the index:
+    ``rank(start, stop, depth)`` returns the ``[stop - start, depth]`` index rows most similar to
+    queries ``start .. stop - 1``, best first, asked for ``rows`` queries at a time.
+    ``index_labels`` None is leave-one-out mode (the queries are the index, of ``num_x`` items;
+    ``rank`` leaves each query itself out). Sharded evaluation
+    (:mod:`metric.retrieval.sharded_pipeline`) ranks with a sharded search."""
+    leave_one_out = index_labels is None
+    q_codes, x_codes = _label_codes(query_labels, index_labels)
+    if leave_one_out:
+        x_codes = q_codes
+    num_q = len(q_codes)
     class_size = np.bincount(x_codes, minlength=int(max(q_codes.max(initial=0), x_codes.max(initial=0))) + 1)
     num_relevant = class_size[q_codes] - (1 if leave_one_out else 0)
     ks = tuple(int(k) for k in ks)
@@ -98,20 +158,14 @@ def labelled_metrics(query_emb, query_labels, index_emb=None, index_labels=None,
     relevant_t = torch.as_tensor(num_relevant, device=device)
     hits = torch.zeros(len(ks), dtype=torch.float64, device=device)
     ap_sum = torch.zeros((), dtype=torch.float64, device=device)
-    rows = max(1, min(int(chunk_size), _MAX_CHUNK_ELEMENTS // max(num_x, 1)))
     for start in range(0, num_q, rows):
         stop = min(start + rows, num_q)
         r = relevant_t[start:stop]
-        sims = query[start:stop] @ index.T
-        if leave_one_out:
-            own = torch.arange(start, stop, device=device)
-            sims[own - start, own] = float("-inf")
         available = num_x - (1 if leave_one_out else 0)
         depth = min(max(kmax, int(r.max())), available)
         if depth <= 0:
             continue
-        _, top = torch.topk(sims, depth, dim=1)
-        del sims
+        top = torch.as_tensor(rank(start, stop, depth), device=device)
         rel = x_lab[top] == q_lab[start:stop, None]  # [c, depth]
         keep = r > 0
         for i, k in enumerate(ks):

@@ -102,11 +102,17 @@ def database_augmentation(index, k, alpha=3.0, backend="auto", chunk_size=None, 
     scores, indices = search(
         index, index, min(k + 1, n), backend=backend, chunk_size=chunk_size, device=device, progress=progress
     )
-    kk = indices.shape[1] - 1
-    is_self = indices == np.arange(n)[:, None]
+    scores, indices = drop_self(scores, indices, np.arange(n))
+    logger.info("database-side augmentation of %d vectors with K=%d, alpha=%g", n, indices.shape[1], alpha)
+    return expand(index, index, scores, indices, alpha)
+
+
+def drop_self(scores, indices, rows):
+    """The neighbours of index items ``rows`` [M] (global index rows) from their top-(K+1) search
+    ``(scores, indices)`` [M, K+1] in the index: each row without the item itself, or, when
+    exact duplicates pushed the item out of its list, without the last entry. Returns [M, K]."""
+    m, kk = indices.shape[0], indices.shape[1] - 1
+    is_self = indices == np.asarray(rows)[:, None]
     is_self[~is_self.any(axis=1), -1] = True  # self pushed out by duplicates: drop the last
     keep = ~is_self
-    scores = scores[keep].reshape(n, kk)
-    indices = indices[keep].reshape(n, kk)
-    logger.info("database-side augmentation of %d vectors with K=%d, alpha=%g", n, kk, alpha)
-    return expand(index, index, scores, indices, alpha)
+    return scores[keep].reshape(m, kk), indices[keep].reshape(m, kk)

@@ -30,6 +30,7 @@ import logging
 import numpy as np
 import torch
 
+from metric.retrieval.topk_merge import sort_topk
 from metric.utils.errors import DataError, MetricError
 
 logger = logging.getLogger(__name__)
@@ -202,9 +203,8 @@ def deterministic_topk(scores, k):
 def _merge_exact(scores, indices, k):
     """The first ``k`` of each row ordered by (score descending, index ascending)."""
     if scores.device.type == "cpu":  # numpy's lexsort is much faster than torch.sort on short rows
-        s, i = scores.numpy(), indices.numpy()
-        order = np.lexsort((i, -s), axis=1)[:, :k]
-        return torch.from_numpy(np.take_along_axis(s, order, 1)), torch.from_numpy(np.take_along_axis(i, order, 1))
+        s, i = sort_topk(scores.numpy(), indices.numpy(), k)
+        return torch.from_numpy(s), torch.from_numpy(i)
     i, perm = torch.sort(indices, dim=1)
     s, perm2 = torch.sort(scores.gather(1, perm), dim=1, descending=True, stable=True)
     return s[:, :k].contiguous(), i.gather(1, perm2[:, :k])

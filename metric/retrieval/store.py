@@ -80,7 +80,7 @@ class FeatureStore:
     path: str
 
     def __len__(self):
-        return len(self.ids)
+        return int(self.embeddings.shape[0])  # the ids may not be read (load_features(read_ids=False))
 
     @property
     def dim(self):
@@ -325,6 +325,35 @@ def save_features(out_dir, embeddings, ids, meta=None, normalize=True, dtype="fl
     return _write_store(out_dir, arr.shape[0], dim, ids, blocks(), meta, normalized, dtype)
 
 
+def write_store_blocks(out_dir, count, dim, ids, blocks, meta=None, dtype="float32"):
+    """Write a store of ``count`` L2-normalized rows produced block by block (``blocks`` yields
+    [b, dim] float arrays in row order), for data that never exists whole in memory or on disk
+    (generated benchmark indexes). Each block is checked (finite, unit norms within 1e-3) and
+    converted to ``dtype`` before it is written; returns the store's absolute path."""
+    dtype = check_dtype(dtype)
+    ids = validate_ids(ids)
+    if len(ids) != count:
+        raise FeatureStoreError(f"{count} rows announced but {len(ids)} ids; they must match")
+
+    def checked():
+        start = 0
+        for block in blocks:
+            block = np.asarray(block)
+            if block.ndim != 2 or block.shape[1] != dim:
+                raise FeatureStoreError(f"a block of shape {block.shape} for a store of dimension {dim}")
+            norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+            off = np.flatnonzero(~(np.abs(norms - 1.0) <= _VERIFY_NORM_TOL))
+            if off.size:
+                row = start + int(off[0])
+                raise FeatureStoreError(
+                    f"row {row} (id {ids[row]!r}) has norm {norms[off[0]]:.4g}: rows must be finite and L2-normalized"
+                )
+            yield _as_stored(block, dtype, start, ids, "embedding")
+            start += len(block)
+
+    return _write_store(out_dir, count, dim, ids, checked(), meta, True, dtype)
+
+
 def _as_float_matrix(embeddings):
     """A 2-D real array [N, D] (float32 or float16 kept as they are, memmaps not read)."""
     if hasattr(embeddings, "detach"):  # a torch tensor
@@ -415,12 +444,16 @@ def _interrupted_hint(path):
     return ""
 
 
-def load_features(path, mmap=True, verify=True):
+def load_features(path, mmap=True, verify=True, read_ids=True):
     """Load a complete store; raise FeatureStoreError when it is missing, incomplete or inconsistent.
 
     With ``verify`` (the default) the content is checked against ``meta.json`` as well
     (:func:`verify_store`: digest, finite rows, unit norms); ``verify=False`` (the tools'
-    ``--no-verify``) skips that read of the embeddings for a trusted store."""
+    ``--no-verify``) skips that read of the embeddings for a trusted store. ``read_ids=False``
+    leaves ``ids`` None (a process of a sharded search that only searches rows; ``verify`` needs
+    the ids)."""
+    if verify and not read_ids:
+        raise ValueError("verifying a store needs its ids")  # a bug in the caller
     path = io.abspath(path)
     if not io.isdir(path):
         raise FeatureStoreError(f"feature store {path} does not exist{_interrupted_hint(path)}")
@@ -445,6 +478,14 @@ def load_features(path, mmap=True, verify=True):
             f"{emb_path} holds {emb.dtype} {tuple(emb.shape)} but {META_FILE} says {dtype} ({count}, {dim}); "
             "the store is inconsistent, re-create it"
         )
+    ids = _read_ids(ids_path, count) if read_ids else None
+    store = FeatureStore(embeddings=emb, ids=ids, meta=meta, path=path)
+    if verify:
+        verify_store(store)
+    return store
+
+
+def _read_ids(ids_path, count):
     try:
         with io.open_path(ids_path, "r") as f:
             ids = f.read().splitlines()
@@ -455,10 +496,7 @@ def load_features(path, mmap=True, verify=True):
             f"{ids_path} has {len(ids)} ids but {META_FILE} says {count}; the store is inconsistent, re-create it"
         )
     validate_ids(ids, what=ids_path)
-    store = FeatureStore(embeddings=emb, ids=ids, meta=meta, path=path)
-    if verify:
-        verify_store(store)
-    return store
+    return ids
 
 
 _VERIFIED = {}  # (path, size, mtime) of the embeddings -> digest, so one process reads a store once

@@ -472,6 +472,13 @@ def _comm_device():
     return torch.device("cpu")
 
 
+def comm_device():
+    """The device the tensors of a collective must be on: the current GPU for nccl, else the CPU."""
+    if world_size() > 1:
+        return _comm_device()
+    return torch.device("cpu")
+
+
 def _all_reduce_sum(tensor):
     out = tensor.detach().to(_comm_device(), copy=True)
     dist.all_reduce(out)
