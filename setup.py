@@ -36,6 +36,8 @@ setup(
             "timm>=0.9",
             "open-clip-torch>=2.20",
             "safetensors",
+            # the reference AccuracyCalculator of tests/test_benchmark_dml.py (recall@1, MAP@R)
+            "pytorch-metric-learning>=2.0",
         ],
     },
 )

@@ -111,3 +111,24 @@ def test_test_preprocess_keeps_aspect_or_center_crops():
     assert whole.shape == (3, 10, 20)
     (x,) = Preprocess(16, crop=True)(im)
     assert x.shape == (3, 16, 16) and x[0, :, 7:9].mean() > x[0, :, :3].mean()
+
+
+def test_crop_fraction_resizes_the_shorter_side_up_before_the_centre_crop():
+    """INFER.CROP_FRACTION 0.875 with TEST.IM_SIZE 224: the DML papers' resize 256 then centre
+    crop 224; the crop equals the centre of the 256-side resize (1.0 would cut it from 224)."""
+    from metric.config import load_cfg
+    from metric.datasets.transforms import center_crop, resize_shorter
+    from metric.utils.errors import ConfigError
+
+    rng = np.random.default_rng(0)
+    im = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    cfg = load_cfg(None, ["TEST.IM_SIZE", "224", "INFER.CENTER_CROP", "True", "INFER.CROP_FRACTION", "0.875"])
+    (x,) = Preprocess.from_cfg(cfg)(im)
+    resized = resize_shorter(im, 256)
+    assert resized.shape[:2] == (256, 341)
+    assert torch.equal(x, Preprocess(224)(center_crop(resized, 224))[0])
+    assert not torch.equal(x, Preprocess(224, crop=True)(im)[0])
+    with pytest.raises(ConfigError, match="INFER.CROP_FRACTION"):
+        load_cfg(None, ["INFER.CROP_FRACTION", "0.875"])  # without INFER.CENTER_CROP
+    with pytest.raises(ConfigError, match="INFER.CROP_FRACTION"):
+        load_cfg(None, ["INFER.CENTER_CROP", "True", "INFER.CROP_FRACTION", "1.5"])

@@ -4,7 +4,8 @@
         [INFER.SCALES "[0.7071, 1.0, 1.4142]" INFER.FLIP True] [INFER.TOTAL_NUM N INFER.CUT_NUM k] [--dtype float16]
     torchrun --nproc_per_node=G tools/extract_features.py --cfg CFG ...   # one shard per rank, merged
 
-SRC is a list file or an image folder; see docs/RETRIEVAL.md.
+SRC is a list file or an image folder; see docs/RETRIEVAL.md. INFER.BOXES list (lines "path x1 y1 x2 y2")
+or INFER.BOXES gnd_roxford5k.pkl crops each image to its box first (the revisited Oxford/Paris queries).
 """
 
 import sys

@@ -116,6 +116,7 @@ _RULES = {
     "INFER.REGIONAL_GEM_P": _POS,
     "INFER.REGIONAL_GEM_SIZE": _ONE_UP,
     "INFER.MIXED_PRECISION": _choices("none", "bf16", "fp16"),
+    "INFER.CROP_FRACTION": _range(0, 1, lo_open=True),
     "NUM_GPUS": _ONE_UP,
     "RNG_SEED": _range(0, 2**32 - 1),  # numpy seeds are 32-bit
     "LOG_PERIOD": _ONE_UP,
@@ -388,6 +389,14 @@ def validate(c):
     _validate_sizes(c)
     if c.INFER.CUT_NUM > c.INFER.TOTAL_NUM:
         _fail("INFER.CUT_NUM", c.INFER.CUT_NUM, f"1..INFER.TOTAL_NUM ({c.INFER.TOTAL_NUM})")
+    if c.INFER.BOXES and c.INFER.CENTER_CROP:
+        _fail("INFER.BOXES", c.INFER.BOXES, '"" with INFER.CENTER_CROP True (a box crop keeps the aspect ratio)')
+    if c.INFER.CROP_FRACTION != 1.0 and not c.INFER.CENTER_CROP:
+        _fail(
+            "INFER.CROP_FRACTION",
+            c.INFER.CROP_FRACTION,
+            "1.0 unless INFER.CENTER_CROP is True (it sizes the centre crop)",
+        )
     if c.INFER.REGIONAL_GEM_SIZE % 2 == 0:
         _fail("INFER.REGIONAL_GEM_SIZE", c.INFER.REGIONAL_GEM_SIZE, "an odd integer >= 1 (paper: 5)")
     steps = c.OPTIM.STEPS

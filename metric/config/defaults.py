@@ -632,8 +632,24 @@ _C.INFER.REGIONAL_GEM_SIZE = 5
 # default keeps the aspect ratio and the whole image). True | False.
 _C.INFER.CENTER_CROP = False
 
+# With INFER.CENTER_CROP, the fraction of the resized image's shorter side the centred square
+# keeps: the shorter side becomes round(TEST.IM_SIZE x scale / INFER.CROP_FRACTION), then the
+# centred TEST.IM_SIZE x scale square is cut. 1.0 (the default) crops the whole shorter side; the
+# deep-metric-learning papers' "resize 256, centre-crop 224" is TEST.IM_SIZE 224 with 0.875.
+# In (0, 1]; other than 1.0 only with INFER.CENTER_CROP True.
+_C.INFER.CROP_FRACTION = 1.0
+
 # Mixed precision of extraction on CUDA: none | bf16 | fp16. Ignored on CPU.
 _C.INFER.MIXED_PRECISION = "none"
+
+# Crop the images of INFER.INPUT to boxes before extraction (the revisited Oxford/Paris query
+# protocol): "" (no crop) | list (each line of the list file INFER.INPUT is "path x1 y1 x2 y2" or
+# "path label x1 y1 x2 y2", pixel coordinates) | the path of a revisitop gnd_*.pkl (each image is
+# cropped to the bbx of the query of qimlist with its id; an image that is not a query is an
+# error). The crop is PIL's Image.crop (coordinates rounded half to even) and is scaled by the
+# factor its full image would get (longer side TEST.IM_SIZE x scale x max(crop side) / max(full
+# side), as cirtorch does), not blown up to the full size. Not with INFER.CENTER_CROP.
+_C.INFER.BOXES = ""
 
 # ---------------------------------------------------------------------------- #
 # Distributed processes

@@ -5,9 +5,11 @@ is read through the iopath path manager; images are decoded by OpenCV from local
 """
 
 import logging
+import math
 import os
 
 from metric.datasets.items import ItemList, parse_simple_list, release_free_memory
+from metric.datasets.transforms import box_has_area
 from metric.utils import io
 from metric.utils.errors import DataError
 
@@ -75,6 +77,38 @@ def _read_lines(list_path, root, num_classes, with_labels):
     if not items:
         raise DataError(f"list file {list_path} holds no images")
     return ItemList.from_pairs(items, root)
+
+
+def read_box_list(list_path, root=None):
+    """``[(abs_path, (x1, y1, x2, y2))]`` of a list file whose lines are ``path x1 y1 x2 y2`` or
+    ``path label x1 y1 x2 y2`` (a box in pixels, floats; the label is ignored): the images to
+    crop before extraction (``INFER.BOXES list``). A malformed line, or a box without area once
+    rounded as PIL rounds it, is a :class:`DataError` naming the file and line."""
+    if not io.isfile(list_path):
+        raise DataError(f"list file not found: {list_path}")
+    root = os.path.dirname(io.abspath(list_path)) if root is None else root
+    items = []
+    with io.open_text(list_path, DataError, "the list file") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            where = f"{list_path}:{lineno}"
+            if len(parts) not in (5, 6):
+                raise DataError(
+                    f"{where}: expected 'path x1 y1 x2 y2' or 'path label x1 y1 x2 y2' (INFER.BOXES list), "
+                    f"got {line.strip()!r}"
+                )
+            try:
+                box = tuple(float(v) for v in parts[-4:])
+            except ValueError:
+                raise DataError(f"{where}: box {' '.join(parts[-4:])!r} is not four numbers") from None
+            if not all(math.isfinite(v) for v in box) or not box_has_area(box):
+                raise DataError(f"{where}: box {' '.join(parts[-4:])} has no area; expected x1 < x2 and y1 < y2")
+            items.append((os.path.join(root, parts[0]), box))
+    if not items:
+        raise DataError(f"list file {list_path} holds no images")
+    return items
 
 
 def resolve_data_dir(data_dir):

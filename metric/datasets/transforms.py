@@ -92,6 +92,38 @@ def center_crop(im, size):
     return im[y : y + size, x : x + size]
 
 
+def pil_box(box):
+    """The integer pixel box ``(x0, y0, x1, y1)`` that PIL's ``Image.crop`` cuts for the float
+    ``box`` (each coordinate rounded by Python's ``round``, halves to even; the right and lower
+    edges excluded): how revisitop and cirtorch crop the revisited Oxford/Paris queries to their
+    ``bbx``."""
+    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    return x0, y0, x1, y1
+
+
+def box_has_area(box):
+    """Whether the pixel box PIL cuts for ``box`` (:func:`pil_box`) has at least one pixel."""
+    x0, y0, x1, y1 = pil_box(box)
+    return x1 > x0 and y1 > y0
+
+
+def crop_box(im, box):
+    """The region ``box`` = ``(x1, y1, x2, y2)`` (floats, pixels) of ``im`` [H, W, C], exactly as
+    PIL's ``Image.crop`` cuts it (:func:`pil_box`; parts outside the image are black, as in PIL).
+    A ``ValueError`` for a box without area."""
+    x0, y0, x1, y1 = pil_box(box)
+    if not box_has_area(box):
+        raise ValueError(f"box {tuple(box)} has no area (pixels {x0}..{x1} x {y0}..{y1})")
+    h, w = im.shape[:2]
+    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+        return im[y0:y1, x0:x1]
+    out = np.zeros((y1 - y0, x1 - x0) + im.shape[2:], im.dtype)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = im[sy0:sy1, sx0:sx1]
+    return out
+
+
 def to_tensor(im):
     """RGB uint8 [H, W, 3] -> normalized float32 tensor [3, H, W]."""
     x = (im.astype(np.float32) / 255.0 - MEAN) / STD

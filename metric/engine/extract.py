@@ -19,6 +19,11 @@ store made with the same model, input and settings is kept (the run is skipped).
 
 Images that cannot be decoded are reported, listed in the store's ``failed_images`` and
 left out.
+
+Query crops (``INFER.BOXES``): ``list`` reads ``path x1 y1 x2 y2`` lines from the list file,
+a ``gnd_*.pkl`` path takes each image's box from the ``bbx`` of its query; each image is cut as
+PIL's ``Image.crop`` cuts it and scaled as its full image would be (see
+:class:`~metric.engine.predictor.Preprocess`). The boxes enter the store's input digest.
 """
 
 import hashlib
@@ -27,10 +32,12 @@ import os
 import time
 
 import metric.checkpoint as cp
-from metric.datasets.listfile import read_list
-from metric.datasets.transforms import decode_image
+from metric.config import get_cfg
+from metric.datasets.listfile import read_box_list, read_list
+from metric.datasets.transforms import box_has_area, decode_image
 from metric.engine.memory_estimates import check_extraction_memory
 from metric.engine.predictor import Predictor, resolve_weights
+from metric.retrieval.groundtruth import read_revisited_gnd
 from metric.retrieval.store import (
     check_dtype,
     check_output,
@@ -40,6 +47,7 @@ from metric.retrieval.store import (
     save_features,
     store_lock,
 )
+from metric.retrieval.topk_merge import shard_rows
 from metric.utils import distributed as du
 from metric.utils.errors import ConfigError, DataError
 from metric.utils.imagefile import DEFAULT_MAX_PIXELS
@@ -53,8 +61,24 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # --- input --------------------------------------------------------------------
 
 
-def list_images(src, id_mode="stem"):
-    """``[(id, absolute path)]`` of a list file or an image folder, in a stable order."""
+def list_images(src, id_mode="stem", boxes=""):
+    """``[(id, absolute path)]`` of a list file or an image folder, in a stable order.
+
+    ``boxes`` (``INFER.BOXES``): with ``""`` the result is the list above; otherwise it is
+    ``(items, boxes)`` with one ``(x1, y1, x2, y2)`` per item: from the list file's box columns
+    (``"list"``) or from the ``bbx`` of the queries of a revisitop ``gnd_*.pkl`` (its path)."""
+    if boxes == "list":
+        if not os.path.isfile(src):
+            raise ConfigError(
+                f"INFER.BOXES list needs INFER.INPUT to be a list file of 'path x1 y1 x2 y2' lines: {src}"
+            )
+        root = os.path.dirname(os.path.abspath(src))
+        pairs = read_box_list(src, root)
+        items = _with_ids(root, [os.path.relpath(path, root) for path, _ in pairs], src, id_mode)
+        return items, [box for _, box in pairs]
+    if boxes:
+        items = list_images(src, id_mode)
+        return items, gnd_boxes(boxes, [image_id for image_id, _ in items])
     if os.path.isdir(src):
         root = os.path.abspath(src)
         rels = []
@@ -73,12 +97,40 @@ def list_images(src, id_mode="stem"):
         rels = [os.path.relpath(path, root) for path, _ in read_list(src, root, with_labels=False, check_files=False)]
     else:
         raise DataError(f"INFER.INPUT {src!r} is neither a list file nor a folder")
+    return _with_ids(root, rels, src, id_mode)
+
+
+def _with_ids(root, rels, src, id_mode):
+    """``[(id, absolute path)]`` of the paths ``rels`` relative to ``root``."""
     items = []
     for rel in rels:
         image_id = os.path.splitext(os.path.basename(rel))[0] if id_mode == "stem" else os.path.splitext(rel)[0]
         items.append((image_id.replace(os.sep, "/"), os.path.join(root, rel)))
     _check_ids(items, src, id_mode)
     return items
+
+
+def gnd_boxes(gnd_path, ids):
+    """The ``bbx`` of each of ``ids`` in the revisitop ground truth ``gnd_path`` (matched to its
+    ``qimlist``); an id that is not a query, or a query without a box, is a :class:`DataError`."""
+    gt = read_revisited_gnd(gnd_path)
+    box_of = dict(zip(gt["qimlist"], (entry.get("bbx") for entry in gt["gnd"])))
+    boxes = []
+    for image_id in ids:
+        if image_id not in box_of:
+            raise DataError(
+                f"INFER.BOXES {gnd_path}: image {image_id!r} is not one of its {len(box_of)} queries (qimlist); "
+                "extract only the query images with this gnd file"
+            )
+        box = box_of[image_id]
+        try:
+            box = tuple(float(v) for v in box)
+        except (TypeError, ValueError):
+            box = ()
+        if len(box) != 4 or not box_has_area(box):
+            raise DataError(f"INFER.BOXES {gnd_path}: query {image_id!r} has no usable bbx ({box_of[image_id]!r})")
+        boxes.append(box)
+    return boxes
 
 
 def _check_ids(items, src, id_mode):
@@ -119,9 +171,9 @@ def shard_path(out_dir, cut, total):
 
 
 def shard_bounds(count, total, cut):
-    """``[start, stop)`` of the ``cut``-th (1-based) of ``total`` contiguous slices."""
-    per = -(-count // total)
-    return min(count, (cut - 1) * per), min(count, cut * per)
+    """``[start, stop)`` of the ``cut``-th (1-based) of ``total`` contiguous slices: the slice
+    sharded search gives rank ``cut - 1`` (:func:`metric.retrieval.topk_merge.shard_rows`)."""
+    return shard_rows(count, total, cut - 1)
 
 
 # --- extraction -----------------------------------------------------------------
@@ -139,7 +191,7 @@ def settings_digest(cfg, weights_digest):
         cfg.INFER.MULTISCALE_POOL,
         cfg.INFER.MULTISCALE_P,
         cfg.INFER.CENTER_CROP,
-    )
+    ) + ((cfg.INFER.CROP_FRACTION,) if cfg.INFER.CROP_FRACTION != 1.0 else ())
     for part in parts + _superglobal_settings(cfg):
         h.update(repr(part).encode())
     return h.hexdigest()[:16]
@@ -158,10 +210,13 @@ def _superglobal_settings(cfg):
     )
 
 
-def _input_digest(items):
+def _input_digest(items, boxes=None):
     h = hashlib.sha256()
     for image_id, path in items:
         h.update(f"{image_id}\t{path}\n".encode())
+    if boxes is not None:  # crops change the descriptors (stores without boxes keep their digest)
+        for box in boxes:
+            h.update(f"box {tuple(float(v) for v in box)!r}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -188,9 +243,10 @@ def _existing_matches(path, meta, dtype="float32", max_pixels=DEFAULT_MAX_PIXELS
     return True
 
 
-def extract_shard(cfg, items, out_dir, shard, predictor, progress=True, dtype="float32"):
-    """Extract ``items`` (one shard) into the store ``out_dir`` with ``predictor``; returns its path.
-    ``dtype`` is the precision of the store ("float32" or "float16")."""
+def extraction_meta(cfg, items, shard, predictor, boxes=None):
+    """What :func:`extract_shard` records in the store's ``meta.json`` (before ``failed_images``):
+    the settings digest, the extraction settings and the input digest; a store whose meta holds
+    the same values was extracted from the same input with the same model and settings."""
     digest = settings_digest(cfg, cp.weights_digest(predictor.model))
     meta = {
         "model_digest": digest,
@@ -204,16 +260,35 @@ def extract_shard(cfg, items, out_dir, shard, predictor, progress=True, dtype="f
             else {}
         ),
         "im_size": cfg.TEST.IM_SIZE,
-        "input_digest": _input_digest(items),
+        "input_digest": _input_digest(items, boxes),
         "shard": shard,
     }
+    if cfg.INFER.CENTER_CROP:  # only when set, so stores written before these keys still match
+        meta["center_crop"] = True
+        if cfg.INFER.CROP_FRACTION != 1.0:
+            meta["crop_fraction"] = float(cfg.INFER.CROP_FRACTION)
+    if cfg.INFER.MULTISCALE_P != get_cfg().INFER.MULTISCALE_P:  # likewise: only when not the default
+        meta["multiscale_p"] = float(cfg.INFER.MULTISCALE_P)
+    if boxes is not None:
+        meta["boxes"] = cfg.INFER.BOXES or "given"
+    return meta
+
+
+def extract_shard(cfg, items, out_dir, shard, predictor, progress=True, dtype="float32", boxes=None):
+    """Extract ``items`` (one shard) into the store ``out_dir`` with ``predictor``; returns its path.
+    ``dtype`` is the precision of the store ("float32" or "float16"); ``boxes``: ``None`` or one
+    ``(x1, y1, x2, y2)`` per item, the crop of each image (see :func:`list_images`)."""
+    meta = extraction_meta(cfg, items, shard, predictor, boxes)
     if _existing_matches(out_dir, meta, dtype, cfg.DATA_LOADER.MAX_IMAGE_PIXELS):
         logger.info("%s is already complete for this model, input and settings: skipped", out_dir)
         return out_dir
     mkdirs(os.path.dirname(abspath(out_dir)), "feature store")  # through the path manager
     check_output(out_dir)  # fail before the work, not after it
     loader = predictor.loader(
-        [p for _, p in items], max(1, cfg.TEST.BATCH_SIZE // du.world_size()), cfg.DATA_LOADER.NUM_WORKERS
+        [p for _, p in items],
+        max(1, cfg.TEST.BATCH_SIZE // du.world_size()),
+        cfg.DATA_LOADER.NUM_WORKERS,
+        boxes=boxes,
     )
     bar = None
     if progress:
@@ -257,7 +332,10 @@ def _extract(cfg, progress, dtype="float32"):
     logger.info("%d CPU thread(s) per process (NUM_THREADS)", du.set_num_threads(cfg.NUM_THREADS))
     done = False
     try:
-        items = list_images(cfg.INFER.INPUT, cfg.INFER.ID_MODE)
+        if cfg.INFER.BOXES:
+            items, boxes = list_images(cfg.INFER.INPUT, cfg.INFER.ID_MODE, cfg.INFER.BOXES)
+        else:
+            items, boxes = list_images(cfg.INFER.INPUT, cfg.INFER.ID_MODE), None
         check_extraction_memory(cfg, info.device, info.world_size)  # an estimate: refuse what cannot fit
         predictor = Predictor.from_cfg(cfg, device=info.device, missing_weights="warn")
         if info.distributed:
@@ -279,6 +357,7 @@ def _extract(cfg, progress, dtype="float32"):
             predictor,
             progress=progress and info.is_master,
             dtype=dtype,
+            boxes=None if boxes is None else boxes[start:stop],
         )
         du.barrier()
         if info.distributed:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from metric.checkpoint import best_checkpoint_path, load_inference_weights, unwrap
-from metric.datasets.transforms import center_crop, resize_longer, resize_shorter, to_tensor
+from metric.datasets.transforms import center_crop, crop_box, resize_longer, resize_shorter, to_tensor
 from metric.modeling import build_model
 from metric.modeling.layers.superglobal_pooling import apply_superglobal_pooling
 from metric.utils import io
@@ -47,19 +47,27 @@ def autocast_dtype(mode, device, key="INFER.MIXED_PRECISION"):
 class Preprocess:
     """Test-time preprocessing of a decoded RGB uint8 image into one normalized view per scale."""
 
-    def __init__(self, size, scales=(1.0,), crop=False):
+    def __init__(self, size, scales=(1.0,), crop=False, crop_fraction=1.0):
         self.size, self.scales, self.crop = int(size), [float(s) for s in scales], bool(crop)
+        self.crop_fraction = float(crop_fraction)
 
     @classmethod
     def from_cfg(cls, cfg):
-        return cls(cfg.TEST.IM_SIZE, cfg.INFER.SCALES, cfg.INFER.CENTER_CROP)
+        return cls(cfg.TEST.IM_SIZE, cfg.INFER.SCALES, cfg.INFER.CENTER_CROP, cfg.INFER.CROP_FRACTION)
 
-    def __call__(self, im):
+    def __call__(self, im, full_side=None):
+        """The views of ``im``. ``full_side``: for a crop (a query cropped to its box,
+        ``INFER.BOXES``), the longer side of the full image it was cut from; each view is then
+        scaled by the factor the full image would get (the crop's longer side becomes
+        ``TEST.IM_SIZE × s × max(crop side) / full_side``, cirtorch's rule for the revisited
+        Oxford/Paris queries), not blown up to the full target size."""
         views = []
+        ratio = 1.0 if full_side is None else max(im.shape[:2]) / float(full_side)
         for s in self.scales:
-            target = max(8, int(round(self.size * s)))
+            target = max(8, int(round(self.size * s * ratio)))
             if self.crop:
-                views.append(to_tensor(center_crop(resize_shorter(im, target), target)))
+                shorter = max(target, int(round(target / self.crop_fraction)))
+                views.append(to_tensor(center_crop(resize_shorter(im, shorter), target)))
             else:
                 views.append(to_tensor(resize_longer(im, target)))
         return views
@@ -69,21 +77,37 @@ class ImageViews(Dataset):
     """``(views, index, failed)`` of image files: the :class:`Preprocess` views of image ``i``
     (``None`` and ``failed`` the reason, a non-empty string, when it cannot be used; ``""``
     otherwise). ``index`` is the position in ``paths``, so shards of one list can be run
-    separately and put back together. ``max_pixels``: see :func:`~metric.utils.imagefile.load_image`."""
+    separately and put back together. ``max_pixels``: see :func:`~metric.utils.imagefile.load_image`.
+    ``boxes``: ``None``, or one ``(x1, y1, x2, y2)`` (or ``None``) per path: the image, decoded
+    without its EXIF orientation applied (the frame of the box, as PIL reads it), is cropped to
+    it as PIL does (:func:`~metric.datasets.transforms.crop_box`) and scaled as its full image
+    would be (:class:`Preprocess` ``full_side``)."""
 
-    def __init__(self, paths, preprocess, max_pixels=DEFAULT_MAX_PIXELS):
+    def __init__(self, paths, preprocess, max_pixels=DEFAULT_MAX_PIXELS, boxes=None):
         self.paths, self.preprocess, self.max_pixels = list(paths), preprocess, max_pixels
+        self.boxes = None if boxes is None else list(boxes)
+        if self.boxes is not None and len(self.boxes) != len(self.paths):
+            raise ValueError(f"{len(self.boxes)} boxes for {len(self.paths)} images")
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        im, note = load_image(self.paths[i], self.max_pixels)
+        box = None if self.boxes is None else self.boxes[i]
+        # a box is in the pixels as stored (PIL's frame, as the reference loaders crop): no EXIF turn then
+        im, note = load_image(self.paths[i], self.max_pixels, exif_orientation=box is None)
         if im is None:
             return None, i, note
         if note:
             logger.info("image %s: %s", self.paths[i], note)
-        return self.preprocess(im), i, ""
+        if box is None:
+            return self.preprocess(im), i, ""
+        full_side = max(im.shape[:2])
+        try:
+            crop = crop_box(im, box)
+        except ValueError as err:
+            return None, i, f"cannot be cropped ({err})"
+        return self.preprocess(crop, full_side), i, ""
 
 
 def _collate(batch):
@@ -172,9 +196,10 @@ class Predictor:
     def embedding_dim(self):
         return unwrap(self.model).embedding_dim
 
-    def loader(self, paths, batch_size, num_workers=0, indices=None):
-        """A loader of :class:`ImageViews` over ``paths`` (only ``indices`` of them, if given)."""
-        dataset = ImageViews(paths, self.preprocess, self.max_pixels)
+    def loader(self, paths, batch_size, num_workers=0, indices=None, boxes=None):
+        """A loader of :class:`ImageViews` over ``paths`` (only ``indices`` of them, if given;
+        cropped to ``boxes``, one per path, if given)."""
+        dataset = ImageViews(paths, self.preprocess, self.max_pixels, boxes)
         return DataLoader(
             dataset,
             batch_size=max(1, batch_size),

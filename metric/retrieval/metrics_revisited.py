@@ -79,7 +79,10 @@ def revisited_map(ranks, gnd, ks=(1, 5, 10)):
 
     Args:
         ranks: ``[Q, N]`` index positions sorted best first (numpy array or torch tensor); a
-            full ranking of the index for the standard numbers.
+            full ranking of the index for the standard numbers. Or a function ``q -> ranking``
+            giving query ``q``'s 1-D ranking (called once per query and protocol), for rankings
+            too large to hold together (an index with a million distractors, see
+            :mod:`metric.retrieval.distractors`).
         gnd: list of ``Q`` dicts with ``easy``, ``hard`` and ``junk`` lists of index positions.
         ks: ranks of the reported mean precision.
 
@@ -87,18 +90,21 @@ def revisited_map(ranks, gnd, ks=(1, 5, 10)):
         ``{"E": {"mAP": .., "mP@1": .., ...}, "M": {...}, "H": {...}}`` (``None`` where every
         query of a protocol was skipped).
     """
-    if isinstance(ranks, torch.Tensor):
-        ranks = ranks.detach().cpu().numpy()
-    ranks = np.asarray(ranks)
-    if ranks.ndim != 2 or ranks.shape[0] != len(gnd):
-        raise ValueError(f"ranks must be [Q, N] with Q = {len(gnd)} queries, got {ranks.shape}")
-    ranks = ranks.astype(np.int64, copy=False)
+    if callable(ranks):
+        ranking_of = ranks
+    else:
+        if isinstance(ranks, torch.Tensor):
+            ranks = ranks.detach().cpu().numpy()
+        ranks = np.asarray(ranks)
+        if ranks.ndim != 2 or ranks.shape[0] != len(gnd):
+            raise ValueError(f"ranks must be [Q, N] with Q = {len(gnd)} queries, got {ranks.shape}")
+        ranking_of = ranks.astype(np.int64, copy=False).__getitem__
     out = {}
     for protocol in PROTOCOLS:
         aps, precisions, skipped = [], [], 0
         for q, entry in enumerate(gnd):
             positives, junk = protocol_lists(entry, protocol)
-            scored = average_precision_and_precisions(ranks[q], positives, junk, ks)
+            scored = average_precision_and_precisions(np.asarray(ranking_of(q), np.int64), positives, junk, ks)
             if scored is None:
                 skipped += 1
                 continue

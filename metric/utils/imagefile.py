@@ -26,11 +26,14 @@ from metric.utils import native_stderr
 DEFAULT_MAX_PIXELS = 89_478_485
 
 
-def load_image(path, max_pixels=DEFAULT_MAX_PIXELS):
+def load_image(path, max_pixels=DEFAULT_MAX_PIXELS, exif_orientation=True):
     """``(image, note)``: the RGB uint8 ``[H, W, 3]`` image of ``path`` (a file path, or the
     file's bytes as a uint8 array) and ``None``, or ``None`` and why it cannot be used, or the
     image and what the image library said while decoding it (a corrupt but decodable file).
-    ``max_pixels``: refuse images whose header gives more pixels (0: no limit)."""
+    ``max_pixels``: refuse images whose header gives more pixels (0: no limit).
+    ``exif_orientation``: turn the image as its EXIF orientation tag says (OpenCV's default);
+    False gives the pixels as stored, the frame PIL's ``Image.open`` gives and in which box
+    coordinates such as revisitop's ``bbx`` are written."""
     try:
         data = np.fromfile(path, dtype=np.uint8) if isinstance(path, str) else path
     except OSError as err:  # missing, unreadable, a folder: the caller decides what a bad image means
@@ -43,7 +46,7 @@ def load_image(path, max_pixels=DEFAULT_MAX_PIXELS):
             f"is {size[0]} x {size[1]} pixels, above the limit of {max_pixels} (DATA_LOADER.MAX_IMAGE_PIXELS)"
         )
     with native_stderr.captured() as said:
-        im = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        im = cv2.imdecode(data, cv2.IMREAD_COLOR | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION))
     if im is None:
         return None, "cannot be decoded" + (f" ({_one_line(said.text)})" if said.text else "")
     return cv2.cvtColor(im, cv2.COLOR_BGR2RGB), (_one_line(said.text) or None)
