@@ -234,7 +234,7 @@ def test_gldv2_converter_on_a_replica(tmp_path):
 
 
 def test_conversion_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
-    from metric.engine.benchmark import convert_cached
+    from metric.datasets.benchmarks.prepare import convert_cached
 
     root = write_revisited(str(tmp_path / "oxf"), "roxford5k", OXF_QUERIES)
     cache = str(tmp_path / "cache")

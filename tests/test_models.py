@@ -13,7 +13,12 @@ from metric.modeling.heads.linear_head import margin_layer_from_config
 from metric.modeling.layers.margins import ArcFace
 from tests.helpers import REPO, tiny_model
 
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+# Training configs (configs/sweeps/ holds sweep configs: tests/test_config.py and test_sweep.py load them).
+CONFIGS = sorted(
+    p
+    for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+    if os.path.relpath(p, REPO).split(os.sep)[1] != "sweeps"
+)
 COMPAT = os.path.join(REPO, "tests", "data", "pymetric_state_dict_keys.json")
 
 

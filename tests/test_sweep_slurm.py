@@ -119,9 +119,10 @@ def test_launch_values_that_cannot_work_are_refused(tmp_path):
 # read) and for scontrol, which records the requeues it is asked for.
 FAKE_PYTHON = """#!/bin/bash
 if [ "$1" = "-c" ]; then echo "$FAKE_STATUS"; exit 0; fi
+[ -n "$FAKE_SLEEP" ] && trap 'kill $! 2>/dev/null; exit 143' USR1  # before "started": the test signals then
 touch "$FAKE_DIR/started"
 [ -n "$FAKE_NEW_CHECKPOINT" ] && mkdir -p "$FAKE_CKPT" && touch "$FAKE_CKPT/model_epoch_0001.pyth"
-if [ -n "$FAKE_SLEEP" ]; then trap 'kill $!; exit 143' USR1; sleep 30 & wait; fi
+if [ -n "$FAKE_SLEEP" ]; then sleep 30 & wait; fi
 exit "$FAKE_RC"
 """
 FAKE_SCONTROL = """#!/bin/bash
@@ -169,7 +170,7 @@ def _run_task_script(tmp_path, usr1=False, **fake):
 def test_task_script_requeues_on_usr1_after_a_new_checkpoint(tmp_path):
     rc, out, calls = _run_task_script(tmp_path, usr1=True, FAKE_NEW_CHECKPOINT="1")
     assert (rc, calls) == (0, "requeue 41_0\n"), out
-    assert "requeued: run 0 stopped (exit status 143); it resumes from its last checkpoint" in out
+    assert "requeueing: run 0 stopped (exit status 143); it resumes from its last checkpoint" in out
 
 
 def test_task_script_does_not_requeue_a_start_that_wrote_no_checkpoint(tmp_path):
@@ -183,7 +184,7 @@ def test_task_script_retries_a_failed_run_up_to_max_retry(tmp_path, failures, re
     rc, out, calls = _run_task_script(tmp_path, FAKE_RC="3", FAKE_STATUS=f"failed {failures}")
     if requeued:
         assert (rc, calls) == (0, "requeue 41_0\n"), out
-        assert "requeued: run 0 failed (exit status 3, failure 1 of MAX_RETRY=2): retrying" in out
+        assert "requeueing: run 0 failed (exit status 3, failure 1 of MAX_RETRY=2): retrying" in out
     else:
         assert (rc, calls) == (3, ""), out
         assert "run 0 FAILED 2 times (MAX_RETRY=2), exit status 3: giving up" in out
@@ -385,10 +386,10 @@ def test_a_requeued_and_a_killed_task_resume_their_runs_and_complete(slurm_sweep
         assert f"(run {job}, start 2): run {job} done" in logs[job], logs[job]
     # run 0: the time-limit signal stopped it (interrupted, not a failure) and the task requeued itself
     assert _status(root, 0)["failures"] == 0
-    assert "SIGUSR1" in logs[0] and "requeued: run 0 stopped" in logs[0], logs[0]
+    assert "SIGUSR1" in logs[0] and "requeueing: run 0 stopped" in logs[0], logs[0]
     # run 1: its killed training is a failure (1 of MAX_RETRY=2): requeued and retried
     assert _status(root, 1)["failures"] == 1
-    assert "requeued: run 1 failed (exit status" in logs[1] and "failure 1 of MAX_RETRY=2" in logs[1], logs[1]
+    assert "requeueing: run 1 failed (exit status" in logs[1] and "failure 1 of MAX_RETRY=2" in logs[1], logs[1]
     print(f"\nSLURM array {array_id} ended in {slurm_sweep['seconds']:.1f}s; task logs:")
     for job in range(3):
         print(logs[job])
@@ -400,7 +401,7 @@ def test_a_run_that_keeps_failing_ends_failed_after_max_retry_and_is_reported(sl
     status = _status(root, 2)
     assert status["state"] == "failed" and status["failures"] == 2 and status["attempts"] == 2, status
     assert "missing.txt" in status["last_line"]
-    assert "requeued: run 2 failed (exit status 2, failure 1 of MAX_RETRY=2): retrying" in log, log
+    assert "requeueing: run 2 failed (exit status 2, failure 1 of MAX_RETRY=2): retrying" in log, log
     assert "run 2 FAILED 2 times (MAX_RETRY=2), exit status 2: giving up" in log, log
     assert _scontrol_job(f"{array_id}_2").get("JobState") == "FAILED"
     # relaunching submits nothing and names the run that gave up

@@ -12,7 +12,8 @@ reused, so a rerun only scores. See docs/BENCHMARKS.md.
 import sys
 
 from metric.config import load_cfg
-from metric.engine.benchmark import make_lists, run_benchmark
+from metric.datasets.benchmarks.prepare import make_lists
+from metric.engine.benchmark import run_benchmark
 from metric.retrieval.store import STORE_DTYPES, check_dtype
 from metric.utils import io
 from metric.utils.cli import add_dtype_option, make_parser, run_tool

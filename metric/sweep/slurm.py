@@ -190,7 +190,8 @@ export SWEEP_NUM_THREADS=${{SWEEP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
 START=$(( ${{SLURM_RESTART_COUNT:-0}} + 1 ))
 log() {{ echo "[sweep-slurm $(date -u +%Y-%m-%dT%H:%M:%SZ)] task $TASK (run $RUN, start $START): $*"; }}
 requeue() {{
-  if scontrol requeue "$TASK"; then log "requeued: $1"; exit 0; fi
+  log "requeueing: $1"  # said first: the requeue may end this shell before it returns
+  if scontrol requeue "$TASK"; then exit 0; fi
   log "scontrol requeue $TASK failed; relaunch the sweep to resume run $RUN"; exit 1
 }}
 checkpoints() {{ ls "$CKPT_DIR" 2>/dev/null | tr '\n' ' '; }}
