@@ -20,7 +20,7 @@ from metric.retrieval.results import read_results_csv, read_scores_csv
 from metric.retrieval.sharded import open_index
 from metric.retrieval.store import load_features, save_features
 from metric.retrieval.topk_merge import merge_topk, sort_topk
-from metric.utils.errors import FeatureStoreError, MetricError
+from metric.utils.errors import FeatureStoreError
 from tests.helpers import REPO, call_tool, free_port
 
 N, DIM, Q = 3001, 16, 40
@@ -102,10 +102,18 @@ def test_sharded_ivf_search_equals_one_index_from_the_same_quantizer_and_refuses
     common = ["--index", index, "--type", "ivfpq", "--nlist", 16, "--m", 4, "--nbits", 6, "--output-dir", ann]
     out = _build(capsys, *common, "--shards", 2, "--nprobe", 4)
     assert "shard 1 of 2: rows 1501..3001" in out
+    search = ["--query", query, "--index", index, "--topk", "25", "--ann", "--ann-dir", ann, "--nprobe", "4"]
+    # one process (no torchrun, no --shard) searches the 2 shards one after the other, merged as 2 ranks do
+    merged = str(tmp_path / "merged.csv")
+    status, _, err = call_tool("search", [*search, "--output", merged], capsys)
+    assert status == 0, err
+    by_queries = str(tmp_path / "by_queries.csv")  # --shard queries: every rank searches every shard
+    status, _, err = call_tool("search", [*search, "--output", by_queries, "--shard", "queries"], capsys)
+    assert status == 0, err
+    assert read_results_csv(by_queries) == read_results_csv(merged)
     trained = os.path.join(ann, "faiss_ivfpq.trained")
     _build(capsys, *common, "--shards", 1, "--quantizer", trained)
 
-    search = ["--query", query, "--index", index, "--topk", "25", "--ann", "--ann-dir", ann, "--nprobe", "4"]
     single = [str(tmp_path / "one.csv"), str(tmp_path / "one_scores.csv")]
     status, _, err = call_tool(
         "search", [*search, "--shard", "index", "--output", single[0], "--scores", single[1]], capsys
@@ -119,6 +127,7 @@ def test_sharded_ivf_search_equals_one_index_from_the_same_quantizer_and_refuses
     ids, scores = read_results_csv(sharded[0]), read_scores_csv(sharded[1])
     assert list(ids) == list(ref_ids) and all(len(v) == 25 for v in ids.values())
     _check_equal(ref_ids, ref_scores, ids, scores)
+    assert read_results_csv(merged) == ids
 
     # shard 1 rebuilt from another trained quantizer: refused by every rank, before any search
     other = str(tmp_path / "other")
@@ -263,9 +272,7 @@ def test_build_index_sharded_bad_input_is_one_line(data, tmp_path, capsys, argv,
     assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_ann_with_queries_sharding_is_refused():
-    with pytest.raises(MetricError, match="--ann with --shard queries is not supported") as info:
-        ann_sharded.ann_shard_mode("queries")
-    assert info.value.every_rank  # every rank refuses it: printed once per machine
+def test_ann_shard_modes():
+    assert ann_sharded.ann_shard_mode("queries") == "queries"  # every rank loads every shard
     assert ann_sharded.ann_shard_mode(None) == ann_sharded.ann_shard_mode("auto") == "index"
     assert AnnSearchOptions(index_type="ivfflat").index_type == "ivfflat"

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -79,6 +80,7 @@ def _runs(root):
         ("search", _search_args(root, "o_ties.csv", "tq", "t", "--topk", "12", "--scores", root / "o_ties.s.csv"), 0),
         ("search", _search_args(root, "o_ties_q.csv", "tq", "t", "--topk", "12", "--shard", "queries"), 0),
         ("search", _search_args(root, "o_t16.csv", "tq", "t16", "--topk", "12"), 0),
+        ("search", _search_args(root, "o_rc.csv", "rq", "r", "--topk", "10", "--scores", root / "o_rc.s.csv"), 0),
         ("search", _search_args(root, "o_rr.csv", "rq", "r.shards", "--topk", "10", "--dba", "2", "--qe", "2"), 0),
         (
             "search",
@@ -131,6 +133,11 @@ from metric.utils.cli import run_tool
 from tests.helpers import load_tool
 
 runs = json.load(open(sys.argv[1]))
+if os.environ["RANK"] != "0":  # sharded evaluation: rank 0 alone reads the labels (and ids)
+    import metric.retrieval.sharded_pipeline as sharded_pipeline
+    def no_labels(path):
+        raise AssertionError("a rank other than 0 read " + str(path))
+    sharded_pipeline.read_labels = no_labels
 with process_group(60):
     statuses = [run_tool(load_tool(name).main, argv) for name, argv in runs]
 print("STATUSES " + json.dumps(statuses), flush=True)
@@ -385,6 +392,23 @@ def test_two_processes_equal_one(tmp_path, capsys):
             argv = argv[:i] + argv[i + 2 :]
         _single(capsys, name, argv)
 
+    # index sharding of one store over W ranks = one process with chunks of ceil(N / W) rows, byte for byte
+    _single(
+        capsys,
+        "search",
+        _search_args(
+            tmp_path,
+            "o_rc.chunked.csv",
+            "rq",
+            "r",
+            "--topk",
+            "10",
+            "--chunk-size",
+            "19",
+            "--scores",
+            tmp_path / "o_rc.s.chunked.csv",
+        ),
+    )
     results = _finish(procs)
     for rank, (code, stdout, stderr) in enumerate(results):
         assert code == rank, (rank, stderr[-3000:])  # rank 1 died (exit 1) in the last run
@@ -399,10 +423,12 @@ def test_two_processes_equal_one(tmp_path, capsys):
     assert "using index sharding" in stdout0 + stderr0
     # a stopped rank: rank 0 ends within the timeout, with one line, and writes nothing
     assert errors[2].startswith("error: rank 0: all_gather") and "timed out after 3 s" in errors[2], errors
+    assert "rank 1 gave no sign of life" in errors[2] and "raise --timeout" in errors[2], errors  # names it
     status, seconds = stdout0.split("STALLED ")[1].split()[:2]
     assert status == "2" and float(seconds) < 30, stdout0
     # a dead rank: rank 0 ends at once (before the timeout of 20 s), with one line, and writes nothing
     assert errors[3].startswith("error: rank 0: all_gather") and "closed its connection" in errors[3], errors
+    assert "rank 1 gave no sign of life" in errors[3], errors  # named (not under torchrun: nobody else does)
     status, seconds = stdout0.split("DEAD ")[1].split()[:2]
     assert status == "2" and float(seconds) < 20, stdout0
     assert not (tmp_path / "o_fault.csv").exists()
@@ -411,6 +437,9 @@ def test_two_processes_equal_one(tmp_path, capsys):
     _same_results(tmp_path, "o_ties_q.csv", "o_ties_q.single.csv")
     _same_results(tmp_path, "o_t16.csv", "o_t16.single.csv")
     _same_results(tmp_path, "o_rr.csv", "o_rr.single.csv")
+    _same_results(tmp_path, "o_rc.csv", "o_rc.single.csv", scores=("o_rc.s.csv", "o_rc.s.single.csv"))
+    for name in ("o_rc", "o_rc.s"):
+        assert (tmp_path / f"{name}.csv").read_bytes() == (tmp_path / f"{name}.chunked.csv").read_bytes(), name
     _same_results(tmp_path, "o_rr_q.csv", "o_rr_q.single.csv")
     assert not (tmp_path / "o_sg.csv").exists() and not (tmp_path / "o_bad.csv").exists() and not stale.exists()
     for name in ("e_index", "e_loo", "e_loo_q"):
@@ -449,3 +478,20 @@ def test_torchrun_three_processes_with_dba_and_qe_equal_one(tmp_path, capsys):
     assert code == 0, stderr[-3000:]
     assert stdout.count("searched 9 queries in 37 index items") == 1 and "over 3 process(es) by index" in stdout
     _same_results(tmp_path, "o.csv", "single.csv", scores=("o.s.csv", "single.s.csv"))
+
+
+def test_sigterm_from_the_launcher_ends_a_rank_with_one_line():
+    """torchrun stops the other ranks with SIGTERM when one fails: each ends with one line, not silently."""
+    import signal
+
+    from metric.retrieval.sharded_pipeline import _stop_on_sigterm
+    from metric.utils.errors import DistributedError
+
+    old = _stop_on_sigterm()
+    try:
+        with pytest.raises(DistributedError, match="stopped by the launcher"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs between two bytecodes of this thread
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -21,7 +21,7 @@ import shlex
 import sys
 
 from metric.retrieval.ann import ANN_TYPES, AnnSearchOptions
-from metric.retrieval.ann_sharded import ann_shard_mode, ivf_local_search
+from metric.retrieval.ann_sharded import ann_shard_mode, ivf_local_search, wants_sharded_ivf
 from metric.retrieval.pipeline import SearchOptions, search_stores
 from metric.retrieval.rerank_plan import GRAPH_MODES, RERANKERS, RerankOptions
 from metric.retrieval.search import BACKENDS
@@ -156,7 +156,8 @@ def main(argv=None):
         verify=not args.no_verify,
         progress=not args.no_progress,
     )
-    if args.shard is not None or args.devices is not None or wants_sharding(args.index):
+    sharded_ivf = ann is not None and wants_sharded_ivf(ann, args.index)  # one process: all its shards
+    if args.shard is not None or args.devices is not None or sharded_ivf or wants_sharding(args.index):
         summary = search_stores_sharded(
             args.query,
             args.index,

@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 from typing import Optional
 
 import numpy as np
@@ -459,16 +460,58 @@ def open_ivf_shard(layout, world, rank, index_dir=None, index_type=None):
 
 
 def ann_shard_mode(shard):
-    """The sharding of ``tools/search.py --ann --shard SHARD`` under torchrun: each rank searches
-    its own shard's IVF index, i.e. index sharding ("auto" and "index"); "queries" is refused."""
-    if shard == "queries":
-        err = MetricError(
-            "--ann with --shard queries is not supported: each process searches its own shard's IVF index "
-            "(tools/build_index.py --shards W); use --shard index (or auto)"
+    """The sharding of ``tools/search.py --ann --shard SHARD``: "queries" as asked (every rank loads
+    every shard's IVF index and searches its slice of the queries), else index sharding (each rank
+    searches its own shard's index; "auto" too: the memory estimate of queries sharding is that of
+    exact search)."""
+    return "queries" if shard == "queries" else "index"
+
+
+SHARD_JSON_RE = re.compile(r"^faiss_([a-z]+)\.shard-(\d+)-of-(\d+)\.json$")
+
+
+def saved_shard_counts(index_dir, index_type=None):
+    """The shard counts W of the sharded IVF indexes saved in ``index_dir`` (of ``index_type``
+    when given), sorted; empty when there are none."""
+    names = io.ls(index_dir) if io.isdir(index_dir) else []
+    found = {int(m.group(3)) for m in map(SHARD_JSON_RE.match, names) if m and index_type in (None, m.group(1))}
+    return sorted(found)
+
+
+def wants_sharded_ivf(ann, index_path):
+    """Whether a single-process ``tools/search.py --ann`` must search a sharded IVF index: the
+    index folder holds shards (:func:`saved_shard_counts`) and no single approximate index of the
+    asked type (:mod:`metric.retrieval.ann`)."""
+    from metric.retrieval.ann import ANN_TYPES, ann_paths
+
+    index_dir = io.abspath(ann.index_dir or index_path)
+    if not saved_shard_counts(index_dir, ann.index_type):
+        return False
+    types = [ann.index_type] if ann.index_type else list(ANN_TYPES)
+    return not any(t in ANN_TYPES and io.isfile(ann_paths(index_dir, t)[1]) for t in types)
+
+
+def _all_shards_search(layout, ann, world):
+    """Every shard of a sharded IVF index, searched one after the other and merged as W ranks
+    merge them (the same lists): a single process, or each rank of a queries-sharded search. The
+    shards of ``world`` processes when saved, else the only set of shards saved."""
+    index_dir = io.abspath(ann.index_dir or layout.path)
+    counts = saved_shard_counts(index_dir, ann.index_type)
+    if world not in counts and len(counts) > 1:
+        raise MetricError(
+            f"{index_dir} holds sharded IVF indexes for {', '.join(map(str, counts))} processes; run under torchrun "
+            "with one of those, or keep one set of shards"
         )
-        err.every_rank = True  # every rank refuses it: printed once per machine (metric.utils.cli.run_tool)
-        raise err
-    return "index"
+    shards = world if world in counts or not counts else counts[0]
+    parts = [load_ivf_shard(layout, shards, r, ann.index_dir, ann.index_type) for r in range(shards)]
+    check_shard_group([p for _, p in parts])
+    logger.info("the %d shards of %s searched one after the other and merged", shards, index_dir)
+
+    def local_search(query, k):
+        found = [search_ivf_shard(index, params, query, k, nprobe=ann.nprobe) for index, params in parts]
+        return merge_topk([f[0] for f in found], [f[1] for f in found], k)
+
+    return local_search
 
 
 def ivf_local_search(ann):
@@ -477,7 +520,10 @@ def ivf_local_search(ann):
     searching this rank's shard index (``ann``: an :class:`~metric.retrieval.ann.AnnSearchOptions`,
     its index folder, type and ``nprobe``)."""
 
-    def factory(layout, world, rank):
+    def factory(layout, world, rank, mode="index"):
+        index_dir = io.abspath(ann.index_dir or layout.path)
+        if mode == "queries" or (world == 1 and 1 not in saved_shard_counts(index_dir, ann.index_type)):
+            return agree(_all_shards_search, layout, ann, world)  # every shard in this process
         index, params = open_ivf_shard(layout, world, rank, ann.index_dir, ann.index_type)
         logger.info(
             "rank %d: %s shard %s, rows %d..%d, nprobe %d",

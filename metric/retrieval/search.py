@@ -315,6 +315,10 @@ def _search_faiss(query, index, k, chunk_size, progress):
     use_gpu = faiss_num_gpus() > 0 and k + 1 <= FAISS_GPU_MAX_K
     if faiss_num_gpus() > 0 and not use_gpu:
         logger.info("top-%d exceeds faiss's GPU limit (%d); searching with faiss on CPU", k, FAISS_GPU_MAX_K - 1)
+    if use_gpu:  # sharded, not replicated: each GPU holds 1/G of a chunk of at most `ic` rows
+        logger.info(
+            "faiss on %d GPU(s): index chunks of %d rows, each sharded over them (no replica)", faiss_num_gpus(), ic
+        )
     best = RunningTopK(k, q_count)
     bar = _progress(n, progress, "search")
     for start in range(0, n, ic):

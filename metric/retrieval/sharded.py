@@ -74,6 +74,8 @@ def agree(fn, *args, **kwargs):
     error, result = None, None
     try:
         result = fn(*args, **kwargs)
+    except errors.DistributedError:
+        raise  # a peer is gone or stuck: another collective would only wait for it again
     except MetricError as err:
         error = err
     outcomes = du.all_gather_objects(None if error is None else (type(error).__name__, str(error)))

@@ -10,7 +10,8 @@ queries. :func:`evaluate_labelled_sharded` scores recall@k and mAP@R with the sa
 
 Started by torchrun (``WORLD_SIZE`` > 1) the process group is joined here, with the timeout
 ``timeout_s`` (``DIST.TIMEOUT_S``): a rank that dies or stops ends the others within it, with
-one line naming the collective, and no results file is written. A single process runs the same
+one line naming the collective (after a timeout also the rank that stopped, from the heartbeats of
+:func:`~metric.utils.distributed.watch_peers`), and no results file is written. A single process runs the same
 code with a world of one (an index given as a folder of shard stores is searched in place).
 
     torchrun --nproc_per_node 4 tools/search.py --query Q --index I.shards --output results.csv
@@ -19,6 +20,7 @@ code with a world of one (an index given as a folder of shard stores is searched
 import contextlib
 import logging
 import os
+import signal
 import types
 
 import numpy as np
@@ -34,8 +36,8 @@ from metric.retrieval.search import check_device, check_dims, check_topk, resolv
 from metric.retrieval.sharded import ShardedIndex, agree, choose_mode, gather_rows, open_index
 from metric.retrieval.store import load_features
 from metric.retrieval.topk_merge import shard_rows
-from metric.utils import io
-from metric.utils.errors import MetricError
+from metric.utils import errors, io
+from metric.utils.errors import DistributedError, MetricError
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +59,34 @@ def process_group(timeout_s=DEFAULT_TIMEOUT_S):
         cfg = types.SimpleNamespace(DIST_BACKEND="auto", DIST=types.SimpleNamespace(TIMEOUT_S=timeout_s))
         device = du.init_process(cfg).device
         joined = True
+        du.watch_peers("--timeout")  # a failed collective names the rank that stopped or died
     ok = False
+    restore = _stop_on_sigterm() if joined else None
     try:
         yield du.world_size(), du.rank(), device
         ok = True
     finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
         if joined:
             du.cleanup(wait=ok)
+
+
+def _stop_on_sigterm():
+    """While this rank searches, torchrun's SIGTERM (sent to every rank when one failed) ends it
+    with one line too, instead of silently; returns the handler to restore (None: not the main
+    thread, where no handler can be set)."""
+
+    def stopped(signum, frame):
+        raise DistributedError(
+            f"rank {du.rank()}: stopped by the launcher (SIGTERM) because another process failed or was killed; "
+            "the launcher's report names it"
+        )
+
+    try:
+        return signal.signal(signal.SIGTERM, stopped)
+    except ValueError:
+        return None
 
 
 def _search_kwargs(options, device, progress=False):
@@ -108,7 +131,7 @@ def search_stores_sharded(
     """:func:`~metric.retrieval.pipeline.search_stores` sharded over the process group (see the
     module doc); ``shard`` is "auto", "index" or "queries". ``index`` is a store or a folder of
     shard stores. Returns the summary dict (on every rank) with ``shard`` and ``world`` added;
-    only rank 0 writes. ``local_search(layout, world, rank) -> fn(query, k)`` replaces the exact
+    only rank 0 writes. ``local_search(layout, world, rank, mode) -> fn(query, k)`` replaces the exact
     search of a rank's rows (the sharded approximate search plugs in here). ``devices`` (torch
     device names): cut each rank's rows over these devices of the process, one part each, searched
     with the torch path in parallel and merged (several GPUs in one process, without a replica)."""
@@ -141,7 +164,7 @@ def search_stores_sharded(
             return qstore, layout, mode
 
         qstore, layout, mode = agree(prepare)
-        fn = local_search(layout, world, rank) if local_search is not None else None
+        fn = local_search(layout, world, rank, mode) if local_search is not None else None
         engine = ShardedIndex(layout, mode, world, rank, kwargs, fn, devices)
         logger.info(
             "rank %d of %d: %s sharding, rows %d..%d of %d",
@@ -231,22 +254,27 @@ def evaluate_labelled_sharded(
 ):
     """recall@k and mAP@R of labelled stores (:func:`~metric.retrieval.metrics.evaluate_labelled`)
     ranked by a sharded exact search (leave-one-out without an index: the query store is the
-    index and each query's own row is left out). Every rank returns the metrics."""
+    index and each query's own row is left out). Every rank returns the metrics.
+
+    Only rank 0 reads the ids and the labels and scores the rankings: before each block of queries
+    it tells the other ranks which queries and how deep to search (the depth depends on the
+    labels), so the other ranks hold neither ids nor labels, only their rows of the index."""
     with process_group(timeout_s) as (world, rank, device):
+        lead = rank == 0
 
         def prepare():
-            qstore = load_features(query_dir, mmap=True, verify=verify and rank == 0)
-            q_labels = labels_for_ids(read_labels(query_labels_path), qstore.ids, query_labels_path)
-            layout = open_index(query_dir if index_dir is None else index_dir, world, rank, verify, read_ids=True)
-            if index_dir is None:
-                x_labels = None
-            else:
-                x_labels = labels_for_ids(read_labels(index_labels_path), layout.ids, index_labels_path)
+            qstore = load_features(query_dir, mmap=True, verify=verify and lead, read_ids=lead)
+            layout = open_index(query_dir if index_dir is None else index_dir, world, rank, verify, read_ids=lead)
             if qstore.dim != layout.dim:
                 raise MetricError(
                     f"query store {query_dir} has dimension {qstore.dim} but index {index_dir} has "
                     f"{layout.dim}; extract both with the same model"
                 )
+            q_labels = x_labels = None
+            if lead:
+                q_labels = labels_for_ids(read_labels(query_labels_path), qstore.ids, query_labels_path)
+                if index_dir is not None:
+                    x_labels = labels_for_ids(read_labels(index_labels_path), layout.ids, index_labels_path)
             mode = "index" if shard == "auto" else shard
             return qstore, q_labels, layout, x_labels, mode
 
@@ -261,7 +289,28 @@ def evaluate_labelled_sharded(
             scores, ids = engine.topk(query[start:stop], depth + 1)
             return drop_self(scores, ids, np.arange(start, stop))[1]
 
-        result = score_rankings(rank_rows, q_labels, x_labels, layout.count, ks, LABELLED_QUERY_BLOCK)
+        def lead_rows(start, stop, depth):
+            du.all_gather_objects((start, stop, depth))  # the block the other ranks search with it
+            return rank_rows(start, stop, depth)
+
+        def score():
+            if not lead:
+                while True:  # follow rank 0's blocks until it says the end (None)
+                    order = du.all_gather_objects(None)[0]
+                    if order is None:
+                        return None
+                    rank_rows(*order)
+            try:
+                result = score_rankings(lead_rows, q_labels, x_labels, layout.count, ks, LABELLED_QUERY_BLOCK)
+            except errors.DistributedError:
+                raise
+            except BaseException:
+                du.all_gather_objects(None)
+                raise
+            du.all_gather_objects(None)
+            return result
+
+        result = du.all_gather_objects(agree(score))[0]
         du.barrier()
     if result["skipped"]:
         logger.warning("%d queries have no relevant item in the index and were skipped", result["skipped"])

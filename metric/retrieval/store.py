@@ -44,6 +44,7 @@ import hashlib
 import inspect
 import json
 import logging
+import mmap
 import os
 
 import numpy as np
@@ -503,6 +504,29 @@ _VERIFIED = {}  # (path, size, mtime) of the embeddings -> digest, so one proces
 _VERIFY_NORM_TOL = 1e-3
 
 
+def _stored_blocks(emb, count, step):
+    """``(start, rows)`` of ``emb`` [count, D], ``step`` rows at a time, as contiguous arrays. A
+    memory-mapped local file is read with plain reads, not through the mapping: the pages of a whole
+    store read once would otherwise stay in this process's resident memory while it is mapped."""
+    path, offset = getattr(emb, "filename", None), getattr(emb, "offset", None)
+    whole = isinstance(emb, np.memmap) and isinstance(emb.base, mmap.mmap)  # as mapped, not a view of it
+    if not (whole and path and isinstance(offset, int) and emb.flags.c_contiguous and io.is_local(path)):
+        for start in range(0, count, step):
+            yield start, np.ascontiguousarray(emb[start : start + step])
+        return
+    row_bytes = emb.dtype.itemsize * int(np.prod(emb.shape[1:], dtype=np.int64))
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for start in range(0, count, step):
+            rows = min(step, count - start)
+            block = np.empty((rows,) + tuple(emb.shape[1:]), emb.dtype)
+            if f.readinto(memoryview(block).cast("B")) != rows * row_bytes:
+                raise FeatureStoreError(
+                    f"{path} ended before row {start + rows}: the store is incomplete; re-create it"
+                )
+            yield start, block
+
+
 def verify_store(store):
     """Check that a store holds what its ``meta.json`` promises, reading the embeddings once, in
     blocks: the digest of the rows and ids, finite values, unit norms when ``normalized``.
@@ -518,8 +542,7 @@ def verify_store(store):
     digest = hashlib.sha256()
     emb, count = store.embeddings, len(store.ids)
     step = max(1, _BLOCK_BYTES // (4 * max(1, store.dim)))
-    for start in range(0, count, step):
-        block = np.ascontiguousarray(emb[start : start + step])  # the stored bytes (float32 or float16)
+    for start, block in _stored_blocks(emb, count, step):  # the stored bytes (float32 or float16)
         digest.update(memoryview(block).cast("B"))
         block = block.astype(np.float32, copy=False)
         finite = np.isfinite(block).all(axis=1)

@@ -17,7 +17,10 @@ which reports one (the first process that failed).
 Limits: with nccl (CUDA) the timeout is enforced by torch's NCCL watchdog, which aborts the
 stuck process with messages of its own (the launcher then reports which process was killed by
 which signal). Under torchrun the failing rank prints its line and torchrun, which stops the
-other ranks, adds its own summary of the failed workers.
+other ranks, adds its own summary of the failed workers. That summary calls the first rank to
+exit the "root cause", which after a timeout is the rank that waited, not the one that stopped:
+a process that calls :func:`watch_peers` (the sharded search tools) names the stopped rank in its
+timeout line, from heartbeats in the rendezvous store.
 """
 
 import contextlib
@@ -32,6 +35,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -192,21 +197,128 @@ def looks_distributed(err):
 
 def collective_error(name, err):
     """The one-line :class:`DistributedError` for collective ``name`` that failed with ``err``,
-    or None when ``err`` is not a peer failure."""
+    or None when ``err`` is not a peer failure. After a timeout, when this process watches its
+    peers (:func:`watch_peers`), the line names the ranks that gave no sign of life (stopped or
+    dead); a closed connection is reported at once (a launcher stops this process right away)."""
     kind = peer_failure(err)
     if kind is None:
         return None
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
-    if kind == "timeout":
-        after = f"{_timeout_s:g} s" if _timeout_s is not None else "the process group's timeout"
+    if kind == "lost":
+        # under torchrun at once: it stops this process as soon as it sees the dead one (and names it)
+        quiet = None if os.environ.get("TORCHELASTIC_RUN_ID") else quiet_ranks()
+        if quiet:
+            who = f"rank {quiet[0]}" if len(quiet) == 1 else "ranks " + ", ".join(map(str, quiet))
+            return DistributedError(
+                f"rank {rank}: {name} failed: a peer process closed its connection, and {who} gave no sign of "
+                f"life for {_HEARTBEAT_WAIT_S:g} s (it died or was killed); see its output"
+            )
+        return DistributedError(
+            f"rank {rank}: {name} failed: a peer process closed its connection (it died or was killed); "
+            "see the other processes' output"
+        )
+    after = f"{_timeout_s:g} s" if _timeout_s is not None else "the process group's timeout"
+    quiet = quiet_ranks()  # torchrun sees nothing wrong with a stopped or stuck process: name it here
+    if quiet:
+        who = f"rank {quiet[0]}" if len(quiet) == 1 else "ranks " + ", ".join(map(str, quiet))
+        culprit = f"{who} gave no sign of life for {_HEARTBEAT_WAIT_S:g} s (stopped or dead); see its output"
+    elif quiet is not None:
+        culprit = "every other rank is alive, so one is slow or stuck in its own work; see their output"
+    else:
         return DistributedError(
             f"rank {rank}: {name} timed out after {after} (a peer process died or is stuck); see the other "
-            "processes' output, or raise DIST.TIMEOUT_S if it is only slow"
+            f"processes' output, or raise {_timeout_option} if it is only slow"
         )
     return DistributedError(
-        f"rank {rank}: {name} failed: a peer process closed its connection (it died or was killed); "
-        "see the other processes' output"
+        f"rank {rank}: {name} timed out after {after}: {culprit}, or raise {_timeout_option} if it is only slow"
     )
+
+
+# --- naming the peer that failed --------------------------------------------------------------
+
+_timeout_option = "DIST.TIMEOUT_S"  # what the timeout message tells the user to raise
+_HEARTBEAT_S = 0.25  # a watched process counts up its key in the rendezvous store this often
+_HEARTBEAT_WAIT_S = 1.5  # after a failure, a rank whose count did not move for this long is named
+_heartbeat = None  # (store client, stop event, thread) while this process is watched
+_store_lock = threading.Lock()  # one request at a time on the store client (beats and reads)
+
+
+def _heartbeat_key(r):
+    return f"pymetric/alive/{r}"
+
+
+def _store_client():
+    """A client of the process group's rendezvous store (torchrun's agent store, or rank 0's
+    store for a hand-launched group), with a short timeout of its own."""
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=datetime.timedelta(seconds=5),
+        wait_for_workers=False,
+    )
+
+
+def watch_peers(timeout_option=None):
+    """Let this rank's collective errors name the rank that failed: a daemon thread counts up
+    ``pymetric/alive/<rank>`` in the rendezvous store every :data:`_HEARTBEAT_S`; a rank whose
+    collective fails reads every rank's count twice, :data:`_HEARTBEAT_WAIT_S` apart, and names
+    those that did not move (a stopped process's threads stop, a dead one's are gone; clocks of
+    other nodes play no part). ``timeout_option`` is what the timeout message tells the user to
+    raise (``--timeout`` for the search tools). Ended by :func:`cleanup`; without a store (not
+    under torchrun's environment) the messages stay as they were."""
+    global _heartbeat, _timeout_option
+    if timeout_option:
+        _timeout_option = timeout_option
+    if _heartbeat is not None or world_size() < 2:
+        return
+    try:
+        store = _store_client()
+        store.add(_heartbeat_key(rank()), 1)
+    except (RuntimeError, KeyError, ValueError) as err:  # no reachable store: nothing named, nothing broken
+        logger.debug("no heartbeat: %s", err)
+        return
+    stop = threading.Event()
+    me = rank()
+
+    def beat():
+        while not stop.wait(_HEARTBEAT_S):
+            try:
+                with _store_lock:
+                    store.add(_heartbeat_key(me), 1)
+            except RuntimeError:
+                return
+
+    thread = threading.Thread(target=beat, name="pymetric-heartbeat", daemon=True)
+    thread.start()
+    _heartbeat = (store, stop, thread)
+
+
+def _stop_heartbeat():
+    global _heartbeat, _timeout_option
+    _timeout_option = "DIST.TIMEOUT_S"
+    if _heartbeat is not None:
+        _heartbeat[1].set()
+        _heartbeat[2].join(timeout=2 * _HEARTBEAT_S + 5)
+        _heartbeat = None
+
+
+def quiet_ranks():
+    """The other ranks whose heartbeat did not move in :data:`_HEARTBEAT_WAIT_S` (sorted), or None
+    when this process is not watched or the store cannot be read (its host is gone)."""
+    if _heartbeat is None:
+        return None
+    store, me = _heartbeat[0], rank()
+    try:
+        world = world_size()
+        with _store_lock:
+            before = [store.add(_heartbeat_key(r), 0) for r in range(world)]
+        time.sleep(_HEARTBEAT_WAIT_S)
+        with _store_lock:
+            after = [store.add(_heartbeat_key(r), 0) for r in range(world)]
+    except RuntimeError:
+        return None
+    return [r for r in range(world) if r != me and after[r] == before[r]]
 
 
 @contextlib.contextmanager
@@ -260,7 +372,9 @@ def cleanup(wait=True):
                 with collective("the final barrier"):
                     dist.barrier()
         finally:
+            _stop_heartbeat()
             dist.destroy_process_group()
+    _stop_heartbeat()
 
 
 # --- processes spawned by launch() ----------------------------------------------------------
