@@ -45,6 +45,19 @@ def tiny_model(width=4, dim=8, num_classes=5):
 # The default tiny model (width 4, 8-d embedding, 5 classes): builds and runs in milliseconds.
 TINY_MODEL = tiny_model()
 
+# The extraction tests' model: width 8, 16-d GeM-pooled embedding, 4 classes, 40 px test images in
+# batches of 8, no loader workers.
+TINY_EXTRACT = tiny_model(width=8, dim=16, num_classes=4) + [
+    "MODEL.HEADS.POOL_LAYER",
+    "gempool",
+    "TEST.IM_SIZE",
+    "40",
+    "TEST.BATCH_SIZE",
+    "8",
+    "DATA_LOADER.NUM_WORKERS",
+    "0",
+]
+
 
 def write_tiny_dataset(root, num_classes=4, per_class=8, size=(40, 48), seed=0):
     """Images whose class is a base color plus a class-specific stripe; list files

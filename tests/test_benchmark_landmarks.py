@@ -26,7 +26,7 @@ from metric.retrieval.metrics_revisited import rank_index, revisited_map
 from metric.retrieval.pipeline import search_stores
 from metric.retrieval.store import load_features, save_features
 from metric.utils.errors import ConfigError, DataError
-from tests.helpers import run_py, tiny_model, tool_in_process
+from tests.helpers import TINY_EXTRACT, run_py, tool_in_process
 
 # Query names of the real qimlist of roxford5k / rparis6k (the original Oxford5k / Paris6k queries
 # that revisitop kept), with boxes of the form revisitop stores (floats, halves included).
@@ -38,16 +38,7 @@ OXF_QUERIES = {
     "radcliffe_camera_000519": (0.0, 0.0, 64.0, 48.0),
 }
 PAR_QUERIES = {"paris_defense_000605": (5.5, 4.5, 50.5, 40.5), "paris_eiffel_000266": (1.0, 2.0, 30.0, 44.0)}
-TINY = tiny_model(width=8, dim=16, num_classes=4) + [
-    "MODEL.HEADS.POOL_LAYER",
-    "gempool",
-    "TEST.IM_SIZE",
-    "40",
-    "TEST.BATCH_SIZE",
-    "8",
-    "DATA_LOADER.NUM_WORKERS",
-    "0",
-]
+TINY = TINY_EXTRACT
 
 
 def _image(rng, h, w):

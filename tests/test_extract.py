@@ -17,18 +17,9 @@ from metric.engine.extract import list_images, shard_bounds
 from metric.engine.predictor import combine_views
 from metric.retrieval.store import load_features
 from metric.utils.errors import DataError
-from tests.helpers import REPO, run_py, tiny_model, tool_in_process
+from tests.helpers import REPO, TINY_EXTRACT, run_py, tool_in_process
 
-TINY = tiny_model(width=8, dim=16, num_classes=4) + [
-    "MODEL.HEADS.POOL_LAYER",
-    "gempool",
-    "TEST.IM_SIZE",
-    "40",
-    "TEST.BATCH_SIZE",
-    "8",
-    "DATA_LOADER.NUM_WORKERS",
-    "0",
-]
+TINY = TINY_EXTRACT
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,13 @@ import sys
 
 from metric.sweep.analyze import analyze, group_configs
 from metric.sweep.collect import collect, write_jsonl
-from metric.sweep.config import load_sweep_cfg
+from metric.sweep.config import load_sweep_cfg, sweep_parser
 from metric.sweep.jobs import open_sweep
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import run_tool
 
 
 def main(argv=None):
-    parser = make_parser("Write the HTML analysis of a sweep.", config=False)
-    parser.add_argument("--sweep-cfg", required=True, help="sweep config (yaml)")
-    parser.add_argument("opts", nargs="*", help="sweep config overrides: KEY VALUE ...")
+    parser = sweep_parser("Write the HTML analysis of a sweep.")
     args = parser.parse_args(argv)
     c = load_sweep_cfg(args.sweep_cfg, args.opts)
     root = open_sweep(c)

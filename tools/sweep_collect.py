@@ -7,15 +7,13 @@ python tools/sweep_collect.py --sweep-cfg configs/sweeps/demo_margins.yaml
 import sys
 
 from metric.sweep.collect import collect, format_table, write_jsonl
-from metric.sweep.config import load_sweep_cfg
+from metric.sweep.config import load_sweep_cfg, sweep_parser
 from metric.sweep.jobs import open_sweep
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import run_tool
 
 
 def main(argv=None):
-    parser = make_parser("Collect the records of a sweep's runs and print their status.", config=False)
-    parser.add_argument("--sweep-cfg", required=True, help="sweep config (yaml)")
-    parser.add_argument("opts", nargs="*", help="sweep config overrides: KEY VALUE ...")
+    parser = sweep_parser("Collect the records of a sweep's runs and print their status.")
     args = parser.parse_args(argv)
     c = load_sweep_cfg(args.sweep_cfg, args.opts)
     root = open_sweep(c)

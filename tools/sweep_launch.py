@@ -9,23 +9,21 @@ python tools/sweep_launch.py --sweep-cfg S --run-job 3     # one run (what each 
 import sys
 
 from metric.sweep import jobs as J
-from metric.sweep.config import load_sweep_cfg
+from metric.sweep.config import load_sweep_cfg, sweep_parser
 from metric.sweep.local import launch_local
 from metric.sweep.run import run_job
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import run_tool
 from metric.utils.errors import ConfigError
 
 EXECUTORS = ("local", "slurm")
 
 
 def main(argv=None):
-    parser = make_parser("Launch the runs of a sweep.", config=False)
-    parser.add_argument("--sweep-cfg", required=True, help="sweep config (yaml), set up with tools/sweep_setup.py")
+    parser = sweep_parser("Launch the runs of a sweep.", "sweep config (yaml), set up with tools/sweep_setup.py")
     parser.add_argument(
         "--executor", default="local", help="local (this machine, the default) | slurm (sbatch job array)"
     )
     parser.add_argument("--run-job", type=int, default=None, metavar="I", help="run job I only, in this process")
-    parser.add_argument("opts", nargs="*", help="sweep config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
     if args.executor not in EXECUTORS:
         raise ConfigError(f"--executor {args.executor!r} is not allowed: expected one of {' | '.join(EXECUTORS)}")

@@ -5,15 +5,13 @@ python tools/sweep_setup.py --sweep-cfg configs/sweeps/demo_margins.yaml
 
 import sys
 
-from metric.sweep.config import load_sweep_cfg, sweep_dir
+from metric.sweep.config import load_sweep_cfg, sweep_dir, sweep_parser
 from metric.sweep.setup import format_summary, setup_sweep
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import run_tool
 
 
 def main(argv=None):
-    parser = make_parser("Sample the configs of a sweep and write them.", config=False)
-    parser.add_argument("--sweep-cfg", required=True, help="sweep config (yaml)")
-    parser.add_argument("opts", nargs="*", help="sweep config overrides: KEY VALUE ...")
+    parser = sweep_parser("Sample the configs of a sweep and write them.")
     args = parser.parse_args(argv)
     c = load_sweep_cfg(args.sweep_cfg, args.opts)
     summary = setup_sweep(c)

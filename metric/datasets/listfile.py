@@ -46,34 +46,39 @@ def read_list(list_path, root=None, num_classes=None, with_labels=True, check_fi
     return items
 
 
-def _read_lines(list_path, root, num_classes, with_labels):
-    """The line-by-line reader of :func:`read_list` (any file, exact error messages)."""
-    items = []
+def _list_lines(list_path):
+    """``(where, line, words)`` of each non-blank line of a list file (``where``: ``path:lineno``,
+    for the error messages)."""
     with io.open_text(list_path, DataError, "the list file") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
-            if not parts:
-                continue
-            where = f"{list_path}:{lineno}"
-            if with_labels:
-                if len(parts) != 2:
-                    raise DataError(f"{where}: expected 'relative/path.jpg label', got {line.strip()!r}")
-                try:
-                    label = int(parts[1])
-                except ValueError:
-                    raise DataError(f"{where}: label {parts[1]!r} is not an integer") from None
-                if label < 0 or (num_classes is not None and label >= num_classes):
-                    raise DataError(
-                        f"{where}: label {label} outside [0, {num_classes}) "
-                        "(set MODEL.HEADS.NUM_CLASSES to the number of classes)"
-                    )
-            else:
-                if len(parts) > 2:
-                    raise DataError(f"{where}: expected 'relative/path.jpg [label]', got {line.strip()!r}")
-                label = int(parts[1]) if len(parts) == 2 and parts[1].lstrip("-").isdigit() else None
-            if label is not None and not -(2**63) <= label < 2**63:  # labels are stored as int64 at most
-                raise DataError(f"{where}: label {parts[1]} is too large (at most {2**63 - 1})")
-            items.append((parts[0], label))
+            if parts:
+                yield f"{list_path}:{lineno}", line, parts
+
+
+def _read_lines(list_path, root, num_classes, with_labels):
+    """The line-by-line reader of :func:`read_list` (any file, exact error messages)."""
+    items = []
+    for where, line, parts in _list_lines(list_path):
+        if with_labels:
+            if len(parts) != 2:
+                raise DataError(f"{where}: expected 'relative/path.jpg label', got {line.strip()!r}")
+            try:
+                label = int(parts[1])
+            except ValueError:
+                raise DataError(f"{where}: label {parts[1]!r} is not an integer") from None
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                raise DataError(
+                    f"{where}: label {label} outside [0, {num_classes}) "
+                    "(set MODEL.HEADS.NUM_CLASSES to the number of classes)"
+                )
+        else:
+            if len(parts) > 2:
+                raise DataError(f"{where}: expected 'relative/path.jpg [label]', got {line.strip()!r}")
+            label = int(parts[1]) if len(parts) == 2 and parts[1].lstrip("-").isdigit() else None
+        if label is not None and not -(2**63) <= label < 2**63:  # labels are stored as int64 at most
+            raise DataError(f"{where}: label {parts[1]} is too large (at most {2**63 - 1})")
+        items.append((parts[0], label))
     if not items:
         raise DataError(f"list file {list_path} holds no images")
     return ItemList.from_pairs(items, root)
@@ -88,24 +93,19 @@ def read_box_list(list_path, root=None):
         raise DataError(f"list file not found: {list_path}")
     root = os.path.dirname(io.abspath(list_path)) if root is None else root
     items = []
-    with io.open_text(list_path, DataError, "the list file") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            where = f"{list_path}:{lineno}"
-            if len(parts) not in (5, 6):
-                raise DataError(
-                    f"{where}: expected 'path x1 y1 x2 y2' or 'path label x1 y1 x2 y2' (INFER.BOXES list), "
-                    f"got {line.strip()!r}"
-                )
-            try:
-                box = tuple(float(v) for v in parts[-4:])
-            except ValueError:
-                raise DataError(f"{where}: box {' '.join(parts[-4:])!r} is not four numbers") from None
-            if not all(math.isfinite(v) for v in box) or not box_has_area(box):
-                raise DataError(f"{where}: box {' '.join(parts[-4:])} has no area; expected x1 < x2 and y1 < y2")
-            items.append((os.path.join(root, parts[0]), box))
+    for where, line, parts in _list_lines(list_path):
+        if len(parts) not in (5, 6):
+            raise DataError(
+                f"{where}: expected 'path x1 y1 x2 y2' or 'path label x1 y1 x2 y2' (INFER.BOXES list), "
+                f"got {line.strip()!r}"
+            )
+        try:
+            box = tuple(float(v) for v in parts[-4:])
+        except ValueError:
+            raise DataError(f"{where}: box {' '.join(parts[-4:])!r} is not four numbers") from None
+        if not all(math.isfinite(v) for v in box) or not box_has_area(box):
+            raise DataError(f"{where}: box {' '.join(parts[-4:])} has no area; expected x1 < x2 and y1 < y2")
+        items.append((os.path.join(root, parts[0]), box))
     if not items:
         raise DataError(f"list file {list_path} holds no images")
     return items

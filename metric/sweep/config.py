@@ -25,6 +25,7 @@ from yacs.config import CfgNode
 
 from metric.config import all_keys, get_cfg, merge_from_list
 from metric.utils import io
+from metric.utils.cli import make_parser
 from metric.utils.errors import ConfigError
 
 _C = CfgNode()
@@ -317,6 +318,15 @@ def _read(path):
     if not isinstance(data, dict):
         raise ConfigError(f"sweep config {path} must hold a mapping of keys, not {type(data).__name__}")
     return data
+
+
+def sweep_parser(description, cfg_help="sweep config (yaml)"):
+    """The command line of the sweep tools: ``--sweep-cfg S`` and ``KEY VALUE`` overrides of the
+    sweep keys (the tool adds its own options)."""
+    parser = make_parser(description, config=False)
+    parser.add_argument("--sweep-cfg", required=True, help=cfg_help)
+    parser.add_argument("opts", nargs="*", help="sweep config overrides: KEY VALUE ...")
+    return parser
 
 
 def load_sweep_cfg(path, opts=()):

@@ -19,10 +19,9 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 
 from metric.sweep import jobs as J
-from metric.sweep.run import EXIT_BUSY, die_with_parent, run_job
+from metric.sweep.run import EXIT_BUSY, child_main, run_job
 from metric.utils import lock
 from metric.utils.cli import run_tool
 from metric.utils.errors import ConfigError
@@ -66,28 +65,17 @@ class _Forked:
         self.pid = os.fork()
         if self.pid:
             return
-        code = 1
-        try:
-            die_with_parent(signal.SIGTERM)
+
+        def close_inherited():
             # Nothing of the launcher's stays open here: its lock of the sweep folder (an flock,
             # held while any copy of the descriptor is open) must end with the launcher.
             os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the child's own streams)
-            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+        def run():
             os.environ.update(env)
-            code = run_tool(lambda _argv: fn(), [])
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+            return run_tool(lambda _argv: fn(), [])
+
+        child_main(log, run, prepare=close_inherited)
 
     def poll(self):
         if self.returncode is None:

@@ -152,6 +152,35 @@ def _has_final(rdir):
     return os.path.isfile(path) and bool(read_stats(path, "final"))
 
 
+def child_main(log, fn, prepare=None):
+    """The body of a forked child; never returns. ``prepare()`` runs first (in the child), then
+    file descriptors 1 and 2 go to ``log`` (appended) and the process exits with ``fn()``'s status
+    (1 when it raised: its traceback goes to the log). The child is sent SIGTERM when its parent
+    ends."""
+    code = 1
+    try:
+        die_with_parent(signal.SIGTERM)
+        if prepare is not None:
+            prepare()
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the child's own streams)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        code = fn()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
 def _train_in_child(cfg_file, opts, threads, log):
     """Train in a forked child whose output goes to ``log``; returns ``(return code, interrupted,
     seconds)`` (a negative code: the signal that ended it)."""
@@ -160,30 +189,17 @@ def _train_in_child(cfg_file, opts, threads, log):
     t0 = time.time()
     pid = os.fork()
     if pid == 0:  # the child: never returns
-        code = 1
-        try:
-            die_with_parent(signal.SIGTERM)
+
+        def reset_signals():
             for sig in FORWARDED:
                 signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
-            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (whatever they were)
-            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+        def train():
             if threads:
                 os.environ["OMP_NUM_THREADS"] = threads
-            code = run_tool(train_from_file, [cfg_file, *opts])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+            return run_tool(train_from_file, [cfg_file, *opts])
+
+        child_main(log, train, prepare=reset_signals)
     caught = []
 
     def forward(sig, _frame):
