@@ -309,6 +309,7 @@ def test_search_tool_rerank_bad_inputs_exit_2(rstores, capsys):
 
     tmp, qry, idx = rstores
     small = save_features(tmp / "small", clustered(np.random.default_rng(9), 6, 8), [f"s{i}" for i in range(6)])
+    one = save_features(tmp / "one", clustered(np.random.default_rng(9), 1, 8), ["o0"])
     raw = save_features(
         tmp / "raw", 3 * clustered(np.random.default_rng(9), 40, 8), [f"r{i}" for i in range(40)], normalize=False
     )
@@ -317,7 +318,8 @@ def test_search_tool_rerank_bad_inputs_exit_2(rstores, capsys):
         (["--index", small, "--rerank", "superglobal"], "SuperGlobal K=9 needs K+1=10 candidates"),
         (["--index", small, "--rerank", "kreciprocal", "--kr-k1", 6], "k1=6 needs more than k1 index items"),
         (["--index", small, "--qe", 7], "--qe 7 is larger than the index (6 items)"),
-        (["--index", small, "--dba", 6], "--dba 6 needs more than 6 index items"),
+        (["--index", small, "--dba", 6], "--dba 6 needs more than 6 index items, the index has 6; use --dba 5 or less"),
+        (["--index", one, "--dba", 1], "leave --dba out (DBA needs at least 2 index items)"),
         (["--index", idx, "--rerank", "kreciprocal", "--kr-graph", "saved"], "has no k-NN graph"),
         (["--index", raw, "--rerank", "kreciprocal", "--kr-k1", 5], "needs L2-normalized features"),
         (["--index", idx, "--rerank", "qe", "dba"], "run in the order dba, qe, then superglobal or kreciprocal"),

@@ -196,7 +196,7 @@ def build_store_graph(store_path, k=20, out_dir=None, device=None, progress=Fals
     if k >= len(store):
         raise MetricError(
             f"--knn {k} needs more than {k} items, the store has {len(store)}; "
-            f"use --knn {max(1, len(store) - 1)} or less"
+            + (f"use --knn {len(store) - 1} or less" if len(store) > 1 else "a graph needs at least 2 items")
         )
     graph_dir = io.abspath(out_dir or store.path)
     if not io.isdir(graph_dir):

@@ -111,7 +111,7 @@ def check_plan(plan, qstore, istore, ann=False):
     if plan.dba and plan.dba >= n:
         raise MetricError(
             f"--dba {plan.dba} needs more than {plan.dba} index items, the index has {n}; "
-            f"use --dba {max(1, n - 1)} or less"
+            + (f"use --dba {n - 1} or less" if n > 1 else "leave --dba out (DBA needs at least 2 index items)")
         )
     if plan.final == "superglobal":
         sg.check_superglobal_size(plan.sg_m, plan.sg_k, n)
