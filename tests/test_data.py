@@ -132,3 +132,28 @@ def test_crop_fraction_resizes_the_shorter_side_up_before_the_centre_crop():
         load_cfg(None, ["INFER.CROP_FRACTION", "0.875"])  # without INFER.CENTER_CROP
     with pytest.raises(ConfigError, match="INFER.CROP_FRACTION"):
         load_cfg(None, ["INFER.CENTER_CROP", "True", "INFER.CROP_FRACTION", "1.5"])
+
+
+def test_the_store_settings_name_crop_fraction_and_cuda_autocast():
+    """INFER.CROP_FRACTION and the CUDA autocast dtype of INFER.MIXED_PRECISION enter the settings
+    digest and the store's meta, so a store extracted otherwise is never reused as if equal."""
+    import types
+
+    from metric.config import load_cfg
+    from metric.engine.extract import extraction_meta, settings_digest
+    from metric.engine.predictor import Predictor
+    from tests.helpers import TINY_MODEL
+
+    crop = load_cfg(None, TINY_MODEL + ["INFER.CENTER_CROP", "True"])
+    tighter = load_cfg(None, TINY_MODEL + ["INFER.CENTER_CROP", "True", "INFER.CROP_FRACTION", "0.875"])
+    assert settings_digest(crop, "w") != settings_digest(tighter, "w")
+    assert settings_digest(crop, "w", None) != settings_digest(crop, "w", torch.bfloat16)
+    assert settings_digest(crop, "w", torch.float16) != settings_digest(crop, "w", torch.bfloat16)
+    real = Predictor.from_cfg(tighter, device="cpu", missing_weights="ok")
+    assert real.amp_dtype is None  # autocast is CUDA only
+    items = [("a", "/x/a.jpg")]
+    plain = extraction_meta(tighter, items, {"index": 1, "total": 1}, real)
+    assert plain["crop_fraction"] == 0.875 and "mixed_precision" not in plain
+    on_cuda = types.SimpleNamespace(model=real.model, amp_dtype=torch.bfloat16)  # as on a GPU with bf16
+    meta = extraction_meta(tighter, items, {"index": 1, "total": 1}, on_cuda)
+    assert meta["mixed_precision"] == "bfloat16" and meta["model_digest"] != plain["model_digest"]

@@ -109,6 +109,7 @@ _WHAT_DIFFERS = {
     "input_digest": "the images (or their boxes)",
     "boxes": "query boxes",
     "superglobal": "SuperGlobal pooling (INFER.POOL_P, INFER.REGIONAL_GEM*)",
+    "mixed_precision": "INFER.MIXED_PRECISION (CUDA autocast)",
 }
 
 
@@ -121,12 +122,14 @@ def _absent_defaults():
         "multiscale_p": float(get_cfg().INFER.MULTISCALE_P),
         "superglobal": None,
         "boxes": None,
+        "mixed_precision": None,
     }
 
 
 # Settings the model digest also covers: when one of them differs, it says what differs.
 _IN_DIGEST = {
     "scales", "flip", "multiscale_pool", "multiscale_p", "im_size", "superglobal", "center_crop", "crop_fraction",
+    "mixed_precision",
 }  # fmt: skip
 
 

@@ -179,8 +179,9 @@ def shard_bounds(count, total, cut):
 # --- extraction -----------------------------------------------------------------
 
 
-def settings_digest(cfg, weights_digest):
-    """Digest of what determines the descriptors: model weights and extraction settings."""
+def settings_digest(cfg, weights_digest, amp_dtype=None):
+    """Digest of what determines the descriptors: model weights and extraction settings (and the
+    CUDA autocast dtype ``amp_dtype`` of ``INFER.MIXED_PRECISION``, when one is used)."""
     h = hashlib.sha256()
     parts = (
         weights_digest,
@@ -192,6 +193,7 @@ def settings_digest(cfg, weights_digest):
         cfg.INFER.MULTISCALE_P,
         cfg.INFER.CENTER_CROP,
     ) + ((cfg.INFER.CROP_FRACTION,) if cfg.INFER.CROP_FRACTION != 1.0 else ())
+    parts += (str(amp_dtype),) if amp_dtype is not None else ()
     for part in parts + _superglobal_settings(cfg):
         h.update(repr(part).encode())
     return h.hexdigest()[:16]
@@ -247,7 +249,7 @@ def extraction_meta(cfg, items, shard, predictor, boxes=None):
     """What :func:`extract_shard` records in the store's ``meta.json`` (before ``failed_images``):
     the settings digest, the extraction settings and the input digest; a store whose meta holds
     the same values was extracted from the same input with the same model and settings."""
-    digest = settings_digest(cfg, cp.weights_digest(predictor.model))
+    digest = settings_digest(cfg, cp.weights_digest(predictor.model), predictor.amp_dtype)
     meta = {
         "model_digest": digest,
         "weights": resolve_weights(cfg),  # "best" as the file it names
@@ -263,6 +265,8 @@ def extraction_meta(cfg, items, shard, predictor, boxes=None):
         "input_digest": _input_digest(items, boxes),
         "shard": shard,
     }
+    if predictor.amp_dtype is not None:  # CUDA autocast (INFER.MIXED_PRECISION): other descriptors
+        meta["mixed_precision"] = str(predictor.amp_dtype).replace("torch.", "")
     if cfg.INFER.CENTER_CROP:  # only when set, so stores written before these keys still match
         meta["center_crop"] = True
         if cfg.INFER.CROP_FRACTION != 1.0:
