@@ -4,6 +4,7 @@ and tools/benchmark.py end to end (rerun only scores; bad input is one line, exi
 
 import csv
 import json
+import math
 import os
 import pickle
 
@@ -99,9 +100,12 @@ def test_query_crop_equals_pil_and_scales_as_the_full_image(tmp_path):
         assert np.array_equal(crop_box(ours, box), ref_crop), box
         got, index, failed = views[i]
         assert index == i and failed == ""
+        # cirtorch: crop.thumbnail((imsize * max(crop.size) / max(full.size),) * 2), then per scale
+        # interpolate(scale_factor=s), which floors the size
+        thumb = pil.crop(box)
+        thumb.thumbnail((size * max(thumb.size) / max(pil.size),) * 2)
         for s, view in zip(scales, got):
-            # cirtorch: imresize(crop, imsize * max(crop.size) / max(full.size)), per scale
-            side = max(8, int(round(size * s * max(pil.crop(box).size) / max(pil.size))))
+            side = max(8, math.floor(max(thumb.size) * s))
             want = to_tensor(resize_longer(ref_crop, side))
             assert max(view.shape[1:]) == side and torch.equal(view, want)
     # not blown up to the full size: PIL cuts (2.5, 3.5, 41.5, 30.5) as 2..42 x 4..30 (halves to
@@ -190,6 +194,15 @@ def test_revisited_converter_bad_input(tmp_path):
     os.remove(os.path.join(oxf, "jpg", "oxford_000003.jpg"))
     with pytest.raises(DataError, match="1 of the 12 index images.*oxford_000003"):
         bm.convert("roxford5k", oxf, allow_subset=True)
+    gnd_path = os.path.join(par, "gnd_rparis6k.pkl")
+    write_revisited(par, "rparis6k", PAR_QUERIES)
+    with open(gnd_path, "rb") as f:
+        gnd = pickle.load(f)
+    gnd["gnd"][1]["bbx"] = [float("nan"), 1.0, 20.0, 20.0]
+    with open(gnd_path, "wb") as f:
+        pickle.dump(gnd, f)
+    with pytest.raises(DataError, match=r"\(gnd\[1\]\) has no usable bbx: \[nan"):
+        bm.convert("rparis6k", par, allow_subset=True)
 
 
 def write_gldv2(root, n_index=10, queries=(("q0", "Public"), ("q1", "Private"), ("q2", "Ignored")), seed=2):
@@ -222,6 +235,10 @@ def test_gldv2_converter_on_a_replica(tmp_path):
     moved = bm.convert("gldv2-retrieval", root, allow_subset=True)
     assert moved.ground_truth.endswith("metadata/retrieval_solution_v2.1.csv")
     assert (moved.query, moved.index) == (splits.query, splits.index)
+    with open(moved.ground_truth, "a") as f:
+        f.write("ab,x y,Public\n")  # an id too short to name its test/ folder
+    with pytest.raises(DataError, match=r"retrieval_solution_v2.1.csv:5: 'ab' is not a GLDv2 image id"):
+        bm.convert("gldv2-retrieval", root, allow_subset=True)
 
 
 def test_conversion_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
@@ -255,6 +272,13 @@ def test_the_row_states_the_extraction_settings():
     dml = settings_of(load_cfg(None, opts + ["INFER.MULTISCALE_POOL", "mean"]), "float32")
     assert describe_settings(dml, False) == "scales [1] (mean), shorter side / 0.875 + centre crop 224, flip, float32"
     assert describe_settings({**dml, "mixed_precision": "bf16"}, False).endswith("float32, bf16 autocast")
+    # SuperGlobal pooling changes the descriptors: two rows with and without it never read alike
+    sg = settings_of(load_cfg(None, ["INFER.POOL_P", "4.6", "INFER.REGIONAL_GEM", "True"]), "float32")
+    assert sg["superglobal"] == {"pool_p": 4.6, "regional_gem_p": 2.5, "regional_gem_size": 5}
+    assert describe_settings(sg, False).endswith("float32, SuperGlobal GeM+ p=4.6, regional GeM p=2.5 size 5")
+    rgem = settings_of(load_cfg(None, ["INFER.REGIONAL_GEM", "True"]), "float32")
+    assert describe_settings(rgem, False).endswith("float32, regional GeM p=2.5 size 5")
+    assert settings_of(load_cfg(None, []), "float32")["superglobal"] is None
 
 
 # --- +R1M in bounded memory -------------------------------------------------------------------------------
@@ -538,3 +562,17 @@ def test_benchmark_tool_dml_leave_one_out(tmp_path, weights):
     labels = [int(i.split("/")[-2].split(".")[0]) for i in store.ids]
     assert sorted(set(labels)) == [101, 102, 150] and len(labels) == 8
     assert result["metrics"] == labelled_metrics(np.asarray(store.embeddings), labels, ks=(1, 2, 4, 8))
+
+    # an image that cannot be decoded is refused (every test image is scored); once the file is
+    # replaced, the rerun extracts that store again instead of refusing it for ever
+    image = os.path.join(root, "CUB_200_2011", "images", "101.Bird_101", "Bird_101_1.jpg")
+    good = open(image, "rb").read()
+    open(image, "wb").write(b"not a jpeg")
+    feats, args = str(tmp_path / "g"), ["--benchmark", "cub200", "--data-root", root, "--allow-subset"]
+    bad = _bench(weights, feats, *args, "--json", out)
+    assert bad.returncode == 2 and "1 query images could not be decoded" in bad.stderr, bad.stderr
+    open(image, "wb").write(good)
+    fixed = _bench(weights, feats, *args, "--json", out)
+    assert fixed.returncode == 0, fixed.stderr
+    again = json.load(open(out))
+    assert again["metrics"] == result["metrics"] and not load_features(again["stores"]["query"]).meta["failed_images"]

@@ -35,7 +35,7 @@ from metric.config import get_cfg
 from metric.datasets import benchmarks as bm
 from metric.datasets.benchmarks.landmarks import LandmarkSplits
 from metric.datasets.benchmarks.prepare import R1M_STORE, convert_cached
-from metric.engine.extract import extract_shard, extraction_meta
+from metric.engine.extract import extract_shard, extraction_meta, readable_now, superglobal_meta
 from metric.engine.memory_estimates import check_extraction_memory
 from metric.engine.predictor import Predictor
 from metric.retrieval.distractors import iter_row_blocks, revisited_map_with_distractors
@@ -71,6 +71,7 @@ def settings_of(cfg, dtype):
         "weights": cfg.TEST.WEIGHTS or "(random init)",
         # INFER.MIXED_PRECISION applies on CUDA only (the device run_benchmark picks when there is one)
         "mixed_precision": cfg.INFER.MIXED_PRECISION if torch.cuda.is_available() else "none",
+        "superglobal": superglobal_meta(cfg),  # None: off
     }
 
 
@@ -91,6 +92,11 @@ def describe_settings(settings, cropped):
     ]
     if settings.get("mixed_precision", "none") != "none":
         parts.append(f"{settings['mixed_precision']} autocast")
+    sg = settings.get("superglobal")
+    if sg and sg["pool_p"] > 0:
+        parts.append(f"SuperGlobal GeM+ p={sg['pool_p']:g}")
+    if sg and sg["regional_gem_size"]:
+        parts.append(f"regional GeM p={sg['regional_gem_p']:g} size {sg['regional_gem_size']}")
     if cropped:
         parts.append("queries cropped to bbx")
     return ", ".join(parts)
@@ -161,9 +167,13 @@ def ensure_store(cfg, predictor_of, items, out_dir, dtype, progress, what, boxes
                 f"the {what} store {out_dir} was extracted with other settings than asked: {named}; "
                 "choose another --features folder (or delete that store to extract it again)"
             )
-        logger.info("%s store %s is complete for this model and settings: only scoring", what, out_dir)
-        return out_dir
-    logger.info("extracting the %s store %s (%d images)", what, out_dir, len(items))
+        readable = readable_now(old.get("failed_images") or [], cfg.DATA_LOADER.MAX_IMAGE_PIXELS)
+        if not readable:
+            logger.info("%s store %s is complete for this model and settings: only scoring", what, out_dir)
+            return out_dir
+        logger.info("%s store %s: %d images it left out read now: extracting it again", what, out_dir, len(readable))
+    else:
+        logger.info("extracting the %s store %s (%d images)", what, out_dir, len(items))
     return extract_shard(cfg, items, out_dir, SHARD, predictor, progress=progress, dtype=dtype, boxes=boxes)
 
 

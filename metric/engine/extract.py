@@ -212,6 +212,13 @@ def _superglobal_settings(cfg):
     )
 
 
+def superglobal_meta(cfg):
+    """SuperGlobal pooling as a store's meta (and a benchmark row) records it:
+    ``{pool_p, regional_gem_p, regional_gem_size}``, or ``None`` when it is off."""
+    values = _superglobal_settings(cfg)
+    return dict(zip(("pool_p", "regional_gem_p", "regional_gem_size"), values)) if values else None
+
+
 def _input_digest(items, boxes=None):
     h = hashlib.sha256()
     for image_id, path in items:
@@ -220,6 +227,11 @@ def _input_digest(items, boxes=None):
         for box in boxes:
             h.update(f"box {tuple(float(v) for v in box)!r}\n".encode())
     return h.hexdigest()[:16]
+
+
+def readable_now(paths, max_pixels=DEFAULT_MAX_PIXELS):
+    """The images of ``paths`` (a store's ``failed_images``) that decode now: replaced since."""
+    return [p for p in paths if decode_image(p, max_pixels) is not None]
 
 
 def _existing_matches(path, meta, dtype="float32", max_pixels=DEFAULT_MAX_PIXELS):
@@ -233,7 +245,7 @@ def _existing_matches(path, meta, dtype="float32", max_pixels=DEFAULT_MAX_PIXELS
         return False
     if old.get("dtype", "float32") != dtype:
         return False
-    readable = [p for p in old.get("failed_images") or [] if decode_image(p, max_pixels) is not None]
+    readable = readable_now(old.get("failed_images") or [], max_pixels)
     if readable:
         logger.info(
             "%s lists %d unreadable images that are readable now (e.g. %s): extracting it again",
@@ -256,11 +268,7 @@ def extraction_meta(cfg, items, shard, predictor, boxes=None):
         "scales": [float(s) for s in cfg.INFER.SCALES],
         "flip": bool(cfg.INFER.FLIP),
         "multiscale_pool": cfg.INFER.MULTISCALE_POOL,
-        **(
-            {"superglobal": dict(zip(("pool_p", "regional_gem_p", "regional_gem_size"), _superglobal_settings(cfg)))}
-            if _superglobal_settings(cfg)
-            else {}
-        ),
+        **({"superglobal": superglobal_meta(cfg)} if superglobal_meta(cfg) else {}),
         "im_size": cfg.TEST.IM_SIZE,
         "input_digest": _input_digest(items, boxes),
         "shard": shard,

@@ -15,6 +15,7 @@ the centred square of that side is cut out). Each view, and its horizontal flip 
 """
 
 import logging
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -59,12 +60,15 @@ class Preprocess:
         """The views of ``im``. ``full_side``: for a crop (a query cropped to its box,
         ``INFER.BOXES``), the longer side of the full image it was cut from; each view is then
         scaled by the factor the full image would get (the crop's longer side becomes
-        ``TEST.IM_SIZE × s × max(crop side) / full_side``, cirtorch's rule for the revisited
-        Oxford/Paris queries), not blown up to the full target size."""
+        ``floor(floor(TEST.IM_SIZE × max(crop side) / full_side) × s)``, cirtorch's rule for the
+        revisited Oxford/Paris queries), not blown up to the full target size."""
         views = []
-        ratio = 1.0 if full_side is None else max(im.shape[:2]) / float(full_side)
+        # a crop's longer side at scale 1: floor(TEST.IM_SIZE × crop side / full side), computed in
+        # cirtorch's order and floored as PIL's thumbnail floors it; each scale then floors again,
+        # as resizing by a scale factor does (cirtorch's multi-scale extraction)
+        base = None if full_side is None else math.floor(self.size * max(im.shape[:2]) / float(full_side))
         for s in self.scales:
-            target = max(8, int(round(self.size * s * ratio)))
+            target = max(8, int(round(self.size * s)) if base is None else math.floor(base * s))
             if self.crop:
                 shorter = max(target, int(round(target / self.crop_fraction)))
                 views.append(to_tensor(center_crop(resize_shorter(im, shorter), target)))

@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import functools
 import logging
+import math
 import os
 from typing import Optional
 
@@ -133,7 +134,7 @@ def revisited(name, data_root, allow_subset=False, check_files=True):
             box = tuple(float(v) for v in bbx)
         except (TypeError, ValueError):
             box = ()
-        if len(box) != 4 or not box_has_area(box):
+        if len(box) != 4 or not all(math.isfinite(v) for v in box) or not box_has_area(box):
             raise DataError(f"{gnd_path}: query {qimlist[i]!r} (gnd[{i}]) has no usable bbx: {bbx!r}")
         boxes.append(box)
     query = [(n, f"jpg/{n}.jpg") for n in qimlist]
@@ -217,8 +218,10 @@ def gldv2_retrieval(data_root, allow_subset=False, check_files=True):
         header = [h.strip() for h in next(rows, [])]
         if header != ["id", "images", "Usage"]:
             raise DataError(f"{solution}:1: expected the header 'id,images,Usage', got {','.join(header)!r}")
-        for row in rows:
+        for line, row in enumerate(rows, 2):
             if len(row) == 3 and row[2].strip() in usage_count and row[1].strip():
+                if len(row[0].strip()) < 3:  # the image lives under test/<id[0]>/<id[1]>/<id[2]>/
+                    raise DataError(f"{solution}:{line}: {row[0].strip()!r} is not a GLDv2 image id (16 hex digits)")
                 usage_count[row[2].strip()] += 1
                 queries.append((row[0].strip(), gldv2_relpath(row[0].strip(), "test")))
     notes = []
