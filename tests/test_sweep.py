@@ -70,6 +70,10 @@ BAD_SAMPLERS = [
     ({"OPTIM.BASE_LR": {"TYPE": "uniform", "RANGE": [0.1, 0.01]}}, "is reversed"),
     ({"TRAIN.BATCH_SIZE": {"TYPE": "power2", "RANGE": [4, 12]}}, "powers of two"),
     ({"OPTIM.BASE_LR": {"TYPE": "uniform", "RANGE": "0.1"}}, "RANGE='0.1' has the wrong type"),
+    ({"MODEL.HEADS.MARGIN": {"TYPE": "uniform", "RANGE": [0.12, 0.38], "QUANTIZE": 0.1}}, "multiples of QUANTIZE"),
+    ({"OPTIM.BASE_LR": {"TYPE": "log_uniform", "RANGE": [0.0001, 0.003], "QUANTIZE": 0.002}}, "multiples of QUANTIZE"),
+    ({"TRAIN.BATCH_SIZE": {"TYPE": "power2", "RANGE": [4, 16], "QUANTIZE": 4}}, "QUANTIZE does not apply"),
+    ({"OPTIM.MAX_EPOCH": {"TYPE": "int_uniform", "RANGE": [0, 10], "QUANTIZE": 2.5}}, "integer QUANTIZE"),
 ]
 
 
@@ -91,6 +95,7 @@ def test_a_bad_sampler_is_one_line_and_exit_2(tmp_path, tiny_data, capsys, sampl
         ({"SETUP": {"NUM_CONFIGS": "many"}}, "SETUP.NUM_CONFIGS='many' has the wrong type"),
         ({"LAUNCH": {"MAX_RETRY": 0}}, "LAUNCH.MAX_RETRY=0 is not allowed"),
         ({"ANALYZE": {"PICK": "median"}}, "ANALYZE.PICK='median' is not allowed"),
+        ({"SETUP": {"SEEDS": [1, 2, 1]}}, "SETUP.SEEDS repeats [1]"),
     ],
 )
 def test_a_bad_sweep_key_is_one_line_and_exit_2(tmp_path, tiny_data, capsys, top, needle):
@@ -142,6 +147,45 @@ def test_setup_mixes_grid_and_random_over_seeds_and_drops_refused_values(tmp_pat
     status, _, err = call_tool("sweep_setup", ["--sweep-cfg", path], capsys)
     assert status == 0, err
     assert (root / "cfgs" / "000005.yaml").read_text() == first
+
+
+def test_samplers_on_the_command_line_are_refused_not_ignored(tmp_path, tiny_data, capsys):
+    path = write_sweep(tmp_path, tiny_data, {"MODEL.HEADS.MARGIN": {"TYPE": "grid", "VALUES": [0.1]}})
+    opts = ["SETUP.SAMPLERS.MODEL.HEADS.MARGIN", "{TYPE: grid, VALUES: [0.5]}"]
+    status, _, err = call_tool("sweep_setup", ["--sweep-cfg", path, *opts], capsys)
+    one_line_error(status, err, "SETUP.SAMPLERS.MODEL.HEADS.MARGIN: the samplers cannot be overridden", path)
+
+
+def test_quantized_draws_stay_in_range_and_give_every_value_its_whole_bin():
+    from metric.sweep.samplers import draw
+
+    def freq(kind, lo, hi, q, n=40000):
+        rng = np.random.default_rng(0)
+        values = [draw({"TYPE": kind, "RANGE": [lo, hi], "QUANTIZE": q}, rng) for _ in range(n)]
+        return {v: c / n for v, c in zip(*np.unique(values, return_counts=True))}
+
+    f = freq("uniform", 1.0, 4.0, 1.0)  # an integer by uniform: the ends as likely as the middle
+    assert set(f) == {1, 2, 3, 4} and all(abs(p - 0.25) < 0.01 for p in f.values()), f
+    f = freq("uniform", 0.1, 0.3, 0.1)
+    assert set(f) == {0.1, 0.2, 0.3} and all(abs(p - 1 / 3) < 0.01 for p in f.values()), f
+    f = freq("int_uniform", 0, 10, 5.0)  # QUANTIZE applies to int_uniform too
+    assert set(f) == {0, 5, 10} and all(abs(p - 1 / 3) < 0.01 for p in f.values()), f
+    f = freq("log_uniform", 0.001, 0.004, 0.001)  # log bins: [0.0005, 0.0015) ... [0.0035, 0.0045)
+    assert set(f) == {0.001, 0.002, 0.003, 0.004}, f
+    edges = np.log([0.0005, 0.0015, 0.0025, 0.0035, 0.0045])
+    want = np.diff(edges) / (edges[-1] - edges[0])
+    assert np.allclose([f[v] for v in (0.001, 0.002, 0.003, 0.004)], want, atol=0.01)
+
+
+def test_a_sampled_model_that_does_not_build_is_dropped_and_counted(tmp_path, tiny_data, capsys):
+    samplers = {"MODEL.HEADS.IN_FEAT": {"TYPE": "grid", "VALUES": [0, 100]}}  # 100: not the backbone's 64
+    path = write_sweep(tmp_path, tiny_data, samplers, setup={"SEEDS": [1]})
+    status, out, err = call_tool("sweep_setup", ["--sweep-cfg", path], capsys)
+    assert status == 0, err
+    summary = json.loads((tmp_path / "sweeps/s/setup.json").read_text())
+    assert [j["values"]["MODEL.HEADS.IN_FEAT"] for j in summary["jobs"]] == [0]
+    assert summary["counts"]["refused"] == 1 and "refused by the config check" in out
+    assert any("IN_FEAT=100 but the resnet backbone outputs 64" in r for r in summary["refused_reasons"])
 
 
 def test_duplicate_draws_are_removed_and_counted_and_a_short_sweep_says_so(tmp_path, tiny_data, capsys):

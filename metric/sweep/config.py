@@ -16,6 +16,7 @@ type and its fields are known, every value of a ``grid`` / ``choice`` has the ke
 ranges are ordered (and positive for ``log_uniform``, powers of two for ``power2``).
 """
 
+import decimal
 import difflib
 import math
 import os
@@ -218,6 +219,11 @@ def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _multiple_of(v, step):
+    """Whether ``v`` is a whole multiple of ``step``, in decimal as the yaml wrote them (0.3 of 0.1)."""
+    return (decimal.Decimal(repr(float(v))) % decimal.Decimal(repr(float(step)))) == 0
+
+
 def _is_power2(v):
     return _number(v) and v >= 1 and float(v).is_integer() and (int(v) & (int(v) - 1)) == 0
 
@@ -286,6 +292,15 @@ def check_sampler(key, spec, source, base=None):
         raise ConfigError(f"{where}: int_uniform needs integer RANGE ends, got [{lo}, {hi}]")
     if kind == "power2" and not (_is_power2(lo) and _is_power2(hi)):
         raise ConfigError(f"{where}: power2 needs RANGE ends that are powers of two (1, 2, 4, ...), got [{lo}, {hi}]")
+    if quantize and kind == "power2":
+        raise ConfigError(f"{where}: a power2 sampler draws powers of two; QUANTIZE does not apply to it")
+    if quantize and kind == "int_uniform" and not float(quantize).is_integer():
+        raise ConfigError(f"{where}: int_uniform needs an integer QUANTIZE, got {quantize}")
+    if quantize and not all(_multiple_of(v, quantize) for v in (lo, hi)):
+        raise ConfigError(
+            f"{where}: RANGE [{lo}, {hi}] ends must be multiples of QUANTIZE={quantize} (every drawn value is one, "
+            "and within the range)"
+        )
     out["RANGE"] = [int(lo), int(hi)] if kind in ("int_uniform", "power2") else [float(lo), float(hi)]
     return out
 
@@ -343,6 +358,8 @@ def load_sweep_cfg(path, opts=()):
     if len(opts) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs; {opts[-1]!r} has no value")
     for key, text in zip(opts[0::2], opts[1::2]):
+        if key == "SETUP.SAMPLERS" or key.startswith("SETUP.SAMPLERS."):
+            raise ConfigError(f"{key}: the samplers cannot be overridden on the command line; edit them in {path}")
         value = text
         if isinstance(text, str):
             try:
@@ -373,6 +390,12 @@ def load_sweep_cfg(path, opts=()):
         value = _default(c, key)
         if not ok(value):
             raise ConfigError(f"{path}: {key}={value!r} is not allowed: expected {allowed}")
+    repeated = sorted({s for s in c.SETUP.SEEDS if c.SETUP.SEEDS.count(s) > 1})
+    if repeated:
+        raise ConfigError(
+            f"{path}: SETUP.SEEDS repeats {repeated}: a repeated seed repeats a run and understates the "
+            "spread over seeds; give each seed once"
+        )
     for key in ("SETUP.CONSTRAINTS.FLOPS", "SETUP.CONSTRAINTS.PARAMS"):
         bounds = _default(c, key)
         if len(bounds) != 2 or min(bounds) < 0 or (bounds[1] and bounds[0] > bounds[1]):

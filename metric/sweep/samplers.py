@@ -28,21 +28,28 @@ def quantize(value, step):
 
 
 def draw(spec, rng):
-    """One value of sampler ``spec`` (``{TYPE, VALUES, RANGE, QUANTIZE}``) from numpy Generator ``rng``."""
+    """One value of sampler ``spec`` (``{TYPE, VALUES, RANGE, QUANTIZE}``) from numpy Generator ``rng``.
+    With ``QUANTIZE`` q (the RANGE ends are multiples of it) the value is a multiple of q within the
+    range, each with the probability of the whole bin of width q around it (the two ends too)."""
     kind, step = spec["TYPE"], spec["QUANTIZE"]
     if kind in LIST_TYPES:
         return spec["VALUES"][int(rng.integers(len(spec["VALUES"])))]
     lo, hi = spec["RANGE"]
-    if kind == "uniform":
-        value = float(rng.uniform(lo, hi))
-    elif kind == "log_uniform":
-        value = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-    elif kind == "int_uniform":
+    if kind == "int_uniform":
+        if step:
+            return int(lo + int(step) * int(rng.integers(round((hi - lo) / step) + 1)))
         return int(rng.integers(lo, hi + 1))
-    else:  # power2
+    if kind == "power2":
         return 2 ** int(rng.integers(int(math.log2(lo)), int(math.log2(hi)) + 1))
-    value = quantize(value, step)
-    return int(round(value)) if step and float(step).is_integer() else value
+    a, b = (lo - step / 2, hi + step / 2) if step else (lo, hi)  # lo >= step > 0 for log_uniform
+    if kind == "uniform":
+        value = float(rng.uniform(a, b))
+    else:  # log_uniform
+        value = float(math.exp(rng.uniform(math.log(a), math.log(b))))
+    if not step:
+        return value
+    value = min(max(quantize(value, step), lo), hi)
+    return int(round(value)) if float(step).is_integer() else value
 
 
 def draw_all(samplers, rng):

@@ -156,8 +156,15 @@ class _Sampler:
             return False
         arch = _architecture(cfg)
         if arch not in self.complexity:
-            self.complexity[arch] = model_complexity(build_model(cfg), cfg.TRAIN.IM_SIZE)
+            try:  # a model the config check passes can still not build (e.g. channels that do not match)
+                self.complexity[arch] = model_complexity(build_model(cfg), cfg.TRAIN.IM_SIZE)
+            except ConfigError as err:
+                self.complexity[arch] = err
         cx = self.complexity[arch]
+        if isinstance(cx, ConfigError):
+            self.counts["refused"] += 1
+            self.refused[str(cx)] += 1
+            return False
         self.measured["flops"].append(cx["flops"])
         self.measured["params"].append(cx["params"])
         cons = self.c.SETUP.CONSTRAINTS
