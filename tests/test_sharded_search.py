@@ -138,6 +138,10 @@ if os.environ["RANK"] != "0":  # sharded evaluation: rank 0 alone reads the labe
     def no_labels(path):
         raise AssertionError("a rank other than 0 read " + str(path))
     sharded_pipeline.read_labels = no_labels
+# --shard auto decides on each rank from its node's memory: here rank 0 finds room for queries
+# sharding and rank 1 does not (nodes of unequal memory); every rank must still use one mode
+sharded.QUERIES_PER_RANK = 1
+sharded.machine_memory = (lambda: 1 << 50) if os.environ["RANK"] == "0" else (lambda: 1)
 with process_group(60):
     statuses = [run_tool(load_tool(name).main, argv) for name, argv in runs]
 print("STATUSES " + json.dumps(statuses), flush=True)
@@ -337,6 +341,10 @@ def test_what_sharding_cannot_do_is_refused_in_one_line_and_superglobal_runs_by_
         "evaluate", ["--results", tmp_path / "r.csv", "--gt", tmp_path / "g.csv", "--shard", "index"], capsys
     )
     assert status == 2 and len(err.strip().splitlines()) == 1 and "labelled sets only" in err, err
+    for timeout in ("inf", "nan", "1e11", "0"):  # torch's process group overflows or hangs on huge ones
+        argv = ["--query", tmp_path / "x", "--index", tmp_path / "x", "--output", tmp_path / "o.csv"]
+        status, _, err = call_tool("search", [*argv, "--timeout", timeout], capsys)
+        assert status == 2 and len(err.strip().splitlines()) == 1 and "--timeout must be" in err, err
     # with queries sharding every process maps the whole index: SuperGlobal runs and equals one process
     argv = ["--query", tmp_path / "x", "--index", tmp_path / "x", "--rerank", "superglobal"]
     argv += ["--sg-m", "6", "--sg-k", "3"]
@@ -353,6 +361,7 @@ def test_one_process_cuts_its_rows_over_devices_and_shard_folders_in_place(tmp_p
         ("tq", "t", "t", ["--devices", "cpu,cpu,cpu", "--topk", "12"]),
         ("rq", "r.shards", "r", ["--devices", "cpu,cpu", "--qe", "2", "--dba", "1"]),
         ("rq", "r.shards", "r", ["--shard", "index", "--topk", "50"]),  # more than the index holds: all 37
+        ("rq", "r.shards", "r", ["--shard", "auto", "--rerank", "superglobal", "--sg-m", "6", "--sg-k", "3"]),
     ):
         _single(capsys, "search", [*_search_args(tmp_path, "a.csv", query, merged), *extra[2:]])
         _single(capsys, "search", [*_search_args(tmp_path, "b.csv", query, index), *extra])
@@ -420,7 +429,8 @@ def test_two_processes_equal_one(tmp_path, capsys):
     assert "bad.shards/shard_0003_of_0003" in errors[1] and "do not match the digest" in errors[1], errors
     errors1 = [line for line in results[1][2].splitlines() if line.startswith("error:")]
     assert len(errors1) == 1 and errors1[0].startswith("error: rank 1: all_gather"), errors1  # woken, rank 0 gone
-    assert "using index sharding" in stdout0 + stderr0
+    assert "using queries sharding" in stdout0 + stderr0  # rank 0's own choice under auto ...
+    assert "the ranks chose index, queries: using index sharding on every rank" in stdout0 + stderr0  # ... overruled
     # a stopped rank: rank 0 ends within the timeout, with one line, and writes nothing
     assert errors[2].startswith("error: rank 0: all_gather") and "timed out after 3 s" in errors[2], errors
     assert "rank 1 gave no sign of life" in errors[2] and "raise --timeout" in errors[2], errors  # names it

@@ -18,7 +18,7 @@ import sys
 
 from metric.retrieval.metrics import check_json_path, evaluate, format_table, write_json
 from metric.retrieval.sharded import wants_sharding
-from metric.retrieval.sharded_pipeline import DEFAULT_TIMEOUT_S, evaluate_labelled_sharded
+from metric.retrieval.sharded_pipeline import DEFAULT_TIMEOUT_S, check_timeout, evaluate_labelled_sharded
 from metric.utils.cli import add_verify_option, make_parser, run_tool
 from metric.utils.errors import MetricError
 from metric.utils.io import check_distinct_paths
@@ -49,6 +49,7 @@ def main(argv=None):
     )
     add_verify_option(parser)
     args = parser.parse_args(argv)
+    check_timeout(args.timeout)
     sharded = args.shard is not None or wants_sharding(args.index)
     if args.json:
         check_distinct_paths(

@@ -26,7 +26,7 @@ from metric.retrieval.pipeline import SearchOptions, search_stores
 from metric.retrieval.rerank_plan import GRAPH_MODES, RERANKERS, RerankOptions
 from metric.retrieval.search import BACKENDS
 from metric.retrieval.sharded import SHARD_MODES, wants_sharding
-from metric.retrieval.sharded_pipeline import DEFAULT_TIMEOUT_S, search_stores_sharded
+from metric.retrieval.sharded_pipeline import DEFAULT_TIMEOUT_S, check_timeout, search_stores_sharded
 from metric.utils.cli import add_verify_option, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
 
@@ -121,6 +121,7 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_verify_option(parser)
     args = parser.parse_args(argv)
+    check_timeout(args.timeout)
     check_distinct_paths(
         [("--output", args.output), ("--scores", args.scores)],
         [("--ann-dir", args.ann_dir), ("--graph-dir", args.graph_dir)],

@@ -302,7 +302,9 @@ def choose_mode(mode, count, dim, itemsize, queries, k, world, dba=False, budget
         total = machine_memory()
         budget = total // du.local_processes() if total else None
     chosen = mode
-    if mode == "auto":
+    if mode == "auto" and world == 1:  # one process holds every row and query either way; queries
+        chosen = "queries"  # sharding also lets SuperGlobal re-rank a folder of shard stores
+    elif mode == "auto":
         fits = budget is None or est["queries"] <= AUTO_MEMORY_SHARE * budget
         chosen = "queries" if fits and queries >= QUERIES_PER_RANK * world else "index"
     logger.info(

@@ -42,8 +42,23 @@ from metric.utils.errors import DistributedError, MetricError
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 1800  # DIST.TIMEOUT_S's default
+# The longest --timeout (about 116 days): far larger values overflow or hang torch's process group.
+MAX_TIMEOUT_S = 1e7
 # Queries per sharded search while scoring labelled sets (each is one pass over every rank's rows).
 LABELLED_QUERY_BLOCK = 1 << 14
+
+
+def check_timeout(timeout_s):
+    """``timeout_s`` (``--timeout``), or a MetricError: a number of seconds in (0, MAX_TIMEOUT_S]."""
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not 0 < timeout_s <= MAX_TIMEOUT_S  # also NaN and inf: torch's timeouts are whole milliseconds
+    ):
+        err = MetricError(f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout_s!r}")
+        err.every_rank = True  # every process finds it: printed once per machine
+        raise err
+    return timeout_s
 
 
 @contextlib.contextmanager
@@ -51,8 +66,7 @@ def process_group(timeout_s=DEFAULT_TIMEOUT_S):
     """Join torchrun's process group (when ``WORLD_SIZE`` > 1 and none is joined yet) with the
     timeout ``timeout_s``; yields ``(world, rank, device)``. A group joined here is left at the
     end (after a barrier when the block succeeded, at once after an error)."""
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-        raise MetricError(f"--timeout must be a number of seconds > 0, got {timeout_s!r}")
+    check_timeout(timeout_s)
     joined = False
     device = None
     if du.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not du.world_size() > 1:
@@ -103,11 +117,25 @@ def _search_kwargs(options, device, progress=False):
     }
 
 
+def _one_mode(mode, world):
+    """The mode every rank uses. ``--shard auto`` decides per rank from its node's memory (and
+    processes per node), so nodes that differ can decide differently: then index sharding, the
+    smaller per process, for all."""
+    if world == 1:
+        return mode
+    modes = du.all_gather_objects(mode)
+    if len(set(modes)) == 1:
+        return mode
+    logger.info("the ranks chose %s: using index sharding on every rank", ", ".join(sorted(set(modes))))
+    return "index"
+
+
 def _check_rerank(plan, mode):
     if plan.final == "kreciprocal":
         raise MetricError(
             "k-reciprocal re-ranking is not supported under sharded search: it needs the k-NN graph of "
-            "the whole index in one process; run it without torchrun/--shard"
+            "the whole index in one process; run one process on one index store (tools/merge_features.py "
+            "joins shard stores)"
         )
     if plan.final == "superglobal" and mode == "index":
         raise MetricError(
@@ -164,6 +192,8 @@ def search_stores_sharded(
             return qstore, layout, mode
 
         qstore, layout, mode = agree(prepare)
+        mode = _one_mode(mode, world)
+        agree(_check_rerank, plan, mode)
         fn = local_search(layout, world, rank, mode) if local_search is not None else None
         engine = ShardedIndex(layout, mode, world, rank, kwargs, fn, devices)
         logger.info(
