@@ -95,3 +95,34 @@ def test_shape_mismatch_is_an_error():
         labelled_metrics(unit_vectors(rng, 3, 4), [0, 1, 2], unit_vectors(rng, 3, 5), [0, 1, 2])
     with pytest.raises(MetricError, match="labels"):
         labelled_metrics(unit_vectors(rng, 3, 4), [0, 1], unit_vectors(rng, 3, 4), [0, 1, 2])
+
+
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_map_at_k_is_glr_map_at_k_with_the_labels_as_the_solution(leave_one_out):
+    """mAP@k (``ap_at``, what the training evaluation records as mAP@100) equals Google Landmark
+    Retrieval's metric (metric.retrieval.metrics_glr) on the same top-k lists, with classes larger and
+    smaller than k (the divisor is min(R, k)) and queries without a relevant item left out."""
+    from metric.retrieval.metrics_glr import glr_average_precisions
+
+    rng = np.random.default_rng(7)
+    k = 12
+    x = unit_vectors(rng, 90, 16)
+    x_labels = rng.integers(0, 6, 90)  # classes of about 15 (> k)
+    x_labels[:10] = np.arange(6, 16)  # and classes of one
+    q, q_labels = (x, x_labels) if leave_one_out else (unit_vectors(rng, 25, 16), rng.integers(0, 17, 25))
+    got = labelled_metrics(q, q_labels, None if leave_one_out else x, None if leave_one_out else x_labels, ap_at=k)
+    sims = q @ x.T
+    if leave_one_out:
+        np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    predictions, solution = {}, {}
+    for i, row in enumerate(order):
+        relevant = [f"x{j}" for j in np.flatnonzero(x_labels == q_labels[i]) if not (leave_one_out and j == i)]
+        predictions[f"q{i}"] = [f"x{j}" for j in row]
+        solution[f"q{i}"] = (relevant, "Public")  # empty: not scored, as a lone query is skipped
+    want = glr_average_precisions(predictions, solution, k=k)
+    assert len(want) == len(q) - got["skipped"] and 0 < len(want) < len(q)
+    assert abs(got[f"mAP@{k}"] - np.mean(list(want.values()))) < 1e-12
+    assert "mAP@100" not in labelled_metrics(
+        q, q_labels, None if leave_one_out else x, None if leave_one_out else x_labels
+    )

@@ -376,7 +376,7 @@ def test_collect_writes_records_and_a_status_table(launched, capsys):
     records = [json.loads(line) for line in (launched["root"] / "sweep.jsonl").read_text().splitlines()]
     assert [r["state"] for r in records] == ["done", "done", "failed", "failed"]
     for r in records[:2]:
-        assert r["epochs"] == r["max_epoch"] == 1 and 0 <= r["final"]["mAP@R"] <= 1
+        assert r["epochs"] == r["max_epoch"] == 1 and 0 <= r["final"]["mAP@R"] <= 1 and 0 <= r["final"]["mAP@100"] <= 1
         assert r["best"]["recall@1"] == r["final"]["recall@1"] and r["flops"] > 0 and r["params"] > 0
         assert r["values"] == {"TRAIN.SPLIT": "train.txt"} and r["time"] > 0
 
@@ -414,6 +414,12 @@ def test_analyze_writes_one_self_contained_html(launched):
         im = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
         assert im is not None and im.shape[0] > 100 and im.std() > 10
     assert re.search(r"[01]\.\d{4} ± [01]\.\d{4}\s+n=2\s+TRAIN\.SPLIT=train\.txt", out)
+    # any metric the runs record: GLR's mAP@100 (the training evaluation records it) too
+    glr = tool_in_process("sweep_analyze", ["--sweep-cfg", launched["path"], "ANALYZE.METRIC", "mAP@100"])
+    assert glr.returncode == 0, glr.stderr
+    assert re.search(r"[01]\.\d{4} ± [01]\.\d{4}\s+n=2\s+TRAIN\.SPLIT=train\.txt", glr.stdout)
+    assert "mAP@100 mean ± std" in (launched["root"] / "analysis.html").read_text()
+    assert tool_in_process("sweep_analyze", ["--sweep-cfg", launched["path"]]).returncode == 0  # back to mAP@R
 
 
 @pytest.mark.slow

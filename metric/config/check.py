@@ -95,8 +95,8 @@ _RULES = {
     "TRAIN.GRAD_CLIP": _NONNEG,
     "TRAIN.ACCUM_STEPS": _ONE_UP,
     "TRAIN.BEST_METRIC": (
-        lambda v: v in ("", "recall@1", "recall@5", "recall@10", "mAP@R"),
-        'one of "" (off) | recall@1 | recall@5 | recall@10 | mAP@R',
+        lambda v: v in ("", "recall@1", "recall@5", "recall@10", "mAP@R", "mAP@100"),
+        'one of "" (off) | recall@1 | recall@5 | recall@10 | mAP@R | mAP@100',
     ),
     "TRAIN.EMA.DECAY": _range(0, 1, lo_open=True, hi_open=True),
     "TRAIN.EMA.WARMUP_GAMMA": _POS,

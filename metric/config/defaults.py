@@ -481,7 +481,8 @@ _C.TRAIN.COMPILE = False
 # Keep a checkpoint of the best evaluation so far, OUT_DIR/checkpoints/best.pyth (written
 # atomically, with the metric's name, value and epoch under "best"), next to the periodic ones
 # (auto-resume never takes it). The metric of the TEST evaluation (higher is better): "" (off) |
-# recall@1 | recall@5 | recall@10 | mAP@R. Needs TEST.DATASET. Tools take TEST.WEIGHTS best.
+# recall@1 | recall@5 | recall@10 | mAP@R | mAP@100 (Google Landmark Retrieval's definition, the
+# labels as the solution). Needs TEST.DATASET. Tools take TEST.WEIGHTS best.
 _C.TRAIN.BEST_METRIC = ""
 
 # Exponential moving average (EMA) of the weights, as timm's ModelEmaV3: a float32 copy of the

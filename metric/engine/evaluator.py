@@ -4,8 +4,9 @@ Used by the trainer after epochs and by ``tools/test_metric.py``. Every test ima
 by the :class:`~metric.engine.predictor.Predictor` — the same preprocessing, views and
 combination as feature extraction, so the figures equal those of ``tools/extract_features.py`` +
 ``tools/evaluate.py`` on the same list — and each one queries all the others; the metrics are
-recall@1/5/10 and mAP@R by label. Never classifier accuracy. Under DDP every rank describes the
-images ``rank::world`` and rank 0 scores them all.
+recall@1/5/10, mAP@R and mAP@100 (Google Landmark Retrieval's definition) by label. Never
+classifier accuracy. Under DDP every rank describes the images ``rank::world`` and rank 0 scores
+them all.
 """
 
 import logging
@@ -19,6 +20,9 @@ from metric.retrieval.metrics import labelled_metrics
 from metric.utils import distributed as du
 
 logger = logging.getLogger(__name__)
+
+# The evaluation also records mAP@100 as Google Landmark Retrieval defines it (labels as the solution).
+GLR_K = 100
 
 
 def describe_items(predictor, paths, batch_size, num_workers=0, rank=0, world_size=1):
@@ -43,7 +47,7 @@ def evaluate_retrieval(predictor, items, batch_size, num_workers=0, rank=0, worl
         return None
     labels = np.array([label for _, label in items])
     keep = ~failed
-    metrics = labelled_metrics(emb[keep], labels[keep])
+    metrics = labelled_metrics(emb[keep], labels[keep], ap_at=GLR_K)
     metrics.update(num_images=int(keep.sum()), bad_images=int(failed.sum()), time=time.time() - t0)
     return metrics
 
@@ -52,7 +56,8 @@ def format_metrics(metrics):
     bad = metrics.get("bad_images", 0)
     return (
         f"recall@1 {metrics['recall@1']:.4f}  recall@5 {metrics['recall@5']:.4f}  mAP@R {metrics['mAP@R']:.4f}  "
-        f"({metrics['num_images']} images{f', {bad} unreadable, left out' if bad else ''})"
+        + (f"mAP@100 {metrics['mAP@100']:.4f}  " if "mAP@100" in metrics else "")
+        + f"({metrics['num_images']} images{f', {bad} unreadable, left out' if bad else ''})"
     )
 
 

@@ -6,7 +6,10 @@ excluded). With R the number of relevant items and the index ranked by inner pro
 
 - recall@k: 1 if at least one of the first k items is relevant, else 0 (the usual metric-learning
   "recall@k", i.e. hit rate);
-- AP@R = 1/R * sum_{i=1..R} P(i) * rel(i), P(i) = relevant items among the first i, divided by i.
+- AP@R = 1/R * sum_{i=1..R} P(i) * rel(i), P(i) = relevant items among the first i, divided by i;
+- with ``ap_at=k`` also mAP@k as Google Landmark Retrieval defines it (the metric of
+  :func:`~metric.retrieval.metrics_glr.glr_map_at_k`, here with the labels as the solution):
+  AP@k = 1/min(R, k) * sum_{i=1..k} P(i) * rel(i). The training evaluation records mAP@100.
 
 Both are averaged over the queries that have at least one relevant item; the others (a class
 with one image in leave-one-out mode, a query label absent from the index) are counted in
@@ -84,7 +87,9 @@ def _top_in_order(sims, depth):
     return top
 
 
-def labelled_metrics(query_emb, query_labels, index_emb=None, index_labels=None, ks=(1, 5, 10), chunk_size=1024):
+def labelled_metrics(
+    query_emb, query_labels, index_emb=None, index_labels=None, ks=(1, 5, 10), chunk_size=1024, ap_at=None
+):
     """recall@k and mAP@R of a labelled query set against a labelled index.
 
     Args:
@@ -94,6 +99,7 @@ def labelled_metrics(query_emb, query_labels, index_emb=None, index_labels=None,
             query set.
         ks: the k of the reported recall@k.
         chunk_size: queries per chunk (also capped so a chunk holds at most 64 Mi similarities).
+        ap_at: also ``mAP@<ap_at>`` (GLR's definition, see the module doc), or None.
 
     Returns:
         ``{"recall@1": .., "recall@5": .., "recall@10": .., "mAP@R": .., "skipped": n}``,
@@ -133,10 +139,10 @@ def labelled_metrics(query_emb, query_labels, index_emb=None, index_labels=None,
         return _top_in_order(sims, depth)
 
     rows = max(1, min(int(chunk_size), _MAX_CHUNK_ELEMENTS // max(num_x, 1)))
-    return score_rankings(rank, query_labels, index_labels, num_x, ks, rows, device)
+    return score_rankings(rank, query_labels, index_labels, num_x, ks, rows, device, ap_at)
 
 
-def score_rankings(rank, query_labels, index_labels, num_x, ks=(1, 5, 10), rows=1024, device=None):
+def score_rankings(rank, query_labels, index_labels, num_x, ks=(1, 5, 10), rows=1024, device=None, ap_at=None):
     """recall@k and mAP@R (the dict :func:`labelled_metrics` returns) from rankings of the index:
     ``rank(start, stop, depth)`` returns the ``[stop - start, depth]`` index rows most similar to
     queries ``start .. stop - 1``, best first, asked for ``rows`` queries at a time.
@@ -152,12 +158,18 @@ def score_rankings(rank, query_labels, index_labels, num_x, ks=(1, 5, 10), rows=
     num_relevant = class_size[q_codes] - (1 if leave_one_out else 0)
     ks = tuple(int(k) for k in ks)
     kmax = max(ks)
+    if ap_at is not None:
+        ap_at = int(ap_at)
+        if ap_at < 1:
+            raise MetricError(f"mAP@k needs k >= 1, got {ap_at}")
+        kmax = max(kmax, ap_at)
 
     q_lab = torch.as_tensor(q_codes, device=device)
     x_lab = torch.as_tensor(x_codes, device=device)
     relevant_t = torch.as_tensor(num_relevant, device=device)
     hits = torch.zeros(len(ks), dtype=torch.float64, device=device)
     ap_sum = torch.zeros((), dtype=torch.float64, device=device)
+    apk_sum = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, num_q, rows):
         stop = min(start + rows, num_q)
         r = relevant_t[start:stop]
@@ -176,6 +188,11 @@ def score_rankings(rank, query_labels, index_labels, num_x, ks=(1, 5, 10), rows=
         precision = rel_r.cumsum(dim=1) / torch.arange(1, depth + 1, device=device)
         ap = (precision * rel_r).sum(dim=1) / r.clamp(min=1)
         ap_sum += ap[keep].sum()
+        if ap_at is not None:  # GLR's AP@k: the first k positions, divided by min(R, k)
+            rel_k = rel[:, :ap_at].double()
+            precision_k = rel_k.cumsum(dim=1) / torch.arange(1, rel_k.shape[1] + 1, device=device)
+            apk = (precision_k * rel_k).sum(dim=1) / r.clamp(min=1, max=ap_at)
+            apk_sum += apk[keep].sum()
 
     scored = int((num_relevant > 0).sum())
     skipped = num_q - scored
@@ -185,5 +202,7 @@ def score_rankings(rank, query_labels, index_labels, num_x, ks=(1, 5, 10), rows=
         logger.info("%d of %d queries have no relevant item and were skipped", skipped, num_q)
     out = {f"recall@{k}": float(hits[i] / scored) for i, k in enumerate(ks)}
     out["mAP@R"] = float(ap_sum / scored)
+    if ap_at is not None:
+        out[f"mAP@{ap_at}"] = float(apk_sum / scored)
     out["skipped"] = skipped
     return out
