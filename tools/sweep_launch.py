@@ -6,6 +6,7 @@ python tools/sweep_launch.py --sweep-cfg configs/sweeps/demo_margins.yaml
 python tools/sweep_launch.py --sweep-cfg S --run-job 3     # one run (what each executor starts)
 """
 
+import functools
 import sys
 
 from metric.sweep import jobs as J
@@ -29,7 +30,7 @@ def main(argv=None):
         raise ConfigError(f"--executor {args.executor!r} is not allowed: expected one of {' | '.join(EXECUTORS)}")
     c = load_sweep_cfg(args.sweep_cfg, args.opts)
     if args.run_job is not None:
-        return run_job(c, args.run_job)
+        return run_job(c, args.run_job, out=functools.partial(print, flush=True))  # a SLURM task's log: at once
     launch_slurm = None
     if args.executor == "slurm":  # checked before anything else: the same answer however far the sweep is
         if args.opts:

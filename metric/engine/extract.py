@@ -268,7 +268,7 @@ def extraction_meta(cfg, items, shard, predictor, boxes=None):
         "scales": [float(s) for s in cfg.INFER.SCALES],
         "flip": bool(cfg.INFER.FLIP),
         "multiscale_pool": cfg.INFER.MULTISCALE_POOL,
-        **({"superglobal": superglobal_meta(cfg)} if superglobal_meta(cfg) else {}),
+        **({"superglobal": sg} if (sg := superglobal_meta(cfg)) else {}),
         "im_size": cfg.TEST.IM_SIZE,
         "input_digest": _input_digest(items, boxes),
         "shard": shard,

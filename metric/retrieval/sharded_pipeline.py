@@ -187,13 +187,12 @@ def search_stores_sharded(
             mode = choose_mode(
                 shard, layout.count, layout.dim, layout.itemsize, len(qstore), plan.search_width(topk), world, plan.dba
             )
-            _check_rerank(plan, mode)
             rerank_plan.check_plan(plan, qstore, _Sized(layout))
             return qstore, layout, mode
 
         qstore, layout, mode = agree(prepare)
         mode = _one_mode(mode, world)
-        agree(_check_rerank, plan, mode)
+        agree(_check_rerank, plan, mode)  # with the mode every rank uses
         fn = local_search(layout, world, rank, mode) if local_search is not None else None
         engine = ShardedIndex(layout, mode, world, rank, kwargs, fn, devices)
         logger.info(

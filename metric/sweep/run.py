@@ -64,8 +64,9 @@ def train_from_file(argv):
     train_model(load_cfg(argv[0], argv[1:]))
 
 
-def run_job(c, job, environ=None):
-    """Run job ``job`` of the sweep of config ``c``; returns the exit status (0: done)."""
+def run_job(c, job, environ=None, out=print):
+    """Run job ``job`` of the sweep of config ``c``; returns the exit status (0: done). ``out``
+    takes its progress lines (the tool's output, as :func:`metric.sweep.local.launch_local`'s)."""
     environ = os.environ if environ is None else environ
     root = J.open_sweep(c)
     n = J.num_jobs(root)
@@ -79,7 +80,7 @@ def run_job(c, job, environ=None):
         sys.stderr.write(f"job {job:06d}: {err}\n")
         return EXIT_BUSY
     try:
-        return _run_locked(c, root, job, environ)
+        return _run_locked(c, root, job, environ, out)
     finally:
         lock.release(key)
 
@@ -95,11 +96,11 @@ def _overrides(c, rdir, environ):
     return opts, threads
 
 
-def _run_locked(c, root, job, environ):
+def _run_locked(c, root, job, environ, out):
     rdir, log = J.run_dir(root, job), J.log_path(root, job)
     status = J.read_status(root, job)
     if status["state"] == "done":
-        print(f"job {job:06d}: already done")
+        out(f"job {job:06d}: already done")
         return 0
     opts, threads = _overrides(c, rdir, environ)
     status.update(
@@ -121,7 +122,7 @@ def _run_locked(c, root, job, environ):
             f"{cfg_file} {' '.join(opts)}\n".encode()
         )
         offset = f.tell()
-    print(f"job {job:06d}: attempt {status['attempts']}, log {log}", flush=True)
+    out(f"job {job:06d}: attempt {status['attempts']}, log {log}")
     rc, interrupted, seconds = _train_in_child(cfg_file, opts, threads, log)
     line = J.last_line(log, offset)
     if rc < 0 and not interrupted:
@@ -141,7 +142,7 @@ def _run_locked(c, root, job, environ):
         total_seconds=status.get("total_seconds", 0.0) + seconds,
     )
     J.write_status(root, job, status)
-    print(f"job {job:06d}: {state} (exit {rc}) in {seconds:.1f}s" + ("" if finished else f": {line}"), flush=True)
+    out(f"job {job:06d}: {state} (exit {rc}) in {seconds:.1f}s" + ("" if finished else f": {line}"))
     if finished:
         return 0
     return rc if rc > 0 else (128 - rc if rc < 0 else 1)
