@@ -333,11 +333,11 @@ else:
     torch.Tensor.backward = patched
 
 if __name__ == "__main__":
-    from metric.utils.cli import run_tool
+    from metric.utils.cli import exit_tool, run_tool
     spec = importlib.util.spec_from_file_location("train_metric_tool", "tools/train_metric.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    sys.exit(run_tool(tool.main))
+    exit_tool(run_tool(tool.main))
 """
 
 
@@ -365,6 +365,52 @@ def test_a_stopped_peer_ends_the_run_with_one_line(tiny_data, tmp_path, where, c
     assert "no CUDA: running 2 CPU processes with gloo" in proc.stdout
     assert seconds < 90, (seconds, line)  # about 25 s on a 2-core machine: start-up, 5 s, shutdown
     assert not os.path.exists(tmp_path / "run" / ".lock")
+
+
+# Rank 1 aborts during interpreter finalization, as gloo's native destructors did once in CI
+# (SIGABRT, "terminate called without an active exception") after the run had finished.
+_ABORT_AT_EXIT = """
+import atexit, importlib.util, os, sys
+import metric.utils.distributed as du
+
+real_cleanup = du.cleanup
+def cleanup(wait=True):
+    real_cleanup(wait)
+    if os.environ.get("RANK") == "1":
+        atexit.register(os.abort)
+du.cleanup = cleanup
+
+if __name__ == "__main__":
+    from metric.utils.cli import exit_tool, run_tool
+    spec = importlib.util.spec_from_file_location("train_metric_tool", "tools/train_metric.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    exit_tool(run_tool(tool.main))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
+def test_a_finished_process_skips_interpreter_finalization(tiny_data, tmp_path, launcher):
+    script = tmp_path / "abort_at_exit.py"
+    script.write_text(_ABORT_AT_EXIT)
+    out = tmp_path / "run"
+    opts = tiny_opts(tiny_data, str(out), **{"TRAIN.BATCH_SIZE": 8, "TEST.BATCH_SIZE": 8})
+    port = str(free_port())
+    if launcher == "spawn":
+        args = [str(script), *opts, "NUM_GPUS", "2", "HOST", "127.0.0.1", "PORT", port]
+    else:
+        args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+        args += [f"--master_port={port}", str(script), *opts]
+    proc = run_py(args, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SIGABRT" not in proc.stderr and "Signals.SIGABRT" not in proc.stderr, proc.stderr[-3000:]
+    assert "error:" not in proc.stderr, proc.stderr[-3000:]
+    # what the processes wrote before leaving is complete: the log's last line and the last checkpoint
+    assert "training done" in proc.stdout + proc.stderr
+    assert (out / "checkpoints" / "model_epoch_0001.pyth").exists()
+    assert not os.path.exists(out / ".lock")
 
 
 @pytest.mark.slow

@@ -9,14 +9,12 @@ Conversion is cached and the feature stores (under --features, default OUT_DIR/b
 reused, so a rerun only scores. See docs/BENCHMARKS.md.
 """
 
-import sys
-
 from metric.config import load_cfg
 from metric.datasets.benchmarks.prepare import make_lists
 from metric.engine.benchmark import run_benchmark
 from metric.retrieval.store import STORE_DTYPES, check_dtype
 from metric.utils import io
-from metric.utils.cli import add_dtype_option, make_parser, run_tool
+from metric.utils.cli import add_dtype_option, exit_tool, make_parser, run_tool
 
 
 def main(argv=None):
@@ -60,4 +58,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

@@ -13,13 +13,11 @@ python tools/build_index.py --index OUT.shards [--type ...]   (the shard stores 
 python tools/build_index.py ... --train-only; then, anywhere: ... --shard-rank R [--quantizer FILE]
 """
 
-import sys
-
 from metric.retrieval.ann import ANN_TYPES, AnnOptions, build_ann_index
 from metric.retrieval.ann_sharded import SHARDED_TYPES, ShardedIvfOptions, build_sharded_index
 from metric.retrieval.knn_graph import build_store_graph
 from metric.retrieval.sharded import index_store_paths, open_index
-from metric.utils.cli import add_verify_option, make_parser, run_tool
+from metric.utils.cli import add_verify_option, exit_tool, make_parser, run_tool
 from metric.utils.errors import MetricError
 
 
@@ -157,4 +155,4 @@ def build_sharded(args):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

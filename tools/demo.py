@@ -1,9 +1,7 @@
 """The end-to-end demo (``make demo``): data, untrained vs trained retrieval on held-out classes."""
 
-import sys
-
 from metric.engine.demo import DEMO_CONFIG, format_table, run_demo
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import exit_tool, make_parser, run_tool
 
 
 def main(argv=None):
@@ -21,4 +19,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

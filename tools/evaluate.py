@@ -14,12 +14,11 @@ Prints a table; ``--json FILE`` also writes the metrics (fractions in [0, 1]).
 """
 
 import os
-import sys
 
 from metric.retrieval.metrics import check_json_path, evaluate, format_table, write_json
 from metric.retrieval.sharded import wants_sharding
 from metric.retrieval.sharded_pipeline import DEFAULT_TIMEOUT_S, check_timeout, evaluate_labelled_sharded
-from metric.utils.cli import add_verify_option, make_parser, run_tool
+from metric.utils.cli import add_verify_option, exit_tool, make_parser, run_tool
 from metric.utils.errors import MetricError
 from metric.utils.io import check_distinct_paths
 
@@ -103,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

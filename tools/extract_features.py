@@ -8,12 +8,10 @@ SRC is a list file or an image folder; see docs/RETRIEVAL.md. INFER.BOXES list (
 or INFER.BOXES gnd_roxford5k.pkl crops each image to its box first (the revisited Oxford/Paris queries).
 """
 
-import sys
-
 from metric.config import load_cfg
 from metric.engine.extract import extract_features
 from metric.retrieval.store import STORE_DTYPES, check_dtype
-from metric.utils.cli import add_dtype_option, make_parser, run_tool
+from metric.utils.cli import add_dtype_option, exit_tool, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
 
 
@@ -33,4 +31,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

@@ -1,10 +1,9 @@
 """Regenerate docs/CONFIG.md from the comments in metric/config/defaults.py."""
 
 import os
-import sys
 
 from metric.config.doc import render_config_doc
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import exit_tool, make_parser, run_tool
 from metric.utils.io import write_text_atomic
 
 
@@ -18,4 +17,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

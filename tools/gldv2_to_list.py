@@ -3,10 +3,8 @@
 python tools/gldv2_to_list.py --csv /data/gldv2/train_clean.csv --output /data/gldv2 --min-images 2
 """
 
-import sys
-
 from metric.datasets.gldv2 import convert_gldv2
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import exit_tool, make_parser, run_tool
 
 
 def main(argv=None):
@@ -31,4 +29,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

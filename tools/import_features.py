@@ -4,10 +4,8 @@
 python tools/import_features.py --embeddings X.npy --ids ids.txt --output DIR [--no-normalize] [--dtype float16]
 """
 
-import sys
-
 from metric.retrieval.store import STORE_DTYPES, check_dtype, import_features
-from metric.utils.cli import add_dtype_option, make_parser, run_tool
+from metric.utils.cli import add_dtype_option, exit_tool, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
 
 
@@ -26,4 +24,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

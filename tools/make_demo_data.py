@@ -8,12 +8,11 @@ Does nothing when the folder already holds demo data made with the same paramete
 
 import inspect
 import logging
-import sys
 from pathlib import Path
 
 import metric
 from metric.datasets.demo import make_demo_dataset
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import exit_tool, make_parser, run_tool
 
 
 def default_output():
@@ -65,4 +64,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

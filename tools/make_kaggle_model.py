@@ -9,13 +9,11 @@ TensorFlow environment .venv-tf (bash tools/setup_tf_env.sh). Written only if it
 real images match our PyTorch extraction (cosine >= 0.9999). See docs/EXPORT.md.
 """
 
-import sys
-
 from metric.config import load_cfg
 from metric.export import parse_tool_args
 from metric.export.kaggle import make_kaggle_model
 from metric.export.onnx import format_results, read_image
-from metric.utils.cli import run_tool
+from metric.utils.cli import exit_tool, run_tool
 from metric.utils.io import check_distinct_paths
 
 
@@ -44,4 +42,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

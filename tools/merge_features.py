@@ -4,10 +4,8 @@
 python tools/merge_features.py SHARD_DIR [SHARD_DIR ...] --output DIR [--dtype float16]
 """
 
-import sys
-
 from metric.retrieval.store import STORE_DTYPES, check_dtype, load_features, merge_stores
-from metric.utils.cli import add_dtype_option, add_verify_option, make_parser, run_tool
+from metric.utils.cli import add_dtype_option, add_verify_option, exit_tool, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
 
 
@@ -34,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

@@ -6,10 +6,9 @@ python tools/model_info.py --list
 """
 
 import json
-import sys
 
 from metric.config import load_cfg
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import exit_tool, make_parser, run_tool
 
 
 def main(argv=None):
@@ -51,4 +50,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

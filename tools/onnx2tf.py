@@ -9,12 +9,10 @@ and pymetric_export.json with the measured differences. An existing OUTDIR is re
 this tool wrote it. Fails if an fp32 model differs from onnxruntime by more than 1e-4 relative.
 """
 
-import sys
-
 from metric.export import parse_tool_args
 from metric.export.onnx import format_results, read_image
 from metric.export.tensorflow import convert_onnx_to_tf
-from metric.utils.cli import run_tool
+from metric.utils.cli import exit_tool, run_tool
 from metric.utils.io import check_distinct_paths
 
 
@@ -49,4 +47,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

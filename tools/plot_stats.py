@@ -6,9 +6,7 @@ Several runs share one figure, with a legend (to compare runs). A running or kil
 stats.jsonl works too: its unfinished last line is skipped.
 """
 
-import sys
-
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import exit_tool, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
 from metric.utils.stats_plot import X_CHOICES, plot_runs, stats_file
 
@@ -25,4 +23,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

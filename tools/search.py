@@ -27,7 +27,7 @@ from metric.retrieval.rerank_plan import GRAPH_MODES, RERANKERS, RerankOptions
 from metric.retrieval.search import BACKENDS
 from metric.retrieval.sharded import SHARD_MODES, wants_sharding
 from metric.retrieval.sharded_pipeline import DEFAULT_TIMEOUT_S, check_timeout, search_stores_sharded
-from metric.utils.cli import add_verify_option, make_parser, run_tool
+from metric.utils.cli import add_verify_option, exit_tool, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
 
 
@@ -189,4 +189,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

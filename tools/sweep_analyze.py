@@ -5,13 +5,11 @@ best and worst config (docs/SWEEPS.md). Collects the runs first (sweep.jsonl is 
 python tools/sweep_analyze.py --sweep-cfg configs/sweeps/demo_margins.yaml
 """
 
-import sys
-
 from metric.sweep.analyze import analyze, group_configs
 from metric.sweep.collect import collect, write_jsonl
 from metric.sweep.config import load_sweep_cfg, sweep_parser
 from metric.sweep.jobs import open_sweep
-from metric.utils.cli import run_tool
+from metric.utils.cli import exit_tool, run_tool
 
 
 def main(argv=None):
@@ -34,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

@@ -4,12 +4,10 @@ table (done / running / failed / pending); safe while the sweep runs (docs/SWEEP
 python tools/sweep_collect.py --sweep-cfg configs/sweeps/demo_margins.yaml
 """
 
-import sys
-
 from metric.sweep.collect import collect, format_table, write_jsonl
 from metric.sweep.config import load_sweep_cfg, sweep_parser
 from metric.sweep.jobs import open_sweep
-from metric.utils.cli import run_tool
+from metric.utils.cli import exit_tool, run_tool
 
 
 def main(argv=None):
@@ -24,4 +22,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

@@ -7,13 +7,12 @@ python tools/sweep_launch.py --sweep-cfg S --run-job 3     # one run (what each 
 """
 
 import functools
-import sys
 
 from metric.sweep import jobs as J
 from metric.sweep.config import load_sweep_cfg, sweep_parser
 from metric.sweep.local import launch_local
 from metric.sweep.run import run_job
-from metric.utils.cli import run_tool
+from metric.utils.cli import exit_tool, run_tool
 from metric.utils.errors import ConfigError
 
 EXECUTORS = ("local", "slurm")
@@ -57,4 +56,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

@@ -3,11 +3,9 @@
 python tools/sweep_setup.py --sweep-cfg configs/sweeps/demo_margins.yaml
 """
 
-import sys
-
 from metric.sweep.config import load_sweep_cfg, sweep_dir, sweep_parser
 from metric.sweep.setup import format_summary, setup_sweep
-from metric.utils.cli import run_tool
+from metric.utils.cli import exit_tool, run_tool
 
 
 def main(argv=None):
@@ -19,4 +17,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

@@ -4,12 +4,10 @@ python tools/test_metric.py --cfg configs/metric/demo_cpu.yaml \
         TEST.WEIGHTS output/demo/checkpoints/model_epoch_0030.pyth
 """
 
-import sys
-
 from metric.config import load_cfg
 from metric.engine.evaluator import evaluate_model, format_metrics
 from metric.retrieval.metrics import check_json_path, write_json
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import exit_tool, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
 
 
@@ -28,4 +26,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

@@ -8,12 +8,10 @@ The file is written only if onnxruntime agrees with PyTorch (relative difference
 input and on a real image (--image, default a built-in sample photo). See docs/EXPORT.md.
 """
 
-import sys
-
 from metric.config import load_cfg
 from metric.export import parse_tool_args
 from metric.export.onnx import DEFAULT_OPSET, export_checked_onnx, format_results, read_image
-from metric.utils.cli import run_tool
+from metric.utils.cli import exit_tool, run_tool
 from metric.utils.io import check_distinct_paths
 
 
@@ -44,4 +42,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

@@ -4,11 +4,9 @@ python tools/train_metric.py --cfg configs/metric/demo_cpu.yaml OUT_DIR output/d
 torchrun --nproc_per_node=8 tools/train_metric.py --cfg configs/metric/R-50-1x64d_step_8gpu.yaml
 """
 
-import sys
-
 from metric.config import load_cfg
 from metric.engine.trainer import train_model
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import exit_tool, make_parser, run_tool
 
 
 def main(argv=None):
@@ -18,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

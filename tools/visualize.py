@@ -5,10 +5,8 @@
         --output gallery.html
 """
 
-import sys
-
 from metric.retrieval.gallery import build_gallery
-from metric.utils.cli import make_parser, run_tool
+from metric.utils.cli import exit_tool, make_parser, run_tool
 from metric.utils.io import check_distinct_paths
 
 
@@ -44,4 +42,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    exit_tool(run_tool(main))

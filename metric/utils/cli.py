@@ -1,6 +1,6 @@
 """Shared plumbing for the thin command-line tools in ``tools/``.
 
-A tool defines ``main(argv)`` and ends with ``sys.exit(run_tool(main))``.
+A tool defines ``main(argv)`` and ends with ``exit_tool(run_tool(main))``.
 User errors (:class:`~metric.utils.errors.MetricError`) become one line on
 stderr and exit status 2; Ctrl-C becomes exit status 130; bugs keep their
 traceback. A write fault that escaped the writers' own checks (an ``OSError`` such as a full
@@ -111,6 +111,16 @@ def one_line(err):
         name = type(err).__module__ + "." + type(err).__qualname__ + ": "
         text = last[len(name) :] if last.startswith(name) else last
     return text
+
+
+def exit_tool(status):
+    """End a tool's process with ``status`` (a tool ends with ``exit_tool(run_tool(main))``). A
+    process that joined a process group (a torchrun rank) exits without interpreter finalization
+    (:func:`metric.utils.distributed.end_process`)."""
+    du = sys.modules.get("metric.utils.distributed")  # loaded by every tool that can join a group
+    if du is not None and du.joined_a_group():
+        du.end_process(status)
+    sys.exit(status)
 
 
 def run_tool(main, argv=None):

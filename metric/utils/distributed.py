@@ -98,6 +98,7 @@ def init_process(cfg):
 # --- timeouts and dead peers ------------------------------------------------------------------
 
 _timeout_s = None  # DIST.TIMEOUT_S of the group this process joined (for the messages)
+_joined = False  # this process joined a group of several processes (see end_process)
 
 
 @contextlib.contextmanager
@@ -138,7 +139,7 @@ def _first_line(err):
 
 
 def _join_group(backend, device, rank, world, timeout_s):
-    global _timeout_s
+    global _timeout_s, _joined
     addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
     try:
         with _native_stderr_held():
@@ -161,6 +162,7 @@ def _join_group(backend, device, rank, world, timeout_s):
             f"processes) and that all {world} processes were started"
         ) from None
     _timeout_s = timeout_s
+    _joined = True
 
 
 _TIMEOUT_MARKS = ("timed out", "timeout")
@@ -495,6 +497,26 @@ def _spawned_worker(local_rank, fn, cfg, world, error_dir, parent_pid):
         except OSError:  # the parent is gone or going (its folder was removed): say it here
             sys.stderr.write(f"error (rank {local_rank}): {err}\n")
         sys.exit(2)
+    end_process(0)
+
+
+def joined_a_group():
+    """Whether this process joined a process group of several processes (it may have left it)."""
+    return _joined
+
+
+def end_process(status):
+    """End a process that joined a process group and has left it: flush what it wrote and exit
+    with ``status`` without interpreter finalization. The native destructors that finalization
+    runs (gloo's worker and transport threads, still referenced from Python objects such as a
+    DistributedDataParallel wrapper) have aborted a process whose work was done (SIGABRT,
+    "terminate called without an active exception"), and its launcher then reported the run as
+    failed. Used by spawned processes and by the tools' exit under torchrun."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
 
 
 def _child_error(error_dir, err):
