@@ -309,6 +309,17 @@ def test_timeout_key_is_checked():
         load_cfg(None, ["DIST.TIMEOUT_S", "0"])
 
 
+# The end of a test script that patches the library, then runs tools/train_metric.py (spawned
+# processes import the script again, so they get the patch too).
+_RUN_TRAIN_TOOL = """
+if __name__ == "__main__":
+    from metric.utils.cli import exit_tool, run_tool
+    spec = importlib.util.spec_from_file_location("train_metric_tool", "tools/train_metric.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    exit_tool(run_tool(tool.main))
+"""
+
 # Stops (SIGSTOP) rank 1 of a self-spawned two-process run at a point the test chooses; it is a
 # file, not `python -c`, so that the spawned processes import it too (as __mp_main__).
 _STOPPER = """
@@ -331,13 +342,6 @@ else:
             os.kill(os.getpid(), signal.SIGSTOP)
         return real(self, *args, **kwargs)
     torch.Tensor.backward = patched
-
-if __name__ == "__main__":
-    from metric.utils.cli import exit_tool, run_tool
-    spec = importlib.util.spec_from_file_location("train_metric_tool", "tools/train_metric.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    exit_tool(run_tool(tool.main))
 """
 
 
@@ -349,7 +353,7 @@ if __name__ == "__main__":
 )
 def test_a_stopped_peer_ends_the_run_with_one_line(tiny_data, tmp_path, where, collective):
     script = tmp_path / "stop_rank1.py"
-    script.write_text(_STOPPER)
+    script.write_text(_STOPPER + _RUN_TRAIN_TOOL)
     opts = tiny_opts(tiny_data, str(tmp_path / "run"), **{"TRAIN.BATCH_SIZE": 8, "TEST.BATCH_SIZE": 8})
     start = time.monotonic()
     proc = run_py(
@@ -379,13 +383,6 @@ def cleanup(wait=True):
     if os.environ.get("RANK") == "1":
         atexit.register(os.abort)
 du.cleanup = cleanup
-
-if __name__ == "__main__":
-    from metric.utils.cli import exit_tool, run_tool
-    spec = importlib.util.spec_from_file_location("train_metric_tool", "tools/train_metric.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    exit_tool(run_tool(tool.main))
 """
 
 
@@ -394,7 +391,7 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
 def test_a_finished_process_skips_interpreter_finalization(tiny_data, tmp_path, launcher):
     script = tmp_path / "abort_at_exit.py"
-    script.write_text(_ABORT_AT_EXIT)
+    script.write_text(_ABORT_AT_EXIT + _RUN_TRAIN_TOOL)
     out = tmp_path / "run"
     opts = tiny_opts(tiny_data, str(out), **{"TRAIN.BATCH_SIZE": 8, "TEST.BATCH_SIZE": 8})
     port = str(free_port())
