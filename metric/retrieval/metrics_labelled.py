@@ -142,6 +142,14 @@ def labelled_metrics(
     return score_rankings(rank, query_labels, index_labels, num_x, ks, rows, device, ap_at)
 
 
+def _precision_sum(rel):
+    """Per row of the boolean ``[c, depth]`` relevance of a ranking: the sum over the relevant
+    positions i of P(i), the relevant items among the first i divided by i (float64)."""
+    rel = rel.double()
+    precision = rel.cumsum(dim=1) / torch.arange(1, rel.shape[1] + 1, device=rel.device)
+    return (precision * rel).sum(dim=1)
+
+
 def score_rankings(rank, query_labels, index_labels, num_x, ks=(1, 5, 10), rows=1024, device=None, ap_at=None):
     """recall@k and mAP@R (the dict :func:`labelled_metrics` returns) from rankings of the index:
     ``rank(start, stop, depth)`` returns the ``[stop - start, depth]`` index rows most similar to
@@ -184,15 +192,9 @@ def score_rankings(rank, query_labels, index_labels, num_x, ks=(1, 5, 10), rows=
             hits[i] += (rel[:, :k].any(dim=1) & keep).sum()
         # AP@R: only the first R positions count
         within_r = torch.arange(depth, device=device)[None, :] < r[:, None]
-        rel_r = (rel & within_r).double()
-        precision = rel_r.cumsum(dim=1) / torch.arange(1, depth + 1, device=device)
-        ap = (precision * rel_r).sum(dim=1) / r.clamp(min=1)
-        ap_sum += ap[keep].sum()
+        ap_sum += (_precision_sum(rel & within_r) / r.clamp(min=1))[keep].sum()
         if ap_at is not None:  # GLR's AP@k: the first k positions, divided by min(R, k)
-            rel_k = rel[:, :ap_at].double()
-            precision_k = rel_k.cumsum(dim=1) / torch.arange(1, rel_k.shape[1] + 1, device=device)
-            apk = (precision_k * rel_k).sum(dim=1) / r.clamp(min=1, max=ap_at)
-            apk_sum += apk[keep].sum()
+            apk_sum += (_precision_sum(rel[:, :ap_at]) / r.clamp(min=1, max=ap_at))[keep].sum()
 
     scored = int((num_relevant > 0).sum())
     skipped = num_q - scored
