@@ -307,6 +307,12 @@ def test_timeout_key_is_checked():
     assert load_cfg(None, []).DIST.TIMEOUT_S == 1800
     with pytest.raises(ConfigError, match=r"DIST.TIMEOUT_S=0 is not allowed: expected >= 1"):
         load_cfg(None, ["DIST.TIMEOUT_S", "0"])
+    # the same limit as the search tools' --timeout: torch's process group overflows or hangs beyond
+    with pytest.raises(
+        ConfigError, match=r"DIST.TIMEOUT_S=100000000000 is not allowed: expected >= 1 and <= 10000000$"
+    ):
+        load_cfg(None, ["DIST.TIMEOUT_S", "100000000000"])
+    assert load_cfg(None, ["DIST.TIMEOUT_S", "10000000"]).DIST.TIMEOUT_S == 10_000_000
 
 
 # The end of a test script that patches the library, then runs tools/train_metric.py (spawned

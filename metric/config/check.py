@@ -6,6 +6,7 @@ import difflib
 import re
 
 from metric.config.defaults import CURRENT_VERSION, DEFAULTS
+from metric.utils.distributed import MAX_TIMEOUT_S
 from metric.utils.errors import ConfigError
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
@@ -123,7 +124,7 @@ _RULES = {
     "LOG.TENSORBOARD_IMAGES": _range(0, 64),
     "DIST_BACKEND": _choices("auto", "nccl", "gloo"),
     "PORT": _range(1, 65535),
-    "DIST.TIMEOUT_S": _ONE_UP,
+    "DIST.TIMEOUT_S": _range(1, MAX_TIMEOUT_S),
     "VERSION": _choices(CURRENT_VERSION),
 }
 

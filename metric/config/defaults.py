@@ -660,7 +660,7 @@ _C.DIST = CfgNode()
 # Seconds a process waits for its peers in a collective (all-reduce, barrier, ...) and in the
 # rendezvous before it gives up with one error line naming its rank and the collective (a peer
 # that died, was stopped or is stuck). Generous by default for slow GPU collectives (30 min).
-# Integer >= 1.
+# Integer in [1, 10000000] (about 116 days; torch's process group overflows or hangs beyond).
 _C.DIST.TIMEOUT_S = 1800
 
 # Without CUDA, NUM_GPUS > 1 (or torchrun --nproc_per_node) runs that many CPU processes with

@@ -42,20 +42,19 @@ from metric.utils.errors import DistributedError, MetricError
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 1800  # DIST.TIMEOUT_S's default
-# The longest --timeout (about 116 days): far larger values overflow or hang torch's process group.
-MAX_TIMEOUT_S = 1e7
 # Queries per sharded search while scoring labelled sets (each is one pass over every rank's rows).
 LABELLED_QUERY_BLOCK = 1 << 14
 
 
 def check_timeout(timeout_s):
-    """``timeout_s`` (``--timeout``), or a MetricError: a number of seconds in (0, MAX_TIMEOUT_S]."""
+    """``timeout_s`` (``--timeout``), or a MetricError: a number of seconds in
+    (0, :data:`~metric.utils.distributed.MAX_TIMEOUT_S`], the limit of ``DIST.TIMEOUT_S`` too."""
     if (
         isinstance(timeout_s, bool)
         or not isinstance(timeout_s, (int, float))
-        or not 0 < timeout_s <= MAX_TIMEOUT_S  # also NaN and inf: torch's timeouts are whole milliseconds
+        or not 0 < timeout_s <= du.MAX_TIMEOUT_S  # also NaN and inf: torch's timeouts are whole milliseconds
     ):
-        err = MetricError(f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout_s!r}")
+        err = MetricError(f"--timeout must be a number of seconds in (0, {du.MAX_TIMEOUT_S:g}], got {timeout_s!r}")
         err.every_rank = True  # every process finds it: printed once per machine
         raise err
     return timeout_s

@@ -97,6 +97,9 @@ def init_process(cfg):
 
 # --- timeouts and dead peers ------------------------------------------------------------------
 
+# The longest collective timeout, in seconds (about 116 days): torch's process group overflows
+# or hangs on far larger values (DIST.TIMEOUT_S and the search tools' --timeout both stop here).
+MAX_TIMEOUT_S = 10_000_000
 _timeout_s = None  # DIST.TIMEOUT_S of the group this process joined (for the messages)
 _joined = False  # this process joined a group of several processes (see end_process)
 
